@@ -1,0 +1,243 @@
+"""§3.2 model shape: `Memory3Config`, the one dataclass that sizes the model and its explicit memory.
+
+Like litgpt's `Config`: named presets (`Memory3Config.from_name("paper-2.4b")`), validation with errors
+that name the field and the rule, and a JSON round trip. Memory settings (§3.3–3.4) live here too,
+because a memory bank is only readable by a model of the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass
+class Memory3Config:
+    """Shape of a Llama-style Memory³ decoder and of its explicit memories.
+
+    Fields follow the paper's symbols: L = ``n_layers``, H = ``n_heads``, H_kv = ``n_kv_heads``,
+    d_h = ``head_dim``, d = ``d_model``, W = ``mlp_width``, l_mem = ``memory_tokens_per_head``,
+    l_ref = ``reference_length``, l_chunk = ``chunk_length``.
+    ``memory_layers``/``memory_heads`` of ``None`` mean the paper's defaults: the first half of the
+    layers and every KV head.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 512
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    d_model: int = 64
+    mlp_width: int = 128
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256  # context tokens (the prefix and the memory interval come on top)
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    # explicit memory (§3.3–3.5)
+    memory_layers: tuple[int, ...] | None = None
+    memory_heads: tuple[int, ...] | None = None
+    memory_tokens_per_head: int = 8
+    reference_length: int = 128
+    chunk_length: int = 64
+    memories_per_chunk: int = 5
+    # "<s>Reference:" as token ids: <s> and the reserved <ref> token of our Tokenizer
+    reference_prefix_ids: tuple[int, ...] = (1, 3)
+
+    def __post_init__(self) -> None:
+        # JSON gives lists; presets give tuples; None means "paper default"
+        if self.memory_layers is None:
+            self.memory_layers = tuple(range(self.n_layers // 2)) if isinstance(self.n_layers, int) else ()
+        if self.memory_heads is None:
+            self.memory_heads = tuple(range(self.n_kv_heads)) if isinstance(self.n_kv_heads, int) else ()
+        self.memory_layers = tuple(self.memory_layers)
+        self.memory_heads = tuple(self.memory_heads)
+        self.reference_prefix_ids = tuple(self.reference_prefix_ids)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def fail(fld: str, rule: str) -> None:
+            raise ValueError(f"Memory3Config.{fld}={getattr(self, fld)!r}: {rule}")
+
+        positive_ints = ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model",
+                         "mlp_width", "max_seq_len", "memory_tokens_per_head", "reference_length",
+                         "chunk_length", "memories_per_chunk")
+        for f in positive_ints:
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                fail(f, "must be a positive integer")
+        for f in ("rope_base", "norm_eps", "init_std"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                fail(f, "must be a positive number")
+        if not isinstance(self.tie_embeddings, bool):
+            fail("tie_embeddings", "must be True or False")
+        if self.n_heads % self.n_kv_heads:
+            fail("n_heads", f"must be divisible by n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            fail("head_dim", "must be even (RoPE rotates pairs of dimensions)")
+        if not all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.memory_layers):
+            fail("memory_layers", f"every memory layer must be an integer in [0, n_layers={self.n_layers})")
+        if len(set(self.memory_layers)) != len(self.memory_layers) or list(self.memory_layers) != sorted(self.memory_layers):
+            fail("memory_layers", "must be strictly increasing (no duplicates)")
+        if not all(isinstance(h, int) and 0 <= h < self.n_kv_heads for h in self.memory_heads):
+            fail("memory_heads", f"every memory head must be a KV-head index in [0, n_kv_heads={self.n_kv_heads})")
+        if len(set(self.memory_heads)) != len(self.memory_heads) or list(self.memory_heads) != sorted(self.memory_heads):
+            fail("memory_heads", "must be strictly increasing (no duplicates)")
+        if bool(self.memory_layers) != bool(self.memory_heads):
+            fail("memory_heads", "memory_layers and memory_heads must both be empty or both be non-empty")
+        if self.memory_tokens_per_head > self.reference_length:
+            fail("memory_tokens_per_head", f"cannot exceed reference_length={self.reference_length}")
+        if not self.reference_prefix_ids or not all(
+                isinstance(i, int) and 0 <= i < self.vocab_size for i in self.reference_prefix_ids):
+            fail("reference_prefix_ids", f"must be non-empty token ids in [0, vocab_size={self.vocab_size})")
+        if not isinstance(self.name, str):
+            fail("name", "must be a string")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def n_query_groups(self) -> int:
+        """Query heads per KV head (5 in the paper: 40 / 8)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def prefix_length(self) -> int:
+        """p: length of the "<s>Reference:" prefix; it occupies positions 0..p-1."""
+        return len(self.reference_prefix_ids)
+
+    @property
+    def context_offset(self) -> int:
+        """Position of the first context token: after the prefix and the 128-long memory interval."""
+        return self.prefix_length + self.reference_length
+
+    @property
+    def max_position(self) -> int:
+        return self.context_offset + self.max_seq_len
+
+    @property
+    def memory_slots_per_chunk(self) -> int:
+        """Memory key/value slots one chunk reads per memory head: 5 memories x 8 tokens = 40."""
+        return self.memories_per_chunk * self.memory_tokens_per_head
+
+    def non_embedding_parameters(self) -> int:
+        """P = L (2 d·H·d_h + 2 d·d_h·H_kv + 3 d·W) + norms; the paper's formula when d = H·d_h."""
+        per_layer = (2 * self.d_model * self.n_heads * self.head_dim
+                     + 2 * self.d_model * self.head_dim * self.n_kv_heads
+                     + 3 * self.d_model * self.mlp_width + 2 * self.d_model)
+        return self.n_layers * per_layer + self.d_model  # + final norm
+
+    # ------------------------------------------------------------------ presets & JSON
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "Memory3Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        kw = dict(PRESETS[name], name=name)
+        kw.update(overrides)
+        return cls(**kw)
+
+    @staticmethod
+    def available() -> list[str]:
+        return sorted(PRESETS)
+
+    def replace(self, **changes: Any) -> "Memory3Config":
+        """A validated copy with some fields changed (memory_layers/heads re-derive if set to None)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("memory_layers", "memory_heads", "reference_prefix_ids"):
+            d[k] = list(d[k])
+        return d
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps({"format": "mini_m3.config", "version": CONFIG_FORMAT_VERSION, **self.to_dict()},
+                          indent=2, sort_keys=True)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Memory3Config":
+        d = dict(d)
+        fmt, version = d.pop("format", "mini_m3.config"), d.pop("version", CONFIG_FORMAT_VERSION)
+        if fmt != "mini_m3.config":
+            raise ValueError(f"not a mini_m3 config (format={fmt!r})")
+        if version != CONFIG_FORMAT_VERSION:
+            raise ValueError(f"config format version {version} is not supported (expected {CONFIG_FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> "Memory3Config":
+        """Accepts a JSON string or a path to a JSON file."""
+        s = str(text_or_path)
+        text = s if s.lstrip().startswith("{") else Path(s).read_text(encoding="utf-8")
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError("config JSON must be an object")
+        return cls.from_dict(d)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so that a crash leaves either the old file or the new one, never half of one."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _paper_shape(n_layers: int, n_heads: int, head_dim: int, **kw: Any) -> dict[str, Any]:
+    """A 2.1–2.4B-scale shape as in Fig 10: d = H·d_h, W = d, 8 KV heads, first half memory layers."""
+    d = n_heads * head_dim
+    return dict(vocab_size=60416, n_layers=n_layers, n_heads=n_heads, n_kv_heads=8, head_dim=head_dim,
+                d_model=d, mlp_width=d, max_seq_len=2048, tie_embeddings=False, **kw)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: ~0.2M parameters
+    "tiny": dict(vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, d_model=64,
+                 mlp_width=128, max_seq_len=256),
+    # the demo: a few million parameters, trains on 2 CPU cores in minutes
+    "small": dict(vocab_size=2048, n_layers=6, n_heads=6, n_kv_heads=3, head_dim=32, d_model=192,
+                  mlp_width=512, max_seq_len=256),
+    # §4.4 / Fig 11 controlled runs: L40 H32 d_h64, 20 memory layers ("l40-h32-d64-ml20")
+    "paper-0.92b": dict(vocab_size=60416, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=64, d_model=2048,
+                        mlp_width=2048, max_seq_len=2048, tie_embeddings=False),
+    # §3.2: Memory3-2B
+    "paper-2.4b": _paper_shape(44, 40, 80),
+    # Fig 10: six 2.1–2.4B shapes compared in the warmup stage (l44-h40-d80 is paper-2.4b)
+    "fig10-l45-h24-d128": _paper_shape(45, 24, 128),
+    "fig10-l48-h48-d64": _paper_shape(48, 48, 64),
+    "fig10-l66-h32-d80": _paper_shape(66, 32, 80),
+    "fig10-l44-h40-d80": _paper_shape(44, 40, 80),
+    "fig10-l30-h48-d80": _paper_shape(30, 48, 80),
+    "fig10-l30-h40-d96": _paper_shape(30, 40, 96),
+}

@@ -1,0 +1,192 @@
+"""§3.4 and §7.5 inference: chunkwise prefill with per-chunk memories, decoding with re-retrieval, RAG and none.
+
+Modes (the paper's Table 21 compares them):
+- "memory": the prompt is cut into 64-token chunks; each chunk retrieves its 5 memories with its own text
+  as the query, and all chunks are prefilled in one attention call. Decoding keeps the last prompt chunk's
+  memories for the first 64 new tokens (§7.5), then every 64 generated tokens are the query for 5 new ones.
+- "rag": one retrieval with the whole prompt; the 5 reference texts are put in front of the prompt.
+- "none": the plain model.
+Prompts in a batch are left-padded; positions and a padding mask keep each row exactly as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .model import Memory3
+
+MODES = ("memory", "rag", "none")
+
+
+@dataclass
+class GenerationResult:
+    text: str  # the generated continuation (prompt excluded)
+    tokens: list[int]
+    references: list[list[int]] = field(default_factory=list)  # reference ids used by each chunk, in order
+    chunk_kinds: list[str] = field(default_factory=list)  # "prompt" or "decode" for each entry of references
+    timings: dict = field(default_factory=dict)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator).squeeze(-1)
+
+
+def _retrieve(bank, queries: list[str], k: int, leakage_threshold: float | None) -> torch.Tensor:
+    k = min(k, len(bank))
+    return torch.as_tensor(bank.search(queries, k, leakage_threshold=leakage_threshold), dtype=torch.long)
+
+
+@torch.inference_mode()
+def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=None, mode: str = "memory",
+                   max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                   seed: int | None = None, stop_at: str | None = None, memories_per_chunk: int | None = None,
+                   leakage_threshold: float | None = None) -> list[GenerationResult]:
+    """Generate continuations for several prompts at once (greedy when temperature == 0).
+
+    bank: a `MemoryBank` (needed by "memory" and "rag"). stop_at: stop a row once its text contains this
+    string (e.g. "\\n"); the returned text is cut there. leakage_threshold: drop retrieved references whose
+    Eq. 6 overlap with the query exceeds it (2/3 in evaluation, §4.3).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings; use generate() for one prompt")
+    if mode != "none" and bank is None:
+        raise ValueError(f"mode={mode!r} needs a memory bank (bank=...)")
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be >= 0")
+    cfg = model.cfg
+    n_mem = memories_per_chunk or cfg.memories_per_chunk
+    dev = model.tok_emb.weight.device
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    model.eval()
+    t0 = time.perf_counter()
+    timings = {"retrieval": 0.0, "prefill": 0.0, "decode": 0.0}
+    B = len(prompts)
+    rows = [tokenizer.encode(p) for p in prompts]
+    references: list[list[list[int]]] = [[] for _ in range(B)]
+    kinds: list[list[str]] = [[] for _ in range(B)]
+    if mode == "rag":  # one retrieval with the prompt; reference texts go in front of it
+        t = time.perf_counter()
+        ids = _retrieve(bank, list(prompts), n_mem, leakage_threshold)
+        timings["retrieval"] += time.perf_counter() - t
+        for b in range(B):
+            used = [i for i in ids[b].tolist() if i >= 0]
+            refs = "".join(bank.texts[i] + "\n" for i in used)
+            rows[b] = tokenizer.encode(refs + prompts[b])
+            references[b].append(used)
+            kinds[b].append("prompt")
+    rows = [[tokenizer.bos_id] + r for r in rows]
+    lens = [len(r) for r in rows]
+    T = max(lens)
+    if T + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt of {T} tokens + {max_new_tokens} new tokens exceeds max_seq_len={cfg.max_seq_len}")
+    idx = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b, r in enumerate(rows):  # left padding
+        idx[b, T - len(r):] = torch.tensor(r)
+        mask[b, T - len(r):] = True
+    pad = torch.tensor([T - n for n in lens])
+    positions = (torch.arange(T)[None] - pad[:, None]).clamp(min=0)  # each row's own context positions
+    idx, mask, positions = idx.to(dev), mask.to(dev), positions.to(dev)
+
+    memory, last_chunk_ids = None, None
+    query_chunks = None
+    if mode == "memory":
+        cl = cfg.chunk_length
+        n_chunks = [(n + cl - 1) // cl for n in lens]
+        C = max(n_chunks)
+        queries, owners = [], []
+        for b, r in enumerate(rows):
+            for c in range(n_chunks[b]):
+                queries.append(tokenizer.decode(r[c * cl:(c + 1) * cl]))
+                owners.append((b, c))
+        t = time.perf_counter()
+        found = _retrieve(bank, queries, n_mem, leakage_threshold)  # (n_queries, n_mem)
+        timings["retrieval"] += time.perf_counter() - t
+        table = torch.full((B, C, found.shape[1]), -1, dtype=torch.long)
+        for (b, c), ids in zip(owners, found):
+            table[b, c] = ids
+            references[b].append([i for i in ids.tolist() if i >= 0])
+            kinds[b].append("prompt")
+        memory, query_chunks = _memory_for(bank, table)
+        query_chunks = (positions // cl).clamp(max=C - 1)  # chunk of each real token, per row
+        last_chunk_ids = torch.stack([table[b, n_chunks[b] - 1] for b in range(B)])[:, None]  # (B, 1, n)
+
+    t = time.perf_counter()
+    out = model(idx, memory=memory, query_chunks=query_chunks, context_mask=mask, positions=positions,
+                use_cache=True)
+    timings["prefill"] += time.perf_counter() - t
+    cache = out.cache
+    next_tok = _sample(out.logits[:, -1], temperature, top_k, gen)
+    generated = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    decode_memory = None
+    if mode == "memory":  # the first decoded chunk keeps the last prompt chunk's memories (§7.5)
+        decode_memory, _ = _memory_for(bank, last_chunk_ids)
+    pos = torch.tensor(lens, device=dev)
+    t = time.perf_counter()
+    for step in range(max_new_tokens):
+        for b in range(B):
+            if not done[b]:
+                generated[b].append(int(next_tok[b]))
+                if int(next_tok[b]) == tokenizer.eos_id or (
+                        stop_at and stop_at in tokenizer.decode(generated[b][-8:])):
+                    done[b] = True
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        if mode == "memory" and (step + 1) % cfg.chunk_length == 0:  # 64 tokens written: re-retrieve
+            t_r = time.perf_counter()
+            queries = [tokenizer.decode(g[-cfg.chunk_length:]) for g in generated]
+            found = _retrieve(bank, queries, n_mem, leakage_threshold)
+            timings["retrieval"] += time.perf_counter() - t_r
+            for b in range(B):
+                references[b].append([i for i in found[b].tolist() if i >= 0])
+                kinds[b].append("decode")
+            decode_memory, _ = _memory_for(bank, found[:, None])
+        o = model(next_tok[:, None].to(dev), memory=decode_memory, cache=cache, use_cache=True,
+                  positions=pos[:, None], query_chunks=None if decode_memory is None
+                  else torch.zeros(B, 1, dtype=torch.long, device=dev))
+        cache = o.cache
+        pos = pos + 1
+        next_tok = _sample(o.logits[:, -1], temperature, top_k, gen)
+    timings["decode"] += time.perf_counter() - t - 0.0
+    timings["total"] = time.perf_counter() - t0
+    results = []
+    for b in range(B):
+        toks = [x for x in generated[b] if x != tokenizer.eos_id]
+        text = tokenizer.decode(toks)
+        if stop_at and stop_at in text:
+            text = text[:text.index(stop_at)]
+        results.append(GenerationResult(text, generated[b], references[b], kinds[b], dict(timings)))
+    return results
+
+
+def _memory_for(bank, table: torch.Tensor):
+    """MemoryKV for a (B, C, n) table of reference ids (-1 = none), read through the bank's cache."""
+    flat = table.reshape(-1)
+    used = sorted({int(i) for i in flat.tolist() if i >= 0})
+    if not used:
+        return None, None
+    mem = bank.get(used)
+    row_of = {rid: r for r, rid in enumerate(used)}
+    index = torch.tensor([row_of.get(int(i), -1) for i in flat.tolist()]).view(table.shape)
+    return mem.to_memory_kv(index.to(mem.keys.device)), None
+
+
+def generate(model: Memory3, tokenizer, prompt: str, *, bank=None, mode: str = "memory",
+             max_new_tokens: int = 64, **kw) -> GenerationResult:
+    """Generate a continuation of one prompt. See `generate_batch` for the options."""
+    if not isinstance(prompt, str):
+        raise TypeError("prompt must be a string")
+    return generate_batch(model, tokenizer, [prompt], bank=bank, mode=mode, max_new_tokens=max_new_tokens, **kw)[0]

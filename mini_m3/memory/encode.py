@@ -1,0 +1,226 @@
+"""§3.3 writing explicit memory: `encode_references` turns reference texts into sparse attention key-values.
+
+Each reference (≤ 128 tokens) runs, after the "<s>Reference:" prefix, through the memory layers only. For
+every memory head (a KV head) of every memory layer we keep the `memory_tokens_per_head` tokens that receive
+the most attention *within the reference*, scored with no causal mask and no RoPE so every position has an
+equal chance (the prefix and padding take no part), summed over the query heads that share the KV head.
+The kept keys are stored after RoPE, so they remain at their positions p..p+127 (parallel positions).
+
+Selectors (for ablations): "attention" (the paper's softmax score), "exp" (the paper's un-normalised
+approximation, ranked stably by log-sum-exp), "random", "first", and "all" (no token sparsification).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..model import Memory3, MemoryKV
+
+SELECTORS = ("attention", "exp", "random", "first", "all")
+
+
+@dataclass
+class ExplicitMemory:
+    """Explicit memories of N references (shapes use L_mem memory layers, H_mem memory heads, k tokens).
+
+    keys, values: (N, L_mem, H_mem, k, d_h) — keys after RoPE
+    positions:    (N, L_mem, H_mem, k) long — absolute RoPE position of each kept token (p + index in reference)
+    mask:         (N, L_mem, H_mem, k) bool — False for empty slots (reference shorter than k tokens)
+    reference_ids:(N,) long — ids of the references in their bank (or -1)
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+    reference_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def tokens_per_head(self) -> int:
+        return self.keys.shape[3]
+
+    def __getitem__(self, idx) -> "ExplicitMemory":
+        if isinstance(idx, int):
+            idx = [idx]
+        return ExplicitMemory(self.keys[idx], self.values[idx], self.positions[idx], self.mask[idx],
+                              self.reference_ids[idx])
+
+    @staticmethod
+    def cat(memories: Sequence["ExplicitMemory"]) -> "ExplicitMemory":
+        if not memories:
+            raise ValueError("nothing to concatenate")
+        return ExplicitMemory(*(torch.cat([getattr(m, f) for m in memories]) for f in
+                                ("keys", "values", "positions", "mask", "reference_ids")))
+
+    def to(self, *args, **kw) -> "ExplicitMemory":
+        """Move/cast keys and values (positions, mask and ids only move)."""
+        dev = next((a for a in args if isinstance(a, (str, torch.device))), kw.get("device"))
+        k, v = self.keys.to(*args, **kw), self.values.to(*args, **kw)
+        other = [t.to(dev) if dev is not None else t for t in (self.positions, self.mask, self.reference_ids)]
+        return ExplicitMemory(k, v, *other)
+
+    def detach(self) -> "ExplicitMemory":
+        return ExplicitMemory(self.keys.detach(), self.values.detach(), self.positions, self.mask, self.reference_ids)
+
+    def to_memory_kv(self, index: torch.Tensor) -> MemoryKV:
+        """Lay memories out for one attention call. index: (B, C, n) rows of this object per chunk, -1 = none.
+        Returns MemoryKV with keys (B, C, L_mem, H_mem, n·k, d_h) and the slot mask."""
+        if index.dim() != 3:
+            raise ValueError(f"index must be (batch, chunks, memories), got {tuple(index.shape)}")
+        B, C, n = index.shape
+        safe = index.clamp(min=0)
+        k = self.keys[safe]  # (B, C, n, L, H, k, d)
+        v = self.values[safe]
+        m = self.mask[safe] & (index >= 0)[..., None, None, None]
+        Lm, Hm, kk, d = k.shape[3:]
+        k = k.permute(0, 1, 3, 4, 2, 5, 6).reshape(B, C, Lm, Hm, n * kk, d)
+        v = v.permute(0, 1, 3, 4, 2, 5, 6).reshape(B, C, Lm, Hm, n * kk, d)
+        m = m.permute(0, 1, 3, 4, 2, 5).reshape(B, C, Lm, Hm, n * kk)
+        return MemoryKV(k, v, m)
+
+
+def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tensor, n_groups: int,
+                     selector: str = "attention") -> torch.Tensor:
+    """Score w_j of each reference token j for each KV head: the attention it receives from all tokens.
+
+    q_raw: (N, H, R, d_h), k_raw: (N, H_kv, R, d_h), both without RoPE; valid: (N, R) real tokens.
+    Returns (N, H_kv, R) — higher is better; invalid tokens get -inf.
+    "attention": Σ_{i valid} Σ_{h in group} softmax_j(q_i·k_j/√d_h)  (softmax over valid j, no causal mask)
+    "exp":       log Σ_{i, h} exp(q_i·k_j/√d_h)   (the paper's approximation; the log keeps the ranking)
+    """
+    N, H, R, dh = q_raw.shape
+    k_rep = k_raw.float().repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
+    logits = q_raw.float() @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
+    key_ok = valid[:, None, None, :]
+    query_ok = valid[:, None, :, None]
+    if selector == "attention":
+        a = torch.softmax(logits.masked_fill(~key_ok, float("-inf")), dim=-1)
+        a = a.masked_fill(~query_ok | ~key_ok, 0.0)
+        w = a.sum(2).view(N, H // n_groups, n_groups, R).sum(2)
+    elif selector == "exp":
+        lg = logits.masked_fill(~query_ok, float("-inf")).view(N, H // n_groups, n_groups * R, R)
+        w = torch.logsumexp(lg, dim=2)
+    else:
+        raise ValueError(f"selection_scores handles 'attention' and 'exp', not {selector!r}")
+    return w.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selector: str = "attention",
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the kept tokens per head, in reading order. scores: (N, H_kv, R) (ignored for "random" and
+    "first"); valid: (N, R). Returns (index (N, H_kv, k) long, kept (N, H_kv, k) bool)."""
+    N, Hkv, R = scores.shape
+    if selector in ("attention", "exp"):
+        s = scores
+    elif selector == "random":
+        s = torch.rand(N, Hkv, R, generator=generator).to(scores.device)
+        s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    elif selector in ("first", "all"):
+        s = (-torch.arange(R, device=scores.device, dtype=torch.float)).expand(N, Hkv, R)
+        s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    else:
+        raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
+    kk = min(k, R)
+    top = s.topk(kk, dim=-1)
+    kept = torch.isfinite(top.values)
+    index = top.indices.masked_fill(~kept, R)  # sort empty slots last
+    index, order = index.sort(dim=-1)
+    kept = kept.gather(-1, order)
+    index = index.masked_fill(~kept, 0)
+    if kk < k:  # reference shorter than k: pad with empty slots
+        pad = k - kk
+        index = torch.cat([index, index.new_zeros(N, Hkv, pad)], -1)
+        kept = torch.cat([kept, kept.new_zeros(N, Hkv, pad)], -1)
+    return index, kept
+
+
+def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | torch.Tensor, *,
+                            selector: str = "attention", tokens_per_head: int | None = None,
+                            generator: torch.Generator | None = None, pad_id: int = 0,
+                            reference_ids: Sequence[int] | None = None) -> ExplicitMemory:
+    """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role).
+    Gradients flow into keys and values when autograd is on (used by continual training, §3.6)."""
+    cfg = model.cfg
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
+    k = cfg.reference_length if selector == "all" else (tokens_per_head or cfg.memory_tokens_per_head)
+    if not 1 <= k <= cfg.reference_length:
+        raise ValueError(f"tokens_per_head={k} must be in [1, reference_length={cfg.reference_length}]")
+    device = model.tok_emb.weight.device
+    if isinstance(ref_ids, torch.Tensor):
+        ids = ref_ids.to(device)
+        valid = ids != pad_id
+    else:
+        lens = [len(r) for r in ref_ids]
+        for i, n in enumerate(lens):
+            if n == 0:
+                raise ValueError(f"reference {i} is empty")
+            if n > cfg.reference_length:
+                raise ValueError(f"reference {i} has {n} tokens > reference_length={cfg.reference_length}; "
+                                 f"split it first (mini_m3.data.text.chunk_references)")
+        R = max(lens)
+        ids = torch.full((len(ref_ids), R), pad_id, dtype=torch.long)
+        for i, r in enumerate(ref_ids):
+            ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        ids = ids.to(device)
+        valid = torch.arange(R, device=device)[None] < torch.tensor(lens, device=device)[:, None]
+    N, R = ids.shape
+    layers = model.encode_reference_layers(ids)
+    heads = torch.tensor(cfg.memory_heads, device=device)
+    keys, values, positions, masks = [], [], [], []
+    for layer in layers:
+        if selector in ("attention", "exp"):
+            scores = selection_scores(layer["q_raw"], layer["k_raw"], valid, cfg.n_query_groups, selector)
+        else:
+            scores = torch.zeros(N, cfg.n_kv_heads, R, device=device)
+        index, kept = select_top_tokens(scores[:, heads], valid, k, selector, generator)  # (N, H_mem, k)
+        gather = index[..., None].expand(-1, -1, -1, cfg.head_dim)
+        keys.append(layer["k"][:, heads].gather(2, gather))
+        values.append(layer["v"][:, heads].gather(2, gather))
+        positions.append(index + cfg.prefix_length)
+        masks.append(kept)
+    ref_tensor = torch.as_tensor(list(reference_ids) if reference_ids is not None else [-1] * N, dtype=torch.long)
+    mem = ExplicitMemory(torch.stack(keys, 1), torch.stack(values, 1), torch.stack(positions, 1),
+                         torch.stack(masks, 1), ref_tensor)
+    mem.keys = mem.keys * mem.mask[..., None]  # empty slots hold zeros (they are masked out anyway)
+    mem.values = mem.values * mem.mask[..., None]
+    return mem
+
+
+@torch.no_grad()
+def encode_references(model: Memory3, tokenizer, texts: Sequence[str], *, selector: str = "attention",
+                      tokens_per_head: int | None = None, batch_size: int = 64, seed: int = 0,
+                      reference_ids: Sequence[int] | None = None, progress: bool = False) -> ExplicitMemory:
+    """Encode reference texts into explicit memories (batched, no gradients). See the module docstring.
+
+    An empty reference, or one longer than `reference_length` tokens, is refused with a ValueError (split
+    long texts with `mini_m3.data.text.chunk_references` first).
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not one string")
+    if len(texts) == 0:
+        raise ValueError("no references to encode")
+    ids = tokenizer.encode_batch(list(texts))
+    ref_ids = list(reference_ids) if reference_ids is not None else list(range(len(texts)))
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        from tqdm.auto import tqdm
+        for s in tqdm(range(0, len(ids), batch_size), disable=not progress, desc="encode references", unit="batch"):
+            out.append(encode_reference_tokens(model, ids[s:s + batch_size], selector=selector,
+                                               tokens_per_head=tokens_per_head, generator=gen,
+                                               pad_id=tokenizer.pad_id, reference_ids=ref_ids[s:s + batch_size]))
+    except ValueError as e:
+        raise ValueError(f"{e} (batch starting at text {s})") from None
+    finally:
+        model.train(was_training)
+    return ExplicitMemory.cat(out)

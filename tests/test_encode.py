@@ -1,0 +1,130 @@
+"""§3.3 memory writing: token selection on known patterns, and the `all`-selector equivalence."""
+import pytest
+import torch
+
+from mini_m3 import Memory3, Memory3Config, MemoryKV
+from mini_m3.memory.encode import (ExplicitMemory, encode_reference_tokens, encode_references,
+                                   select_top_tokens, selection_scores)
+
+
+def hand_built(N=1, H=4, Hkv=2, R=12, d=8, hot=((3, 7, 9), (0, 5, 11))):
+    """Queries all point along e0; key j of KV head g is large along e0 iff j is one of hot[g]."""
+    q = torch.zeros(N, H, R, d)
+    q[..., 0] = 1.0
+    k = torch.zeros(N, Hkv, R, d)
+    for g, toks in enumerate(hot):
+        k[:, g, list(toks), 0] = 6.0
+    return q, k
+
+
+@pytest.mark.parametrize("selector", ["attention", "exp"])
+def test_selector_keeps_exactly_the_tokens_that_receive_attention(selector):
+    q, k = hand_built()
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    scores = selection_scores(q, k, valid, n_groups=2, selector=selector)
+    idx, kept = select_top_tokens(scores, valid, 3, selector)
+    assert idx[0, 0].tolist() == [3, 7, 9] and idx[0, 1].tolist() == [0, 5, 11]
+    assert kept.all()
+
+
+def test_scores_sum_over_the_query_group_and_ignore_padding():
+    q, k = hand_built(hot=((2,), (4,)))
+    q[:, 3, :, 0] = 0.0  # in the second group, head 2 looks at token 4 and head 3...
+    q[:, 3, :, 1] = 1.0
+    k[:, 1, 6, 1] = 50.0  # ...except one head of it, which looks at token 6
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    valid[:, 6] = False  # but token 6 is padding: it may neither be kept nor steal attention
+    s = selection_scores(q, k, valid, n_groups=2)
+    assert torch.isinf(s[0, 1, 6]) and s[0, 1, 6] < 0
+    idx, _ = select_top_tokens(s, valid, 1)
+    assert idx[0, 0].item() == 2 and idx[0, 1].item() == 4
+    # each KV head's scores sum to (#valid queries) x (#query heads in its group): softmax rows sum to 1
+    finite = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
+    torch.testing.assert_close(finite.sum(-1), torch.full((1, 2), 11.0 * 2))
+
+
+def test_short_reference_leaves_empty_slots():
+    scores = torch.randn(1, 2, 5)
+    valid = torch.tensor([[True, True, True, False, False]])
+    idx, kept = select_top_tokens(scores.masked_fill(~valid[:, None], float("-inf")), valid, 4)
+    assert kept.sum(-1).tolist() == [[3, 3]]
+    assert set(idx[0, 0][kept[0, 0]].tolist()) == {0, 1, 2}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Memory3(Memory3Config.from_name("tiny")).eval()
+
+
+@pytest.mark.parametrize("selector", ["attention", "exp", "random", "first", "all"])
+def test_encode_shapes_positions_and_prefix_never_kept(tiny, selector):
+    cfg = tiny.cfg
+    refs = [torch.randint(4, cfg.vocab_size, (n,)).tolist() for n in (20, 5, 128)]
+    mem = encode_reference_tokens(tiny, refs, selector=selector, generator=torch.Generator().manual_seed(0))
+    k = cfg.reference_length if selector == "all" else cfg.memory_tokens_per_head
+    assert mem.keys.shape == (3, len(cfg.memory_layers), len(cfg.memory_heads), k, cfg.head_dim)
+    assert mem.positions.shape == mem.mask.shape == mem.keys.shape[:-1]
+    p = cfg.prefix_length
+    pos = mem.positions[mem.mask]
+    assert pos.min() >= p  # the "<s>Reference:" prefix is never kept
+    assert mem.mask[1].sum(-1).max() == min(5, k)  # 5-token reference: at most 5 real slots per head
+    assert (mem.positions[1][mem.mask[1]] < p + 5).all()  # never a padding position
+    if selector == "first":
+        assert mem.positions[0, 0, 0].tolist() == list(range(p, p + 8))
+
+
+def test_all_selector_equals_attending_to_the_references_full_kv(tiny):
+    """Reading a memory that keeps every token = attending to the reference's own K/V, computed by the same
+    layers at the same positions (taken here from hooks on an ordinary forward of the reference)."""
+    cfg = tiny.cfg
+    ref = torch.randint(4, cfg.vocab_size, (1, 30))
+    mem = encode_reference_tokens(tiny, ref.tolist(), selector="all")
+    names = [f"blocks.{l}.attn.hook_{w}" for l in cfg.memory_layers for w in "kv"]
+    _, c = tiny.run_with_cache(ref, positions=torch.arange(30) - cfg.reference_length, names=names)
+    p = cfg.prefix_length
+    keys = torch.stack([c[f"blocks.{l}.attn.hook_k"][:, :, p:] for l in cfg.memory_layers], 1)  # (1, L, H, 30, d)
+    values = torch.stack([c[f"blocks.{l}.attn.hook_v"][:, :, p:] for l in cfg.memory_layers], 1)
+    direct = MemoryKV(keys[:, None], values[:, None])
+    ctx = torch.randint(4, cfg.vocab_size, (1, 40))
+    expected = tiny(ctx, memory=direct).logits
+    got = tiny(ctx, memory=mem.to_memory_kv(torch.tensor([[[0]]]))).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - tiny(ctx).logits).abs().max() > 1e-3  # and the memory does change the output
+
+
+def test_to_memory_kv_layout_and_missing_memories(tiny):
+    cfg = tiny.cfg
+    mem = encode_reference_tokens(tiny, [torch.randint(4, 500, (16,)).tolist() for _ in range(4)])
+    kv = mem.to_memory_kv(torch.tensor([[[0, 2, -1], [3, -1, -1]]]))
+    k = cfg.memory_tokens_per_head
+    assert kv.keys.shape == (1, 2, len(cfg.memory_layers), len(cfg.memory_heads), 3 * k, cfg.head_dim)
+    torch.testing.assert_close(kv.keys[0, 0, :, :, k:2 * k], mem.keys[2])
+    assert kv.mask[0, 0, ..., 2 * k:].sum() == 0 and kv.mask[0, 1, ..., k:].sum() == 0
+    assert kv.mask[0, 1, ..., :k].all()
+
+
+def test_gradients_flow_into_live_encoded_memories():
+    model = Memory3(Memory3Config.from_name("tiny")).train()
+    mem = encode_reference_tokens(model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+    out = model(torch.tensor([[1, 20, 21, 22]]), memory=mem.to_memory_kv(torch.tensor([[[0]]])),
+                targets=torch.tensor([[20, 21, 22, 23]]))
+    out.loss.backward()
+    assert model.blocks[0].attn.wk.weight.grad.abs().sum() > 0
+
+
+def test_encode_references_text_api_and_errors(tiny):
+    from mini_m3 import Tokenizer
+    tok = Tokenizer.train(["Alice Smith was born in Paris in 1980."] * 20 + ["Bob Jones works at Acme."] * 20,
+                          vocab_size=300)
+    mem = encode_references(tiny, tok, ["Alice Smith was born in Paris.", "Bob Jones works at Acme."], batch_size=1)
+    assert len(mem) == 2 and mem.reference_ids.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="empty"):
+        encode_references(tiny, tok, ["fine", ""])
+    with pytest.raises(ValueError, match="reference_length"):
+        encode_references(tiny, tok, ["word " * 400])
+    with pytest.raises(ValueError, match="selector"):
+        encode_references(tiny, tok, ["x"], selector="oracle")
+    with pytest.raises(TypeError):
+        encode_references(tiny, tok, "just one string")
+    assert isinstance(ExplicitMemory.cat([mem[0], mem[1]]), ExplicitMemory)
