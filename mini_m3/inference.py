@@ -50,12 +50,13 @@ def _retrieve(bank, queries: list[str], k: int, leakage_threshold: float | None)
 def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=None, mode: str = "memory",
                    max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                    seed: int | None = None, stop_at: str | None = None, memories_per_chunk: int | None = None,
-                   leakage_threshold: float | None = None) -> list[GenerationResult]:
+                   leakage_threshold: float | None = None, stop_at_eos: bool = True) -> list[GenerationResult]:
     """Generate continuations for several prompts at once (greedy when temperature == 0).
 
     bank: a `MemoryBank` (needed by "memory" and "rag"). stop_at: stop a row once its text contains this
-    string (e.g. "\\n"); the returned text is cut there. leakage_threshold: drop retrieved references whose
-    Eq. 6 overlap with the query exceeds it (2/3 in evaluation, §4.3).
+    string (e.g. "\\n"); the returned text is cut there. stop_at_eos=False keeps going past `</s>`
+    (benchmarks). leakage_threshold: drop retrieved references whose Eq. 6 overlap with the query exceeds
+    it (2/3 in evaluation, §4.3).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -140,7 +141,7 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
         for b in range(B):
             if not done[b]:
                 generated[b].append(int(next_tok[b]))
-                if int(next_tok[b]) == tokenizer.eos_id or (
+                if (stop_at_eos and int(next_tok[b]) == tokenizer.eos_id) or (
                         stop_at and stop_at in tokenizer.decode(generated[b][-8:])):
                     done[b] = True
         if bool(done.all()) or step == max_new_tokens - 1:

@@ -1,9 +1,13 @@
 import os
 
-import pytest
-import torch
+# One thread per test process: the suite runs under pytest-xdist on 2 cores, and oversubscribed
+# OpenMP/BLAS threads make small ops orders of magnitude slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

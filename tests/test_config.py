@@ -40,7 +40,7 @@ def test_fig10_shapes():
 
 
 def test_json_round_trip(tmp_path):
-    cfg = Memory3Config.from_name("small", memory_layers=(1, 2, 3), memory_heads=(0, 2))
+    cfg = Memory3Config.from_name("small", memory_layers=(1, 2, 3), memory_heads=(1,))
     assert Memory3Config.from_json(cfg.to_json()) == cfg
     cfg.to_json(tmp_path / "c.json")
     assert Memory3Config.from_json(tmp_path / "c.json") == cfg

@@ -162,6 +162,12 @@ class MemoryBank:
 
     def _add(self, texts, *, encode, batch_size, shard_size, vq_train_references, progress, first) -> None:
         m = self.manifest
+        if self.tokenizer is not None:  # refuse over-long references up front, also in cold-start banks
+            limit = self.model.cfg.reference_length
+            for i, ids in enumerate(self.tokenizer.encode_batch(list(texts))):
+                if len(ids) > limit:
+                    raise ValueError(f"reference {i} has {len(ids)} tokens > reference_length={limit}; "
+                                     f"split it first (mini_m3.data.text.chunk_references)")
         start = len(self.texts)
         new_shards = []
         if encode:
@@ -355,8 +361,9 @@ class MemoryBank:
         cold = [i for i in ids if i not in self._where and i not in self._pending]
         if cold:  # cold start: encode on first retrieval, keep until flush()
             mem = self._encode([self.texts[i] for i in cold], cold, 64, progress=False)
+            keys, values = self._as_stored(mem.keys), self._as_stored(mem.values)  # same as after flush + reopen
             for j, i in enumerate(cold):
-                self._pending[i] = (mem.keys[j].float(), mem.values[j].float(), mem.positions[j], mem.mask[j])
+                self._pending[i] = (keys[j], values[j], mem.positions[j], mem.mask[j])
             self.cold_encodes += len(cold)
         m = self.manifest
         by_shard: dict[int, list[int]] = {}
@@ -382,6 +389,18 @@ class MemoryBank:
             for j, i in enumerate(sids):
                 out[i] = (keys[j], values[j], pos[j].clamp(min=0), mask[j])
         return out
+
+    def _as_stored(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as it reads back from this bank's storage (dtype rounding or VQ), so a memory encoded on first
+        retrieval (cold start) is the same before and after `flush()`."""
+        m = self.manifest
+        if m["storage"] != "vq":
+            return _from_storage(_to_storage(t, m["dtype"]), m["dtype"])
+        if self.quantizer is None or not self.quantizer.trained:
+            return t.float()
+        d = t.shape[-1]
+        flat = self.quantizer.decode(self.quantizer.encode(t.detach().float().reshape(-1, d).cpu().numpy()))
+        return torch.from_numpy(flat).view(t.shape)
 
     def flush(self) -> int:
         """Write memories encoded on first retrieval (cold start) to disk; returns how many were written."""

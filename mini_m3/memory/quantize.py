@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -101,22 +102,39 @@ def min_training_vectors(index) -> int:
     return max(_kmeans_sizes(index), default=1)
 
 
-def _seed(index, seed: int, d: int, keepalive: list) -> None:
-    """Seed every k-means in `index` (FAISS defaults to a fixed 1234) and OPQ's initial rotation."""
+@contextmanager
+def seeded_training(index, seed: int = 0, opq_niter: int | None = None):
+    """Context in which `index.train(x)` is seeded: `with seeded_training(index, seed): index.train(x)`.
+
+    Seeds every k-means in `index` (FAISS defaults to a fixed 1234) and OPQ's initial rotation, and
+    turns off PQ polysemous training, which index_factory enables for 8-bit PQs: it only reorders
+    codes for Hamming-distance search, is useless here and can take minutes. `opq_niter`
+    overrides the number of OPQ rotation updates (FAISS default 50).
+    """
+    keepalive = []  # OPQMatrix.pq is a borrowed pointer: keep our PQs alive during training
     for c in _components(index):
-        for cp in (getattr(c, "cp", None),):
-            if isinstance(cp, faiss.ClusteringParameters):
-                cp.seed = seed
+        cp = getattr(c, "cp", None)
+        if isinstance(cp, faiss.ClusteringParameters):
+            cp.seed = seed
+        if hasattr(c, "do_polysemous_training"):
+            c.do_polysemous_training = False
         if isinstance(c, faiss.OPQMatrix) and not c.is_trained:
-            # OPQ starts from a random rotation drawn with seed 1234 and an unseeded internal PQ:
-            # give it both, drawn from our seed
-            rng = np.random.default_rng(seed)
-            q, _ = np.linalg.qr(rng.standard_normal((c.d_in, c.d_in)))
+            if opq_niter is not None:
+                c.niter = opq_niter
+            # OPQ starts from a random rotation drawn with seed 1234 and trains an internal
+            # M x 8-bit PQ seeded 1234: draw both from our seed instead
+            q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((c.d_in, c.d_in)))
             faiss.copy_array_to_vector(np.ascontiguousarray(q[: c.d_out], dtype=np.float32).ravel(), c.A)
             pq = faiss.ProductQuantizer(c.d_out, c.M, 8)
             pq.cp.seed = seed
-            keepalive.append(pq)  # OPQMatrix.pq is a borrowed pointer: keep the object alive
+            keepalive.append(pq)
             c.pq = pq
+    try:
+        yield index
+    finally:
+        for c in _components(index):
+            if isinstance(c, faiss.OPQMatrix):
+                c.pq = None
 
 
 def _as_float_matrix(x, dim: int, what: str) -> np.ndarray:
@@ -188,10 +206,13 @@ class VectorQuantizer:
         """Source bytes over code bytes; default source is bf16 (2 bytes/element)."""
         return self.dim * source_bytes_per_element / self.code_size
 
-    def train(self, x: np.ndarray, *, seed: int = 0, max_train: int | None = None) -> "VectorQuantizer":
+    def train(self, x: np.ndarray, *, seed: int = 0, max_train: int | None = None,
+              opq_niter: int | None = None) -> "VectorQuantizer":
         """Train the codec from scratch on x (n, dim); same data + seed give the same codes.
 
-        max_train caps the training set with a seeded random subsample. Returns self.
+        max_train caps the training set with a seeded random subsample. opq_niter overrides the
+        number of OPQ rotation updates (FAISS default 50, each re-training the internal PQ; the
+        dominant training cost). Returns self.
         """
         x = _as_float_matrix(x, self.dim, "training data")
         if max_train is not None and len(x) > max_train:
@@ -202,12 +223,8 @@ class VectorQuantizer:
         if len(x) < need:
             raise ValueError(f"factory={self.factory!r} needs at least {need} training vectors (its largest "
                              f"k-means has {need} centroids; FAISS recommends {39 * need}), got {len(x)}")
-        keepalive: list = []
-        _seed(index, seed, self.dim, keepalive)
-        index.train(x)
-        for c in _components(index):  # drop borrowed pointers before `keepalive` dies
-            if isinstance(c, faiss.OPQMatrix):
-                c.pq = None
+        with seeded_training(index, seed, opq_niter):
+            index.train(x)
         self.index, self.trained = index, True
         return self
 

@@ -26,6 +26,8 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from mini_m3.memory.quantize import min_training_vectors, seeded_training
+
 TRAIN_LEAKAGE_THRESHOLD = 0.9  # §4.4: no training sequence is paired with a reference overlapping it > 90 %
 EVAL_LEAKAGE_THRESHOLD = 2 / 3  # §4.3: at evaluation a reference overlapping the question > 2/3 is dropped
 
@@ -457,14 +459,13 @@ class Retriever:
         x = self._embed(texts, progress)
         index = self._new_index()
         if not index.is_trained:
-            from mini_m3.memory.quantize import min_training_vectors
-
             need = min_training_vectors(index)
             if len(x) < need:
                 raise ValueError(f"index_factory={self.index_factory!r} needs at least {need} training vectors "
                                  f"(its largest k-means has {need} centroids), got {len(x)} texts; "
                                  "use fewer IVF lists / PQ bits or more references")
-            index.train(x)
+            with seeded_training(index, seed=0):  # deterministic IVF / PQ k-means, no polysemous pass
+                index.train(x)
         index.add(x)
         self.index, self.texts = index, texts
         return self

@@ -1,0 +1,223 @@
+"""Command line: `mini-m3 demo | train | build-bank | generate | evaluate | smoke`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=2)
+
+
+def cmd_demo(a) -> int:
+    from .demo import DemoSettings, run_demo
+    kw = {k: v for k, v in dict(seed=a.seed, preset=a.preset, warmup_steps=a.warmup_steps,
+                                continual_steps=a.continual_steps, selector=a.selector,
+                                tokens_per_head=a.tokens_per_head, threads=a.threads).items() if v is not None}
+    s = DemoSettings.quick(**kw) if a.quick else DemoSettings(**kw)
+    run_demo(a.out, s, progress=not a.quiet)
+    print(f"results written to {Path(a.out) / 'results.json'} and results.png")
+    return 0
+
+
+def cmd_smoke(a) -> int:
+    """Build the tiny model, encode two references, generate a few tokens reading them."""
+    import tempfile
+
+    from . import Memory3, Memory3Config, Tokenizer, generate
+    from .memory.bank import MemoryBank
+    torch.manual_seed(a.seed)
+    refs = ["Ada Lovelace was born in London in 1815 and wrote the first program.",
+            "Alan Turing was born in London in 1912 and studied at Cambridge."]
+    tok = Tokenizer.train(refs * 50, 300)
+    model = Memory3(Memory3Config.from_name("tiny")).eval()
+    with tempfile.TemporaryDirectory() as d:
+        bank = MemoryBank.build(Path(d) / "bank", model, tok, refs, progress=False)
+        out = generate(model, tok, "Where was Ada Lovelace born?", bank=bank, max_new_tokens=8)
+    print(f"tiny model: {model.num_parameters():,} non-embedding parameters; references used: {out.references}")
+    print(f"generated (untrained, so noise): {out.text!r}")
+    return 0
+
+
+def _load_text_corpus(text_dir, out: Path, vocab_size: int, seed: int, progress: bool):
+    from .data.pipeline import read_references, run_pipeline, load_train_tokens
+    from .tokenizer import Tokenizer
+    data_dir = out / "data"
+    report = run_pipeline(text_dir, data_dir, vocab_size=vocab_size, seed=seed, progress=progress)
+    print(report.table())
+    tok = Tokenizer.load(data_dir / "tokenizer.json")
+    refs = list(read_references(data_dir))
+    return tok, [r["text"] for r in refs], [r["token_ids"] for r in refs], load_train_tokens(data_dir)
+
+
+def cmd_train(a) -> int:
+    from .checkpoint import save_pretrained
+    from .config import Memory3Config
+    from .memory.retrieve import Retriever
+    from .model import Memory3
+    from .train import ChunkedData, TrainConfig, plot_losses, retrieve_for_chunks, train
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    tok, ref_texts, ref_tokens, stream = _load_text_corpus(a.text_dir, out, a.vocab_size, a.seed, not a.quiet)
+    cfg = Memory3Config.from_name(a.preset, vocab_size=max(a.vocab_size, tok.vocab_size))
+    T = cfg.chunk_length * a.chunks_per_sequence
+    n = (len(stream) - 1) // T
+    if n < 1:
+        raise SystemExit(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
+    s = torch.as_tensor(stream[:n * T + 1].astype("int64"))
+    tokens, targets = s[:-1].view(n, T), s[1:].view(n, T)
+    retriever = Retriever().fit(ref_texts)
+    refs = retrieve_for_chunks(tokens, cfg.chunk_length, tok, retriever, ref_tokens, progress=not a.quiet)
+    data = ChunkedData(tokens, targets, refs, ref_tokens)
+    torch.manual_seed(a.seed)
+    model = Memory3(cfg)
+    for stage, steps in (("warmup", a.warmup_steps), ("continual", a.continual_steps)):
+        if steps:
+            tc = TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                             checkpoint_every=a.checkpoint_every, quiet=a.quiet,
+                             warmup_steps=max(1, steps // 10) if stage == "warmup" else 0,
+                             decay_fraction=0.0 if stage == "warmup" and a.continual_steps else 0.1)
+            r = train(model, data, tc, out_dir=out / stage, tokenizer=tok, resume=not a.no_resume)
+            print(f"{stage}: final loss {r['final_loss']}, median step {r['step_time']}s")
+    save_pretrained(model, out / "model", tok)
+    logs = [p for p in (out / "warmup/warmup.jsonl", out / "continual/continual.jsonl") if p.exists()]
+    plot_losses(logs, out / "loss.png")
+    print(f"model saved to {out / 'model'}")
+    return 0
+
+
+def cmd_build_bank(a) -> int:
+    from .checkpoint import load_pretrained
+    from .memory.bank import MemoryBank
+    torch.set_num_threads(a.threads)
+    model, tok = load_pretrained(a.model)
+    if tok is None:
+        raise SystemExit(f"{a.model} has no tokenizer.json")
+    if a.text_dir:
+        from .data.pipeline import read_references, run_pipeline
+        run_pipeline(a.text_dir, Path(a.out).with_suffix(".data"), tokenizer=tok, progress=not a.quiet)
+        texts = [r["text"] for r in read_references(Path(a.out).with_suffix(".data"))]
+    else:
+        texts = [json.loads(l)["text"] for l in Path(a.references).read_text(encoding="utf-8").splitlines() if l]
+    bank = MemoryBank.build(a.out, model, tok, texts, quantizer=a.vq, overwrite=a.overwrite,
+                            progress=not a.quiet, seed=a.seed)
+    print(f"bank of {len(bank)} references at {a.out}: {bank.bytes_per_memory()} bytes per memory")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from .checkpoint import load_pretrained
+    from .inference import generate
+    from .memory.bank import MemoryBank
+    model, tok = load_pretrained(a.model)
+    bank = MemoryBank.open(a.bank, model, tok) if a.bank else None
+    r = generate(model, tok, a.prompt, bank=bank, mode=a.mode, max_new_tokens=a.max_new_tokens,
+                 temperature=a.temperature, seed=a.seed)
+    print(r.text)
+    if r.references:
+        print(f"# references per chunk: {r.references}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .checkpoint import load_pretrained
+    from .data.world import World
+    from .evaluate import qa_eval
+    from .memory.bank import MemoryBank
+    model, tok = load_pretrained(a.model)
+    bank = MemoryBank.open(a.bank, model, tok) if a.bank else None
+    world = World.generate(a.n_people, seed=a.seed)
+    items = world.eval_questions(a.split, a.n, seed=a.seed)
+    r = qa_eval(model, tok, items, mode=a.mode, bank=bank, progress=not a.quiet)
+    print(json.dumps({k: v for k, v in r.items() if k not in ("correct", "retrieved")}, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mini-m3", description="Memory3 at mini scale (arXiv 2407.01178)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job: two-stage pretraining on the knowledge world, banks, QA table")
+    _add_common(d)
+    d.add_argument("--quick", action="store_true", help="a short run of the same pipeline (CI)")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--preset", default=None)
+    d.add_argument("--warmup-steps", type=int, default=None)
+    d.add_argument("--continual-steps", type=int, default=None)
+    d.add_argument("--selector", default=None, choices=["attention", "exp", "random", "first", "all"])
+    d.add_argument("--tokens-per-head", type=int, default=None)
+    d.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("smoke", help="build tiny, encode two references, generate a few tokens")
+    _add_common(s)
+    s.set_defaults(fn=cmd_smoke)
+
+    t = sub.add_parser("train", help="two-stage pretraining on a folder of .txt files")
+    _add_common(t)
+    t.add_argument("--text-dir", required=True)
+    t.add_argument("--out", default="runs/train")
+    t.add_argument("--preset", default="small")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--chunks-per-sequence", type=int, default=4)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--warmup-steps", type=int, default=200)
+    t.add_argument("--continual-steps", type=int, default=200)
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--no-resume", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    b = sub.add_parser("build-bank", help="encode references into a memory bank")
+    _add_common(b)
+    b.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json)")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-dir", help="folder of .txt files (runs the §4 pipeline)")
+    src.add_argument("--references", help="JSONL file with a 'text' field per line")
+    b.add_argument("--out", required=True)
+    b.add_argument("--vq", default=None, help="faiss factory string, or 'default'")
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(fn=cmd_build_bank)
+
+    g = sub.add_parser("generate", help="generate text with memory, RAG or neither")
+    _add_common(g)
+    g.add_argument("--model", required=True)
+    g.add_argument("--bank")
+    g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="QA exact match on the knowledge world")
+    _add_common(e)
+    e.add_argument("--model", required=True)
+    e.add_argument("--bank")
+    e.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
+    e.add_argument("--split", default="heldout", choices=["text", "memory", "heldout"])
+    e.add_argument("--n", type=int, default=300)
+    e.add_argument("--n-people", type=int, default=2000)
+    e.set_defaults(fn=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        import os
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"mini-m3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

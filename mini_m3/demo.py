@@ -1,0 +1,220 @@
+"""`mini-m3 demo`: the paper's main claims measured small (§3.6 two stages, §7 Tables 16/20/21).
+
+On the synthetic knowledge world: train the tokenizer; pretrain a no-memory model; pretrain Memory³ in two
+stages (warmup without memory, then continual training with memory); build the memory bank (raw and
+vector-quantized); and report QA exact match on people seen in training and on held-out people whose
+biographies live only in the bank, plus decoding throughput, for five settings:
+(a) the no-memory model, (b) Memory³ reading memory, (c) Memory³ with memory off, (d) Memory³ reading VQ
+memory, (e) Memory³ in RAG mode. Results go to `OUT/results.json` and `OUT/results.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import save_pretrained
+from .config import Memory3Config, atomic_write_text
+from .data.world import World
+from .evaluate import decode_throughput, qa_eval, retrieval_hit_rate
+from .memory.bank import MemoryBank
+from .memory.retrieve import Retriever
+from .model import Memory3
+from .tokenizer import Tokenizer
+from .train import ChunkedData, TrainConfig, pack_documents, plot_losses, retrieve_for_chunks, train
+
+
+@dataclass
+class DemoSettings:
+    seed: int = 0
+    preset: str = "small"
+    n_people: int = 2000
+    vocab_size: int = 2048
+    n_docs: int = 24000
+    chunks_per_sequence: int = 4
+    batch_size: int = 8
+    warmup_steps: int = 200
+    continual_steps: int = 400
+    lr: float = 3e-3
+    selector: str = "attention"
+    tokens_per_head: int | None = None
+    eval_questions: int = 300
+    vq_factory: str = "default"
+    throughput_batch: int = 4
+    throughput_new_tokens: int = 64
+    threads: int = 2
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoSettings":
+        base = dict(n_people=400, n_docs=3000, warmup_steps=30, continual_steps=50, eval_questions=60,
+                    throughput_batch=2, throughput_new_tokens=16)
+        base.update(kw)
+        return cls(**base)
+
+
+def build_world_data(world: World, tokenizer: Tokenizer, s: DemoSettings, chunk_length: int,
+                     retriever: Retriever, reference_tokens, progress: bool) -> ChunkedData:
+    docs = world.training_documents(s.n_docs, seed=s.seed)
+    ids = tokenizer.encode_batch([d.text for d in docs])
+    tokens, targets = pack_documents(ids, chunk_length, s.chunks_per_sequence, bos_id=tokenizer.bos_id,
+                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    refs = retrieve_for_chunks(tokens, chunk_length, tokenizer, retriever, reference_tokens, progress=progress)
+    return ChunkedData(tokens, targets, refs, reference_tokens)
+
+
+def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *, progress: bool = True) -> dict:
+    s = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    say = print if progress else (lambda *a, **k: None)
+    t_start = time.perf_counter()
+
+    # 1. the world, the tokenizer, the retriever, the training data
+    world = World.generate(s.n_people, seed=s.seed)
+    tokenizer = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
+    cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tokenizer.vocab_size))
+    references = world.references()
+    reference_tokens = tokenizer.encode_batch(references)
+    retriever = Retriever().fit(references)
+    data = build_world_data(world, tokenizer, s, cfg.chunk_length, retriever, reference_tokens, progress)
+    chunk_person = [d.person for d in world.training_documents(s.n_docs, seed=s.seed)]
+    flat = data.chunk_refs.flatten().tolist()
+    pairs = [(p, r) for p, r in zip(chunk_person, flat) if p is not None]
+    train_retrieval_acc = float(np.mean([p == r for p, r in pairs])) if pairs else float("nan")
+    say(f"world: {world.summary()}; {len(data)} training sequences; training retrieval top-1 = {train_retrieval_acc:.3f}")
+
+    def stage(name, steps, stage_, model, **kw):
+        tc = TrainConfig(stage=stage_, steps=steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                         selector=s.selector, tokens_per_head=s.tokens_per_head, quiet=not progress,
+                         warmup_steps=kw.pop("warmup_steps", max(1, steps // 10)), **kw)
+        return train(model, data, tc, out_dir=out / name, tokenizer=tokenizer, resume=False)
+
+    total = s.warmup_steps + s.continual_steps
+    # 2. the control: no memory, same shape, same tokens, same schedule (warmup + stable + decay over all steps)
+    torch.manual_seed(s.seed)
+    control = Memory3(cfg)
+    res_control = stage("no_memory_model", total, "warmup", control)
+    # 3. Memory³: warmup without memory (no decay), then continual with memory (decay at the end)
+    torch.manual_seed(s.seed)
+    model = Memory3(cfg)
+    res_warm = stage("memory3_warmup", s.warmup_steps, "warmup", model, decay_fraction=0.0)
+    res_cont = stage("memory3_continual", s.continual_steps, "continual", model, warmup_steps=0,
+                     decay_fraction=min(1.0, 0.1 * total / s.continual_steps))
+    plot_losses([out / "no_memory_model/warmup.jsonl", out / "memory3_warmup/warmup.jsonl"],
+                out / "loss_warmup.png", ["no-memory model", "Memory3 warmup"])
+    save_pretrained(model, out / "memory3_model", tokenizer)
+    save_pretrained(control, out / "no_memory_model_weights", tokenizer)
+
+    # 4. memory banks: raw (bf16) and vector-quantized
+    t0 = time.perf_counter()
+    bank = MemoryBank.build(out / "bank_raw", model, tokenizer, references, retriever=Retriever(),
+                            selector=s.selector, tokens_per_head=s.tokens_per_head, overwrite=True,
+                            progress=progress, seed=s.seed)
+    bank_seconds = time.perf_counter() - t0
+    bank_vq = MemoryBank.build(out / "bank_vq", model, tokenizer, references, retriever=Retriever(),
+                               quantizer=s.vq_factory, selector=s.selector, tokens_per_head=s.tokens_per_head,
+                               overwrite=True, progress=progress, seed=s.seed)
+
+    # 5. QA: people seen in training (text + memory splits) and held-out people (bank only)
+    trained = (world.eval_questions("text", s.eval_questions // 2, seed=s.seed)
+               + world.eval_questions("memory", s.eval_questions - s.eval_questions // 2, seed=s.seed))
+    heldout = world.eval_questions("heldout", s.eval_questions, seed=s.seed)
+    settings_eval = {
+        "no_memory_model": dict(model=control, mode="none", bank=None),
+        "memory": dict(model=model, mode="memory", bank=bank),
+        "memory_off": dict(model=model, mode="none", bank=None),
+        "memory_vq": dict(model=model, mode="memory", bank=bank_vq),
+        "rag": dict(model=model, mode="rag", bank=bank),
+    }
+    qa, loglik, hit = {"trained": {}, "heldout": {}}, {"trained": {}, "heldout": {}}, {}
+    for split, items in (("trained", trained), ("heldout", heldout)):
+        for name, kw in settings_eval.items():
+            r = qa_eval(kw["model"], tokenizer, items, mode=kw["mode"], bank=kw["bank"])
+            qa[split][name] = r["accuracy"]
+            loglik[split][name] = r["answer_loglik"]
+            if name == "memory":
+                hit[split] = {"top1": retrieval_hit_rate(items, r["retrieved"], 1),
+                              f"top{cfg.memories_per_chunk}": retrieval_hit_rate(items, r["retrieved"])}
+
+    # 6. decoding throughput (Table 21 protocol, scaled): memory vs none vs RAG, same model
+    prompts = [" ".join(references[i:i + 4]) for i in range(0, 400, 4)]
+    tps = {}
+    for mode in ("memory", "none", "rag"):
+        r = decode_throughput(model, tokenizer, prompts, mode=mode, bank=None if mode == "none" else bank,
+                              batch_size=s.throughput_batch, prompt_tokens=min(128, cfg.max_seq_len // 4),
+                              new_tokens=s.throughput_new_tokens) if mode != "rag" else None
+        if mode == "rag":  # RAG prompts carry 5 references: keep the question short so they fit
+            r = decode_throughput(model, tokenizer, prompts, mode=mode, bank=bank, batch_size=s.throughput_batch,
+                                  prompt_tokens=16, new_tokens=s.throughput_new_tokens)
+        tps[mode] = r["tokens_per_s"]
+
+    bpm_raw, bpm_vq = bank.bytes_per_memory(), bank_vq.bytes_per_memory()
+    results = {
+        "qa": qa, "answer_loglik": loglik, "retrieval_hit_rate": hit,
+        "training_retrieval_top1": train_retrieval_acc,
+        "tokens_per_s": tps,
+        "bytes_per_memory": {"raw": bpm_raw["stored"], "vq": bpm_vq["stored"], "raw_bf16": bpm_raw["raw_bf16"]},
+        "step_time": {"warmup": res_warm["step_time"], "continual": res_cont["step_time"],
+                      "no_memory_model": res_control["step_time"]},
+        "final_loss": {"no_memory_model": res_control["final_loss"], "memory3_warmup": res_warm["final_loss"],
+                       "memory3_continual": res_cont["final_loss"]},
+        "bank_build_seconds": bank_seconds,
+        "parameters": {"non_embedding": model.num_parameters(), "total": model.num_parameters(False)},
+        "config": cfg.to_dict(), "settings": asdict(s), "seed": s.seed,
+        "world": world.summary(),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    plot_results(results, out / "results.png")
+    say(format_table(results))
+    return results
+
+
+NAMES = {"no_memory_model": "(a) no-memory model", "memory": "(b) Memory3 + memory",
+         "memory_off": "(c) Memory3, memory off", "memory_vq": "(d) Memory3 + VQ memory", "rag": "(e) Memory3, RAG"}
+
+
+def format_table(r: dict) -> str:
+    lines = [f"{'setting':28s} {'trained QA':>11s} {'held-out QA':>12s}"]
+    for key, label in NAMES.items():
+        lines.append(f"{label:28s} {r['qa']['trained'][key]:11.3f} {r['qa']['heldout'][key]:12.3f}")
+    t = r["tokens_per_s"]
+    lines.append(f"decode tokens/s: memory {t['memory']:.0f}, none {t['none']:.0f}, rag {t['rag']:.0f}")
+    b = r["bytes_per_memory"]
+    lines.append(f"bytes per memory: raw {b['raw']}, VQ {b['vq']} ({b['raw'] / b['vq']:.1f}x smaller)")
+    st = r["step_time"]
+    lines.append(f"step time: warmup {st['warmup']:.3f}s, continual {st['continual']:.3f}s "
+                 f"({st['continual'] / st['warmup']:.2f}x)")
+    lines.append(f"wall time {r['wall_seconds']:.0f}s, seed {r['seed']}")
+    return "\n".join(lines)
+
+
+def plot_results(r: dict, path: str | os.PathLike) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = list(NAMES)
+    x = np.arange(len(keys))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 1.3]})
+    ax.bar(x - 0.2, [r["qa"]["trained"][k] for k in keys], 0.4, label="trained people")
+    ax.bar(x + 0.2, [r["qa"]["heldout"][k] for k in keys], 0.4, label="held-out people (bank only)")
+    ax.set_xticks(x, [NAMES[k] for k in keys], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("QA exact match"); ax.set_ylim(0, 1); ax.legend(fontsize=8); ax.grid(axis="y", alpha=.3)
+    t = r["tokens_per_s"]
+    ax2.bar(["memory", "none", "rag"], [t["memory"], t["none"], t["rag"]], color=["C0", "C7", "C3"])
+    ax2.set_ylabel("decode tokens/s")
+    fig.suptitle(f"mini_m3 demo ({r['config']['name']}, seed {r['seed']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

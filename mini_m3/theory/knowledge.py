@@ -1,0 +1,181 @@
+"""§2 memory circuitry theory, Defs 6–7: does a model lack a knowledge, and can a prefix or an explicit memory supply it?
+
+A knowledge is probed through one of its realizations t, split into an input part (t_0 …, ending before
+the associated outputs) and the output tokens t_out. With P_M(t_i | …) the model's teacher-forced
+probability of each output token:
+
+* **Def 6 (i), M lacks 𝒦**: some output token has P_M(t_i | t_0 … t_{i-1}) ≤ 1/2 (``LACKS_THRESHOLD``);
+* **Def 6 (ii), a prefix t* supplies 𝒦**: every output token has P_M(t_i | t* t_0 … t_{i-1}) ≥ 0.9
+  (``HAS_THRESHOLD``). 𝒦 is separable when some M satisfies both.
+* **Def 7, imitable**: (ii) holds with *any* realization t′ of 𝒦 as the prefix t*, for every realization t.
+
+Memory³'s claim (Claim 1, Remark 1) is that the realization does not have to be read as text: it can be
+read as *explicit memory*. So every test here runs three ways: without help, with the realization as a text
+prefix, and with the realization's explicit memory (its sparse key-values, read by every token).
+
+The verdict logic is in pure functions of the probabilities (:func:`lacks`, :func:`produces`,
+:func:`knowledge_verdicts`, :func:`imitability_verdict`). Not implemented: Def 6's summing of
+probabilities over branches when one input has several admissible outputs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..memory.encode import ExplicitMemory, encode_reference_tokens
+from ..model import MemoryKV
+from .circuits import memory_kwargs
+
+LACKS_THRESHOLD = 0.5
+HAS_THRESHOLD = 0.9
+
+
+# ----------------------------------------------------------------------------------------------- probabilities
+@torch.no_grad()
+def output_probabilities(model, prefix_ids: Sequence[int], input_ids: Sequence[int], output_ids: Sequence[int], *,
+                         memory: ExplicitMemory | MemoryKV | None = None) -> np.ndarray:
+    """P(t_i | prefix, t_0 … t_{i-1}) for each output token t_i, by teacher forcing (float64 array).
+
+    The model reads ``prefix_ids + input_ids + output_ids[:-1]`` in one pass; ids are used as given (put
+    ``<s>`` at the front of whichever part comes first). ``prefix_ids`` is the text realization t* of Def 6;
+    ``memory`` is explicit memory read by every token: an ``ExplicitMemory`` (all its memories in one chunk
+    that every position reads, see :func:`~mini_m3.theory.circuits.memory_kwargs`) or a ready ``MemoryKV``.
+    """
+    prefix, inp, out = [list(map(int, x)) for x in (prefix_ids, input_ids, output_ids)]
+    if not out:
+        raise ValueError("output_ids is empty: nothing to score")
+    start = len(prefix) + len(inp)
+    if start == 0:
+        raise ValueError("need at least one token (e.g. <s>) before the outputs")
+    seq = prefix + inp + out
+    device = model.tok_emb.weight.device if hasattr(model, "tok_emb") else None
+    idx = torch.tensor(seq[:-1], dtype=torch.long, device=device)[None]
+    logits = model(idx, **memory_kwargs(memory, idx.shape[1], 1, device)).logits[0]  # (T, V)
+    logp = torch.log_softmax(logits[start - 1:].double(), -1)
+    tgt = torch.tensor(out, dtype=torch.long, device=logp.device)
+    return logp.gather(-1, tgt[:, None])[:, 0].exp().cpu().numpy()
+
+
+def summarize(probs) -> dict:
+    """min / mean / product (the sequence probability of a multi-token answer) of output probabilities."""
+    p = np.asarray(probs, dtype=np.float64)
+    return {"probs": p, "min": float(p.min()), "mean": float(p.mean()), "sequence": float(np.prod(p))}
+
+
+# ----------------------------------------------------------------------------------------------- verdicts
+def lacks(probs, threshold: float = LACKS_THRESHOLD) -> bool:
+    """Def 6 (i) for one realization: some output token has probability ≤ 1/2."""
+    return bool(np.min(np.asarray(probs, dtype=np.float64)) <= threshold)
+
+
+def produces(probs, threshold: float = HAS_THRESHOLD) -> bool:
+    """Def 6 (ii) for one realization: every output token has probability ≥ 0.9."""
+    return bool(np.min(np.asarray(probs, dtype=np.float64)) >= threshold)
+
+
+def knowledge_verdicts(p_plain, p_prefix=None, p_memory=None) -> dict:
+    """Def 6 verdicts from output-token probabilities without help, with a text prefix, with explicit memory.
+
+    lacks:               Def 6 (i) without help.
+    separable_by_prefix: Def 6 (ii) with the realization as text prefix (None when not measured).
+    separable_by_memory: Def 6 (ii) with the realization as explicit memory (None when not measured).
+    separable:           (i) and (ii)-by-prefix: this model witnesses that the knowledge is separable.
+    """
+    out = {"lacks": lacks(p_plain),
+           "separable_by_prefix": None if p_prefix is None else produces(p_prefix),
+           "separable_by_memory": None if p_memory is None else produces(p_memory)}
+    out["separable"] = bool(out["lacks"] and out["separable_by_prefix"])
+    return out
+
+
+def imitability_verdict(min_probs, plain_min) -> dict:
+    """Def 7 from min_probs[a, b] = min output probability of probe b with realization a as prefix and
+    plain_min[b] = the same without prefix. imitable = every probe is lacked (Def 6 (i)) and every
+    (realization, probe) pair reaches 0.9 (so every realization can serve as t*)."""
+    m = np.asarray(min_probs, dtype=np.float64)
+    lacked = [lacks([p]) for p in np.asarray(plain_min, dtype=np.float64).ravel()]
+    every_prefix = bool(m.size and (m >= HAS_THRESHOLD).all())
+    return {"lacks": all(lacked), "every_prefix_supplies": every_prefix, "imitable": all(lacked) and every_prefix}
+
+
+# ----------------------------------------------------------------------------------------------- with text
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text))
+
+
+def _realization_memory(model, ref_ids: list[int], selector: str) -> ExplicitMemory:
+    with torch.no_grad():
+        return encode_reference_tokens(model, [ref_ids], selector=selector)
+
+
+def _use_memory(model, use_memory: bool | None) -> bool:
+    has = bool(getattr(getattr(model, "cfg", None), "memory_layers", ()))
+    if use_memory and not has:
+        raise ValueError("this model has no memory layers, so it cannot read explicit memory")
+    return has if use_memory is None else use_memory
+
+
+def knowledge_report(model, tokenizer, realization: str, probe_input: str, probe_output: str, *,
+                     memory_selector: str = "attention", separator: str = "\n",
+                     use_memory: bool | None = None) -> dict:
+    """Def 6 for one probe of a knowledge, three ways.
+
+    ``probe_input`` / ``probe_output`` are the probe realization t split before its associated outputs;
+    each is tokenized on its own, so all three conditions score the same output tokens:
+
+    plain:  ``<s>`` + input → output
+    prefix: ``<s>`` + realization + ``separator`` (the text t*) + input → output
+    memory: ``<s>`` + input → output, reading the realization's explicit memory (``memory_selector`` picks
+            the kept tokens, §3.3). Skipped when ``use_memory`` is False or the model has no memory layers.
+
+    Returns {"plain"|"prefix"|"memory": {"probs", "min", "mean", "sequence"}, "output_ids", "input_ids",
+    "prefix_ids"} plus the verdicts of :func:`knowledge_verdicts`. ``tokenizer`` needs ``encode(str)`` and
+    ``bos_id``.
+    """
+    bos = tokenizer.bos_id
+    inp, out = _encode(tokenizer, probe_input), _encode(tokenizer, probe_output)
+    ref = _encode(tokenizer, realization)
+    prefix = [bos] + _encode(tokenizer, realization + separator)
+    report = {"input_ids": inp, "output_ids": out, "prefix_ids": prefix}
+    report["plain"] = summarize(output_probabilities(model, [], [bos] + inp, out))
+    report["prefix"] = summarize(output_probabilities(model, prefix, inp, out))
+    p_mem = None
+    if _use_memory(model, use_memory):
+        mem = _realization_memory(model, ref, memory_selector)
+        p_mem = output_probabilities(model, [], [bos] + inp, out, memory=mem)
+        report["memory"] = summarize(p_mem)
+    report.update(knowledge_verdicts(report["plain"]["probs"], report["prefix"]["probs"], p_mem))
+    return report
+
+
+def imitability(model, tokenizer, realizations: Sequence[str], probes: Sequence[tuple[str, str]], *,
+                via: str = "prefix", separator: str = "\n", memory_selector: str = "attention") -> dict:
+    """Def 7: can every realization t′ serve as the prefix t* for every probe realization t?
+
+    realizations: the texts t′ offered as help; probes: (input, output) splits of realizations t.
+    via: "prefix" reads t′ as text (Def 7 as stated); "memory" reads t′ as explicit memory (Memory³'s
+    version of the same question).
+    Returns {"min_probs": (n_realizations, n_probes) array, "sequence_probs": same shape,
+    "plain_min": (n_probes,) min probability without help} plus :func:`imitability_verdict`.
+    """
+    if via not in ("prefix", "memory"):
+        raise ValueError(f"via must be 'prefix' or 'memory', got {via!r}")
+    if via == "memory":
+        _use_memory(model, True)
+    bos = tokenizer.bos_id
+    probe_ids = [(_encode(tokenizer, i), _encode(tokenizer, o)) for i, o in probes]
+    plain_min = np.array([output_probabilities(model, [], [bos] + i, o).min() for i, o in probe_ids])
+    mins = np.zeros((len(realizations), len(probes)))
+    seqs = np.zeros_like(mins)
+    for a, text in enumerate(realizations):
+        if via == "prefix":
+            prefix, mem = [bos] + _encode(tokenizer, text + separator), None
+        else:
+            prefix, mem = [], _realization_memory(model, _encode(tokenizer, text), memory_selector)
+        for b, (i, o) in enumerate(probe_ids):
+            p = output_probabilities(model, prefix, i if prefix else [bos] + i, o, memory=mem)
+            mins[a, b], seqs[a, b] = p.min(), np.prod(p)
+    return {"min_probs": mins, "sequence_probs": seqs, "plain_min": plain_min, **imitability_verdict(mins, plain_min)}

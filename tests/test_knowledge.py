@@ -1,0 +1,185 @@
+"""§2 Defs 6–7: teacher-forced output probabilities (checked against a direct softmax), the prefix and memory
+paths, the threshold logic on hand-set numbers, and a copy model for which the verdicts are known."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mini_m3 import Memory3, Memory3Config, Tokenizer
+from mini_m3.memory.encode import encode_reference_tokens
+from mini_m3.model import ModelOutput
+from mini_m3.theory.knowledge import (HAS_THRESHOLD, LACKS_THRESHOLD, imitability, imitability_verdict,
+                                      knowledge_report, knowledge_verdicts, lacks, output_probabilities, produces)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return Memory3(Memory3Config.from_name("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = ["The capital of France is Paris.", "Paris is the capital of France.",
+             "The capital of Italy is Rome.", "Rome is a city in Italy."] * 20
+    return Tokenizer.train(texts, vocab_size=300)
+
+
+def direct_probs(model, seq, n_out, **kw):
+    """Softmax of model(...) at the positions that predict the last n_out tokens of seq."""
+    with torch.no_grad():
+        logits = model(torch.tensor([seq[:-1]]), **kw).logits[0]
+    p = torch.softmax(logits.double(), -1)
+    return np.array([p[len(seq) - 1 - n_out + k, seq[len(seq) - n_out + k]].item() for k in range(n_out)])
+
+
+PREFIX, INP, OUT = [1, 40, 41, 42, 43], [50, 51, 52], [60, 61, 62]
+
+
+def test_output_probabilities_match_a_direct_softmax(tiny):
+    p = output_probabilities(tiny, [], [1] + INP, OUT)
+    assert p.shape == (3,) and p.dtype == np.float64 and ((p > 0) & (p < 1)).all()
+    np.testing.assert_allclose(p, direct_probs(tiny, [1] + INP + OUT, 3), rtol=1e-6)
+    # the split between prefix and input does not matter, only the token sequence does
+    np.testing.assert_allclose(output_probabilities(tiny, [1, 50], [51, 52], OUT), p, rtol=1e-6)
+    with pytest.raises(ValueError):
+        output_probabilities(tiny, [], [], OUT)
+    with pytest.raises(ValueError):
+        output_probabilities(tiny, [], [1], [])
+
+
+def test_a_prefix_changes_the_probabilities(tiny):
+    plain = output_probabilities(tiny, [], [1] + INP, OUT)
+    with_prefix = output_probabilities(tiny, PREFIX, INP, OUT)
+    np.testing.assert_allclose(with_prefix, direct_probs(tiny, PREFIX + INP + OUT, 3), rtol=1e-6)
+    assert np.abs(with_prefix - plain).max() > 1e-6
+
+
+def test_memory_path_reads_the_realizations_memory(tiny):
+    mem = encode_reference_tokens(tiny, [PREFIX[1:] + [44, 45, 46, 47, 48]])
+    p = output_probabilities(tiny, [], [1] + INP, OUT, memory=mem)
+    seq = [1] + INP + OUT
+    kv = mem.to_memory_kv(torch.tensor([[[0]]]))
+    manual = direct_probs(tiny, seq, 3, memory=kv, query_chunks=torch.zeros(len(seq) - 1, dtype=torch.long))
+    np.testing.assert_allclose(p, manual, rtol=1e-6)
+    np.testing.assert_allclose(output_probabilities(tiny, [], [1] + INP, OUT, memory=kv), p, rtol=1e-6)
+    assert np.abs(p - output_probabilities(tiny, [], [1] + INP, OUT)).max() > 1e-6
+    # a text longer than one 64-token chunk still reads the memory at every position
+    long_in = [1] + list(range(100, 170))
+    p_long = output_probabilities(tiny, [], long_in, OUT, memory=mem)
+    seq = long_in + OUT
+    manual = direct_probs(tiny, seq, 3, memory=kv, query_chunks=torch.zeros(len(seq) - 1, dtype=torch.long))
+    np.testing.assert_allclose(p_long, manual, rtol=1e-6)
+
+
+def test_thresholds_on_hand_set_numbers():
+    assert LACKS_THRESHOLD == 0.5 and HAS_THRESHOLD == 0.9
+    assert lacks([0.99, 0.5]) and not lacks([0.99, 0.5000001]) and lacks([0.1])
+    assert produces([0.9, 0.95]) and not produces([0.95, 0.8999999]) and not produces([0.2])
+    v = knowledge_verdicts([0.3, 0.99], [0.95, 0.91], [0.92, 0.5])
+    assert v == {"lacks": True, "separable_by_prefix": True, "separable_by_memory": False, "separable": True}
+    v = knowledge_verdicts([0.6, 0.99], [0.95, 0.91], [0.95, 0.95])  # already known: nothing to separate
+    assert v == {"lacks": False, "separable_by_prefix": True, "separable_by_memory": True, "separable": False}
+    v = knowledge_verdicts([0.01], [0.89])
+    assert v == {"lacks": True, "separable_by_prefix": False, "separable_by_memory": None, "separable": False}
+    good = np.array([[0.95, 0.92], [0.9, 0.99]])
+    assert imitability_verdict(good, [0.1, 0.2]) == {"lacks": True, "every_prefix_supplies": True, "imitable": True}
+    one_bad = good.copy()
+    one_bad[1, 0] = 0.7  # realization 1 does not supply probe 0
+    assert imitability_verdict(one_bad, [0.1, 0.2])["imitable"] is False
+    assert imitability_verdict(good, [0.1, 0.6]) == {"lacks": False, "every_prefix_supplies": True, "imitable": False}
+
+
+def test_knowledge_report_on_tiny(tiny, tok):
+    r = knowledge_report(tiny, tok, "The capital of France is Paris.", "The capital of France is", " Paris")
+    bos = tok.bos_id
+    inp, out = tok.encode("The capital of France is"), tok.encode(" Paris")
+    assert r["input_ids"] == inp and r["output_ids"] == out
+    assert r["prefix_ids"] == [bos] + tok.encode("The capital of France is Paris.\n")
+    np.testing.assert_allclose(r["plain"]["probs"], direct_probs(tiny, [bos] + inp + out, len(out)), rtol=1e-6)
+    np.testing.assert_allclose(r["prefix"]["probs"], direct_probs(tiny, r["prefix_ids"] + inp + out, len(out)),
+                               rtol=1e-6)
+    mem = encode_reference_tokens(tiny, [tok.encode("The capital of France is Paris.")])
+    np.testing.assert_allclose(r["memory"]["probs"], output_probabilities(tiny, [], [bos] + inp, out, memory=mem))
+    for cond in ("plain", "prefix", "memory"):
+        p = r[cond]["probs"]
+        assert r[cond]["min"] == p.min() and r[cond]["mean"] == pytest.approx(p.mean())
+        assert r[cond]["sequence"] == pytest.approx(np.prod(p))
+    # a random 512-way model knows nothing and learns nothing from one example
+    assert r["lacks"] and not r["separable_by_prefix"] and not r["separable_by_memory"] and not r["separable"]
+    assert "memory" not in knowledge_report(tiny, tok, "Paris.", "France is", " Paris", use_memory=False)
+
+
+def test_imitability_via_memory_on_tiny(tiny, tok):
+    reals = ["The capital of France is Paris.", "Paris is the capital of France."]
+    probes = [("The capital of France is", " Paris"), ("The capital of", " France")]
+    r = imitability(tiny, tok, reals, probes, via="memory")
+    assert r["min_probs"].shape == (2, 2) and r["sequence_probs"].shape == (2, 2)
+    mem = encode_reference_tokens(tiny, [tok.encode(reals[1])])
+    p = output_probabilities(tiny, [], [tok.bos_id] + tok.encode(probes[0][0]), tok.encode(probes[0][1]), memory=mem)
+    assert r["min_probs"][1, 0] == pytest.approx(p.min())
+    assert r["lacks"] and not r["imitable"]
+
+
+# ----------------------------------------------------------------------------------------------- a copy model
+class WordTokenizer:
+    """One id per whitespace-separated word, so probe tokens line up with realization tokens."""
+    bos_id = 1
+
+    def __init__(self):
+        self.vocab = {}
+
+    def encode(self, text):
+        return [self.vocab.setdefault(w, 10 + len(self.vocab)) for w in text.split()]
+
+
+class CopyModel(torch.nn.Module):
+    """An ideal induction head and nothing else: after token x it predicts, with probability ~1, the token that
+    followed the last earlier x; with no earlier x it is uniform. It lacks every fact and imitates any."""
+    cfg = SimpleNamespace(memory_layers=(), vocab_size=64)
+
+    def forward(self, idx, **kw):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.cfg.vocab_size)
+        for b in range(B):
+            row = idx[b].tolist()
+            for t in range(T):
+                earlier = [k for k in range(t) if row[k] == row[t]]
+                if earlier:
+                    logits[b, t, row[earlier[-1] + 1]] = 20.0
+        return ModelOutput(logits=logits)
+
+
+def test_copy_model_lacks_the_fact_but_a_realization_supplies_it():
+    m, wt = CopyModel(), WordTokenizer()
+    r = knowledge_report(m, wt, "the capital of france is paris", "the capital of france is", "paris")
+    assert r["plain"]["min"] == pytest.approx(1 / 64)
+    assert r["prefix"]["min"] > 0.99 and "memory" not in r
+    assert r["lacks"] and r["separable_by_prefix"] and r["separable"] and r["separable_by_memory"] is None
+    # two-token answer: the sequence probability is the product
+    r2 = knowledge_report(m, wt, "france 's capital is paris city", "france 's capital is", "paris city")
+    assert len(r2["output_ids"]) == 2 and r2["prefix"]["sequence"] == pytest.approx(np.prod(r2["prefix"]["probs"]))
+    with pytest.raises(ValueError, match="no memory layers"):
+        knowledge_report(m, wt, "a b", "a", "b", use_memory=True)
+
+
+def test_copy_model_imitates_realizations_of_one_fact_only():
+    m, wt = CopyModel(), WordTokenizer()
+    reals = ["the capital of france is paris", "everyone knows france is paris"]
+    probes = [("the capital of france is", "paris"), ("we say france is", "paris")]
+    r = imitability(m, wt, reals, probes)
+    assert (r["min_probs"] > 0.99).all() and (r["plain_min"] < 0.5).all() and r["imitable"]
+    # a realization of another fact ("is" -> "rome") cannot serve as t* for the Paris probes
+    r = imitability(m, wt, reals + ["the capital of italy is rome"], probes)
+    assert (r["min_probs"][2] < 0.01).all() and not r["imitable"] and r["lacks"]
+    with pytest.raises(ValueError, match="no memory layers"):
+        imitability(m, wt, reals, probes, via="memory")
