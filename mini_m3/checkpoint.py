@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,25 +18,15 @@ from safetensors.torch import save_model as _st_save_model
 from .config import Memory3Config
 from .model import Memory3
 from .tokenizer import Tokenizer
+from .utils import atomic_path
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 
 
 def save_weights(model: Memory3, path: str | os.PathLike) -> None:
     """Write the model's weights as safetensors, atomically (tied embeddings are stored once)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         _st_save_model(model, tmp, metadata={"format": "mini_m3.weights", "config": model.cfg.to_json()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_weights(model: Memory3, path: str | os.PathLike) -> Memory3:

@@ -52,8 +52,13 @@ def _load_text_corpus(text_dir, out: Path, vocab_size: int, seed: int, progress:
     data_dir = out / "data"
     report = run_pipeline(text_dir, data_dir, vocab_size=vocab_size, seed=seed, progress=progress)
     print(report.table())
+    for s in report.skipped_files:  # bad files are skipped, not fatal; name them, not just count them
+        print(f"skipped {s['path']}: {s['reason']}")
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     refs = list(read_references(data_dir))
+    if not refs:
+        raise ValueError(f"no knowledge-base references: none of the {report.kept} kept documents of {text_dir} "
+                         f"fell in the knowledge-base subset; add more text")
     return tok, [r["text"] for r in refs], [r["token_ids"] for r in refs], load_train_tokens(data_dir)
 
 
@@ -65,12 +70,20 @@ def cmd_train(a) -> int:
     from .train import ChunkedData, TrainConfig, plot_losses, retrieve_for_chunks, train
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    tok, ref_texts, ref_tokens, stream = _load_text_corpus(a.text_dir, out, a.vocab_size, a.seed, not a.quiet)
-    cfg = Memory3Config.from_name(a.preset, vocab_size=max(a.vocab_size, tok.vocab_size))
+    # check the shape before the (slow) pipeline: a bad preset or a sequence longer than the model's context
+    # should fail at once, with a message, not after filtering and retrieval
+    cfg = Memory3Config.from_name(a.preset, vocab_size=a.vocab_size)
     T = cfg.chunk_length * a.chunks_per_sequence
+    if a.chunks_per_sequence < 1 or T > cfg.max_seq_len:
+        raise ValueError(f"--chunks-per-sequence {a.chunks_per_sequence} x {cfg.chunk_length} tokens = {T} does not "
+                         f"fit preset {a.preset!r} (max_seq_len={cfg.max_seq_len}); use at most "
+                         f"{cfg.max_seq_len // cfg.chunk_length}")
+    tok, ref_texts, ref_tokens, stream = _load_text_corpus(a.text_dir, out, a.vocab_size, a.seed, not a.quiet)
+    if tok.vocab_size > cfg.vocab_size:  # cannot happen with a tokenizer trained here, but never index past the table
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
     n = (len(stream) - 1) // T
     if n < 1:
-        raise SystemExit(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
+        raise ValueError(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
     s = torch.as_tensor(stream[:n * T + 1].astype("int64"))
     tokens, targets = s[:-1].view(n, T), s[1:].view(n, T)
     retriever = Retriever().fit(ref_texts)
@@ -99,11 +112,36 @@ def cmd_build_bank(a) -> int:
     torch.set_num_threads(a.threads)
     model, tok = load_pretrained(a.model)
     if tok is None:
-        raise SystemExit(f"{a.model} has no tokenizer.json")
+        raise ValueError(f"{a.model} has no tokenizer.json")
     if a.text_dir:
         from .data.pipeline import read_references, run_pipeline
-        run_pipeline(a.text_dir, Path(a.out).with_suffix(".data"), tokenizer=tok, progress=not a.quiet)
-        texts = [r["text"] for r in read_references(Path(a.out).with_suffix(".data"))]
+        data_dir = Path(a.out).with_suffix(".data")
+        # same seed as `train` -> the same knowledge-base subset of the documents
+        report = run_pipeline(a.text_dir, data_dir, tokenizer=tok, seed=a.seed, progress=not a.quiet)
+        for s in report.skipped_files:
+            print(f"skipped {s['path']}: {s['reason']}")
+        limit = model.cfg.reference_length
+
+        def fit(text: str) -> list[str]:
+            # The bank stores texts and re-tokenizes them. A reference is an exact <=128-token chunk, but its
+            # decoded text can re-tokenize longer (a character cut by the chunk boundary decodes to U+FFFD,
+            # 3 bytes; a word cut mid-way merges differently), and the bank refuses > reference_length. Halve
+            # such a text at the space nearest its middle (at the middle character if it has none) until
+            # every piece fits: no text is lost and no new character is cut.
+            if not text.strip():
+                return []
+            if len(tok.encode(text)) <= limit:
+                return [text]
+            mid = len(text) // 2
+            left, right = text.rfind(" ", 0, mid), text.find(" ", mid)
+            cut = min((c for c in (left, right) if c > 0), key=lambda c: abs(c - mid), default=mid)
+            return fit(text[:cut]) + fit(text[cut:])
+
+        refs = [r["text"] for r in read_references(data_dir)]
+        texts = [piece for t in refs for piece in fit(t)]
+        if len(texts) != len(refs):
+            print(f"{len(refs)} references -> {len(texts)} bank texts (over-long decoded texts split to fit "
+                  f"{limit} tokens)")
     else:
         texts = [json.loads(l)["text"] for l in Path(a.references).read_text(encoding="utf-8").splitlines() if l]
     bank = MemoryBank.build(a.out, model, tok, texts, quantizer=a.vq, overwrite=a.overwrite,

@@ -53,8 +53,8 @@ class DemoSettings:
 
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
-        base = dict(n_people=400, n_docs=3000, warmup_steps=30, continual_steps=50, eval_questions=60,
-                    throughput_batch=2, throughput_new_tokens=16)
+        base = dict(n_people=300, n_docs=2000, warmup_steps=30, continual_steps=40, eval_questions=40,
+                    throughput_batch=1, throughput_new_tokens=16)
         base.update(kw)
         return cls(**base)
 

@@ -24,10 +24,11 @@ import hashlib
 import json
 import operator
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
+
+from .utils import atomic_write_text
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 FORMAT = "mini_m3.tokenizer"
@@ -182,18 +183,7 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Atomic: a crash leaves either the old file or the new one, never half of one."""
         path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json_str())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, self.to_json_str())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":

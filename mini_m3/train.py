@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -357,7 +357,7 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
             record.update(eval_fn(model, step))
             model.train()
         if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
         if log_path is not None:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

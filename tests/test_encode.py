@@ -40,7 +40,7 @@ def test_scores_sum_over_the_query_group_and_ignore_padding():
     assert idx[0, 0].item() == 2 and idx[0, 1].item() == 4
     # each KV head's scores sum to (#valid queries) x (#query heads in its group): softmax rows sum to 1
     finite = torch.where(torch.isfinite(s), s, torch.zeros_like(s))
-    torch.testing.assert_close(finite.sum(-1), torch.full((1, 2), 11.0 * 2))
+    torch.testing.assert_close(finite.sum(-1), torch.full((1, 2), 11.0 * 2, dtype=torch.float64))
 
 
 def test_short_reference_leaves_empty_slots():

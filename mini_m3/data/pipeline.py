@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from mini_m3.data.dedup import MinHashDeduplicator
 from mini_m3.data.filters import DEFAULT_RULES, Rule, RuleFilter
-from mini_m3.data.quality import (LogisticQualityScorer, QualityScorer, atomic_write_text, heuristic_grade,
+from mini_m3.utils import atomic_write_text
+from mini_m3.data.quality import (LogisticQualityScorer, QualityScorer, heuristic_grade,
                                   select_by_quality)
 from mini_m3.data.text import SkippedFile, batched, chunk_references, iter_documents
 from mini_m3.memory.retrieve import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import string
-import tempfile
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -33,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mini_m3.data.filters import DEFAULT_RULES, DocStats, apply_rules
 from mini_m3.data.text import batched, mix64, word_hashes
+from mini_m3.utils import atomic_write_text
 
 # Function words of English and Chinese: natural prose is full of them, lists and salad are not.
 STOPWORDS = frozenset(
@@ -235,20 +234,6 @@ class LogisticQualityScorer:
         scorer.dense_weights, scorer.bias = np.array(state["dense_weights"]), float(state["bias"])
         scorer.hash_weights[np.array(state["hash_indices"], dtype=np.int64)] = state["hash_values"]
         return scorer
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write via a temp file in the same folder + os.replace: never a half-written file."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---- evaluation and selection -------------------------------------------------

@@ -31,10 +31,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoint import weights_fingerprint
-from ..config import atomic_write_bytes, atomic_write_text
+from ..utils import atomic_path, atomic_write_text
 from ..model import Memory3
 from .encode import ExplicitMemory, encode_references
 from .quantize import VectorQuantizer, default_factory
@@ -54,12 +53,8 @@ def _sha256(path: Path) -> str:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> dict:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.ascontiguousarray(array))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 

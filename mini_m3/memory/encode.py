@@ -96,8 +96,9 @@ def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tens
     "exp":       log Σ_{i, h} exp(q_i·k_j/√d_h)   (the paper's approximation; the log keeps the ranking)
     """
     N, H, R, dh = q_raw.shape
-    k_rep = k_raw.float().repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
-    logits = q_raw.float() @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
+    # float64 so that equal tokens get bit-equal scores whatever the batch shape (ties -> lower index)
+    k_rep = k_raw.double().repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
+    logits = q_raw.double() @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
     key_ok = valid[:, None, None, :]
     query_ok = valid[:, None, :, None]
     if selector == "attention":
@@ -120,17 +121,18 @@ def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selecto
     if selector in ("attention", "exp"):
         s = scores
     elif selector == "random":
-        s = torch.rand(N, Hkv, R, generator=generator).to(scores.device)
+        s = torch.rand(N, Hkv, R, generator=generator, dtype=torch.float64).to(scores.device)
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
     elif selector in ("first", "all"):
-        s = (-torch.arange(R, device=scores.device, dtype=torch.float)).expand(N, Hkv, R)
+        s = (-torch.arange(R, device=scores.device, dtype=torch.float64)).expand(N, Hkv, R)
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
     else:
         raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
     kk = min(k, R)
-    top = s.topk(kk, dim=-1)
-    kept = torch.isfinite(top.values)
-    index = top.indices.masked_fill(~kept, R)  # sort empty slots last
+    values, order = s.sort(dim=-1, descending=True, stable=True)  # ties go to the earlier token
+    values, index = values[..., :kk], order[..., :kk]
+    kept = torch.isfinite(values)
+    index = index.masked_fill(~kept, R)  # sort empty slots last
     index, order = index.sort(dim=-1)
     kept = kept.gather(-1, order)
     index = index.masked_fill(~kept, 0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import re
 import tempfile
@@ -39,7 +38,7 @@ def _to_ids(t, r) -> tuple[np.ndarray, np.ndarray]:
     """Map two sequences of hashable items to int64 ids in a shared vocabulary.
 
     Strings become arrays of code points (one item per character); integer arrays/lists are used as
-    they are; anything else goes through a dictionary.
+    they are (renumbered if negative); anything else goes through a dictionary.
     """
     if isinstance(t, str) and isinstance(r, str):
         as_codes = lambda s: np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
@@ -49,7 +48,7 @@ def _to_ids(t, r) -> tuple[np.ndarray, np.ndarray]:
         if ta.ndim == 1 and ra.ndim == 1 and ta.dtype.kind in "iub" and ra.dtype.kind in "iub":
             ta, ra = ta.astype(np.int64), ra.astype(np.int64)
             both = np.concatenate([ta, ra])
-            if len(both) and (both.min() < 0 or both.max() >= 2**31):  # keep -1 free as padding, fit int32
+            if len(both) and both.min() < 0:  # keep negative ids free: -1 pads windows
                 ids = np.unique(both, return_inverse=True)[1].reshape(-1)
                 ta, ra = ids[: len(ta)], ids[len(ta) :]
             return ta, ra
@@ -58,43 +57,78 @@ def _to_ids(t, r) -> tuple[np.ndarray, np.ndarray]:
     return to_ids(t), to_ids(r)
 
 
-def _cummax_(a: np.ndarray) -> np.ndarray:
-    """In-place running max along axis 0: same as np.maximum.accumulate(a, axis=0).
+# LCS by bit-parallelism (Allison & Dix 1986; Hyyrö 2004). Keep a |r|-bit vector V, bit j = 1 when
+# LCS(prefix of t, r[:j+1]) did not grow at column j; start with all ones, and for each item x of t:
+#     U = V & match(x)          match(x): bit j set iff r[j] == x
+#     V = (V + U) | (V - U)     the carry of + moves each "new match" to its leftmost free column
+# then LCS = number of zero bits of V. Same result as the DP row update
+# new[j] = max(new[j-1], old[j], old[j-1] + match[j]), with |r|/64 machine words instead of |r| cells.
 
-    Done as log2(len) shifted maxima (Hillis-Steele scan); each is one SIMD op over all windows,
-    several times faster than numpy's sequential accumulate. numpy copies overlapping inputs, so
-    every round reads the previous round's values.
+
+def _lcs_few_windows(t: np.ndarray, r: np.ndarray, starts: np.ndarray, width: int) -> int:
+    """Max LCS over windows t[a : a + width], a in starts, one window at a time with Python big ints."""
+    masks: dict[int, int] = {}
+    for j, x in enumerate(r.tolist()):
+        masks[x] = masks.get(x, 0) | (1 << j)
+    full, t_list, best = (1 << len(r)) - 1, t.tolist(), 0
+    for a in starts.tolist():
+        v = full
+        for x in t_list[a : a + width]:
+            u = v & masks.get(x, 0)
+            v = ((v + u) | (v - u)) & full
+        best = max(best, len(r) - v.bit_count())
+    return best
+
+
+def _lcs_many_windows(t: np.ndarray, r: np.ndarray, starts: np.ndarray, width: int) -> int:
+    """Max LCS over windows t[a : a + width], a in starts, all windows at once in numpy.
+
+    V is stored as (n_words, n_windows) uint64, so every step is a few SIMD ops across windows; the
+    carry of V + U ripples through the n_words = ceil(|r| / 64) words.
     """
-    shift = 1
-    while shift < len(a):
-        np.maximum(a[shift:], a[:-shift], out=a[shift:])
-        shift *= 2
-    return a
+    n_r, n_words = len(r), (len(r) + 63) // 64
+    symbols, r_sym = np.unique(r, return_inverse=True)
+    match = np.zeros((len(symbols) + 1, n_words), dtype=np.uint64)  # last row: item not in r
+    bit = np.uint64(1) << (np.arange(n_r) % 64).astype(np.uint64)
+    np.bitwise_or.at(match, (r_sym.reshape(-1), np.arange(n_r) // 64), bit)
+    padded = np.concatenate([t, np.full(width - 1, -1, dtype=t.dtype)])  # -1: never in r
+    window_items = padded[np.arange(width)[:, None] + starts]  # (width, n_windows)
+    sym = np.searchsorted(symbols, window_items)
+    in_r = symbols[np.minimum(sym, len(symbols) - 1)] == window_items
+    sym = np.where(in_r, sym, len(symbols))
+
+    v = np.full((n_words, len(starts)), np.iinfo(np.uint64).max, dtype=np.uint64)
+    top = np.uint64((1 << (n_r - 64 * (n_words - 1))) - 1)  # valid bits of the last word
+    v[-1] &= top
+    for k in range(min(width, len(t) - int(starts[0]))):  # later steps only see padding
+        u = match[sym[k]].T & v  # (n_words, n_windows)
+        carry = np.zeros(len(starts), dtype=np.uint64)
+        for w in range(n_words):
+            total = v[w] + u[w] + carry
+            carry = ((total < v[w]) | ((total == v[w]) & (carry > 0))).astype(np.uint64)
+            v[w] = total | (v[w] ^ u[w])  # V - U = V ^ U because U is a submask of V
+        v[-1] &= top
+    ones = np.unpackbits(v.view(np.uint8).reshape(n_words, len(starts), 8), axis=-1).sum(axis=(0, 2))
+    return int(n_r - ones.min())
 
 
-def _lcs_windowed(t: np.ndarray, r: np.ndarray) -> int:
-    """max over windows t[a : a + 2|r| + 1] of LCS(window, r), all windows at once.
+def _lcs_windowed(t: np.ndarray, r: np.ndarray, few: int | None = None) -> int:
+    """max over windows t[a : a + 2|r| + 1] of LCS(window, r).
 
     Only windows that start on an item of r matter (an optimal subsequence starts at i1 with
-    t[i1] in r, and [i1, i1 + 2|r|] contains it), which prunes most windows for real token ids.
+    t[i1] in r, and [i1, i1 + 2|r|] contains it), which prunes most windows for real token ids;
+    a window running past the end of t is inside the last full one, so starts are clipped there.
+    Up to `few` windows (default 32 per 64 items of r, about where the costs cross) run one by
+    one on Python ints, more run together in numpy.
     """
-    n_r = len(r)
-    width = 2 * n_r + 1  # |i_N - i_1| <= 2|r| means at most 2|r| + 1 positions
+    width = 2 * len(r) + 1  # |i_N - i_1| <= 2|r| means at most 2|r| + 1 positions
     starts = np.flatnonzero(np.isin(t, r))
     if len(starts) == 0:
         return 0
-    padded = np.concatenate([t, np.full(width - 1, -1, dtype=np.int64)])  # -1 never matches r
-    windows = padded[np.arange(width)[:, None] + starts].astype(np.int32)  # (width, n_windows), contiguous rows
-    r = r.astype(np.int32)[:, None]  # ids are token ids or code points (< 2**31): halves compare traffic
-    last = min(width, len(t) - starts[0])  # past this column every window is padding
-    dtype = np.uint8 if n_r < 256 else np.int32  # small ints: less memory traffic per step
-    # row[j, w] = LCS(window w so far, r[:j]); windows on the last axis so each op is SIMD over them
-    row = np.zeros((n_r + 1, len(starts)), dtype=dtype)
-    for k in range(last):
-        match = (windows[k] == r).astype(dtype)  # (|r|, n_windows)
-        # new[j] = max(new[j-1], old[j], old[j-1] + match[j]) = running max over j of the last two
-        row[1:] = _cummax_(np.maximum(row[1:], row[:-1] + match))
-    return int(row[-1].max())
+    starts = np.unique(np.minimum(starts, max(len(t) - width, 0)))
+    few = 32 * ((len(r) + 63) // 64) if few is None else few
+    lcs = _lcs_few_windows if len(starts) <= few else _lcs_many_windows
+    return lcs(t, r, starts, width)
 
 
 def overlap(t: Sequence, r: Sequence) -> float:
