@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         print(f"mini-m3 {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -398,12 +398,15 @@ class Memory3(nn.Module):
                 raise KeyError(f"no hook points named {missing}")
         cache: dict[str, torch.Tensor] = {}
 
-        def record(x: torch.Tensor, hook: HookPoint) -> None:
-            if keep_grad and x.requires_grad:
-                x.retain_grad()
-                cache[hook.name] = x
-            else:
+        def record(x: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+            if not keep_grad:
                 cache[hook.name] = x.detach()
+                return None
+            if not x.requires_grad:  # frozen weights: make the activation a leaf so it still gets a gradient
+                x = x.detach().requires_grad_(True)
+            x.retain_grad()
+            cache[hook.name] = x
+            return x
 
         with self.hooks(list(fwd_hooks) + [(n, record) for n in selected]):
             out = self(idx, **kw)
@@ -577,20 +580,26 @@ def prefill_chunk_loop(model: Memory3, idx: torch.Tensor, memory: MemoryKV, impl
     return ModelOutput(logits=torch.cat(logits, 1), cache=cache)
 
 
-def zero_attention_edge(layer: int, head: int, query_pos: int, key_index: int) -> tuple[str, HookFn]:
+def zero_attention_edge(layer: int, head: int, query_pos: int, key_index: int,
+                        batch_index: int | None = None) -> tuple[str, HookFn]:
     """Hook that zeroes one attention edge a_{i,j}^{l,h} (after softmax), as in Def 1's causal weight.
-    key_index is along the key axis (see `Memory3.key_index`)."""
+    key_index is along the key axis (see `Memory3.key_index`); batch_index limits it to one batch row, so
+    one batch can ablate a different edge per row."""
+    rows = slice(None) if batch_index is None else batch_index
+
     def fn(pattern: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         pattern = pattern.clone()
-        pattern[:, head, query_pos, key_index] = 0
+        pattern[rows, head, query_pos, key_index] = 0
         return pattern
     return f"blocks.{layer}.attn.hook_pattern", fn
 
 
-def zero_mlp_neuron(layer: int, position: int, neuron: int) -> tuple[str, HookFn]:
+def zero_mlp_neuron(layer: int, position: int, neuron: int, batch_index: int | None = None) -> tuple[str, HookFn]:
     """Hook that zeroes MLP neuron m of layer l at one position (an MLP edge of Def 1)."""
+    rows = slice(None) if batch_index is None else batch_index
+
     def fn(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:
         act = act.clone()
-        act[:, position, neuron] = 0
+        act[rows, position, neuron] = 0
         return act
     return f"blocks.{layer}.mlp.hook_post", fn

@@ -369,3 +369,14 @@ def test_build_over_an_existing_bank_needs_overwrite(small_copy, model, tok, ref
 def test_open_a_directory_without_a_bank(tmp_path, model):
     with pytest.raises(FileNotFoundError, match="manifest"):
         MemoryBank.open(tmp_path, model)
+
+
+def test_evaluation_leakage_filter_drops_a_reference_that_contains_the_question(full_bank, world, refs):
+    """§4.3: with threshold 2/3, a reference containing the query (overlap(reference, query) ~ 1) is dropped,
+    while an ordinary question about the person still retrieves that person's biography."""
+    leaky_query = refs[7][: len(refs[7]) // 2]  # half of biography 7, verbatim
+    assert 7 in full_bank.search([leaky_query], 5)[0].tolist()
+    assert 7 not in full_bank.search([leaky_query], 5, leakage_threshold=2 / 3)[0].tolist()
+    items = world.eval_questions("heldout", 30, seed=1)
+    ids = full_bank.search([it.prompt for it in items], 5, leakage_threshold=2 / 3)
+    assert sum(it.person in row.tolist() for it, row in zip(items, ids)) >= 0.9 * len(items)

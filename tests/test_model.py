@@ -329,3 +329,17 @@ def test_reference_encoding_keys_match_a_full_forward():
     for l, d in zip(cfg.memory_layers, layers):
         k_ctx = cache[f"blocks.{l}.attn.hook_k"][:, :, cfg.prefix_length:]
         torch.testing.assert_close(d["k"], k_ctx, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_grad_works_with_frozen_weights_and_batched_edge_ablation():
+    cfg = Memory3Config.from_name("tiny")
+    model = Memory3(cfg).eval().requires_grad_(False)
+    idx = torch.randint(0, cfg.vocab_size, (2, 10))
+    out, cache = model.run_with_cache(idx, targets=idx, keep_grad=True, names=["blocks.1.mlp.hook_post"])
+    out.loss.backward()
+    assert cache["blocks.1.mlp.hook_post"].grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    with model.hooks([zero_mlp_neuron(0, 4, 17, batch_index=1)]):
+        _, c = model.run_with_cache(idx, names=["blocks.0.mlp.hook_post"])
+    act = c["blocks.0.mlp.hook_post"]
+    assert act[1, 4, 17] == 0 and act[0, 4, 17] != 0

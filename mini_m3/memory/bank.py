@@ -321,7 +321,11 @@ class MemoryBank:
         """Reference ids (n, k), best first, for each query text (optionally leakage-filtered, Eq. 6)."""
         if leakage_threshold is None:
             return self.retriever.search(queries, k)[1]
-        return self.retriever.search_with_leakage_filter(queries, k, leakage_threshold)[1]
+        # §4.3: drop a reference that contains (most of) the query: overlap(reference, query) > threshold,
+        # measured on tokens (characters would flag any English text of similar letters)
+        tokenize = self.tokenizer.encode if self.tokenizer is not None else str.split
+        return self.retriever.search_with_leakage_filter(queries, k, leakage_threshold, tokenize,
+                                                         direction="query_in_reference")[1]
 
     def get(self, ids: Sequence[int]) -> ExplicitMemory:
         """Explicit memories of the given reference ids (in order), as the model's dtype and device."""

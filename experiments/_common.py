@@ -1,0 +1,74 @@
+"""Shared helpers for the benchmark scripts: arguments, seeding, machine description, timing, output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(name: str, argv: Sequence[str] | None, doc: str, extra: Callable | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a short run of the same code")
+    p.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="JSON output (a PNG is written next to it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    if extra is not None:
+        extra(p)
+    return p.parse_args(list(argv) if argv is not None else None)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def machine(threads: int | None = None) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": threads if threads is not None else torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "loadavg_1_5_15": list(os.getloadavg()),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def median(xs):
+    return float(statistics.median(xs))
+
+
+def timeit(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def write_json(out: str | os.PathLike, obj: dict) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, out)
+    return out
+
+
+def png_path(out: str | os.PathLike) -> Path:
+    return Path(out).with_suffix(".png")
+
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt_
+    return plt_

@@ -1,0 +1,78 @@
+"""The benchmark scripts in experiments/ run end to end (--quick) and write the JSON keys the README uses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load(name: str):
+    sys.path.insert(0, str(EXP))
+    try:
+        spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXP / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(EXP))
+
+
+def run(name: str, tmp_path: Path) -> dict:
+    out = tmp_path / f"{name}.json"
+    res = load(name).main(["--quick", "--out", str(out), "--quiet"])
+    saved = json.loads(out.read_text())
+    assert out.with_suffix(".png").exists()
+    assert set(res) == set(saved)
+    assert {"machine", "quick"} <= set(saved) and saved["quick"] is True
+    assert {"platform", "torch", "cpu_count", "loadavg_1_5_15"} <= set(saved["machine"])
+    return saved
+
+
+def test_bench_prefill(tmp_path):
+    r = run("bench_prefill", tmp_path)
+    assert r["equality_checked"] == [256, 512]  # fused == loop was asserted at every length before timing
+    assert r["fused_over_loop"] > 0 and r["fused_over_loop_length"] == 512
+    assert {"fused_s", "loop_s", "loop_over_fused"} <= set(r["per_length"][0])
+
+
+def test_bench_prefill_equality_check_fires(tmp_path, monkeypatch):
+    mod = load("bench_prefill")
+    real = mod.prefill_chunk_loop
+
+    def wrong(model, idx, memory, **kw):
+        out = real(model, idx, memory, **kw)
+        out.logits = out.logits + 1e-2
+        return out
+    monkeypatch.setattr(mod, "prefill_chunk_loop", wrong)
+    with pytest.raises(AssertionError):
+        mod.main(["--quick", "--out", str(tmp_path / "x.json"), "--quiet"])
+
+
+def test_bench_decode(tmp_path):
+    r = run("bench_decode", tmp_path)
+    assert {"memory_over_none", "memory_over_rag", "tokens_per_s", "profile_top"} <= set(r)
+    assert set(r["tokens_per_s"]) == {"memory", "none", "rag"}
+    assert r["profile_top"]["by_own_time"]
+
+
+@pytest.mark.slow
+def test_bench_train(tmp_path):
+    r = run("bench_train", tmp_path)
+    assert {"continual_over_warmup", "flops_fraction", "matmul_flops_per_s"} <= set(r)
+    assert 0 < r["flops_fraction"] < 2
+
+
+@pytest.mark.slow
+def test_bench_bank(tmp_path):
+    r = run("bench_bank", tmp_path)
+    flat = [x for x in r["retrieval"] if x["index"] == "Flat"]
+    assert flat and all(x["recall_at_5"] == 1.0 for x in flat)
+    assert r["bytes_per_memory"]["vq_stored"] < r["bytes_per_memory"]["raw_stored"]
+    assert r["bank"]["raw"]["get_cached_memories_per_s"] > 0
