@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     n_people = 500 if args.quick else 2000
     batches = [1, 4] if args.quick else [1, 16]
     new_tokens = 32 if args.quick else 128
-    rounds = 2 if args.quick else 3
+    rounds = 2 if args.quick else 5
     prompt_tokens = 128
     say = (lambda *a: None) if args.quiet else print
 
