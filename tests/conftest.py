@@ -13,3 +13,23 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---- shared fixtures (module scope: built once per test file) ----------------------------------------
+@pytest.fixture(scope="module")
+def world():
+    from mini_m3.data.world import World
+    return World.generate(120, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    from mini_m3 import Tokenizer
+    return Tokenizer.train(world.tokenizer_corpus(), 512)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from mini_m3 import Memory3, Memory3Config
+    torch.manual_seed(0)
+    return Memory3(Memory3Config.from_name("tiny")).eval()

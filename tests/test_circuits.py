@@ -5,28 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from mini_m3 import Memory3, Memory3Config
 from mini_m3.memory.encode import encode_reference_tokens
 from mini_m3.model import zero_attention_edge, zero_mlp_neuron
 from mini_m3.theory.circuits import (associated_inputs, associated_outputs, computation_graph, edge_specs,
                                      find_homomorphism, find_induction_heads, find_subgraphs_homomorphic_to,
                                      induction_pattern, induction_position_constraint, is_homomorphic, node,
                                      prune, repeated_random_tokens)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tests run many tiny ops; on a loaded 2-core box two OpenMP threads make each op ~1000x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return Memory3(Memory3Config.from_name("tiny")).eval()
 
 
 IDS = repeated_random_tokens(4, 512, seed=1)  # <s> a b c d a b c d: 8 inputs, 8 targets

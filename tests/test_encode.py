@@ -51,12 +51,6 @@ def test_short_reference_leaves_empty_slots():
     assert set(idx[0, 0][kept[0, 0]].tolist()) == {0, 1, 2}
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return Memory3(Memory3Config.from_name("tiny")).eval()
-
-
 @pytest.mark.parametrize("selector", ["attention", "exp", "random", "first", "all"])
 def test_encode_shapes_positions_and_prefix_never_kept(tiny, selector):
     cfg = tiny.cfg

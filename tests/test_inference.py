@@ -5,38 +5,15 @@ reads, that batching and the fused prefill change nothing, and the errors.
 """
 import contextlib
 
-import faiss
 import pytest
 import torch
 
-from mini_m3 import Memory3, Memory3Config, Tokenizer
-from mini_m3.data.world import World
+from mini_m3 import Memory3, Memory3Config
 from mini_m3.inference import generate, generate_batch
 from mini_m3.memory.bank import BankError, MemoryBank
 from mini_m3.model import prefill_chunk_loop
 
 N_REFS = 40
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The machine's 2 cores are shared: one thread avoids the slowdown of oversubscribed OpenMP pools."""
-    n_torch, n_faiss = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(n_torch)
-    faiss.omp_set_num_threads(n_faiss)
-
-
-@pytest.fixture(scope="module")
-def world():
-    return World.generate(120, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tok(world):
-    return Tokenizer.train(world.tokenizer_corpus(), 512)
 
 
 @pytest.fixture(scope="module")

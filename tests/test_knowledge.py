@@ -6,25 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mini_m3 import Memory3, Memory3Config, Tokenizer
+from mini_m3 import Tokenizer
 from mini_m3.memory.encode import encode_reference_tokens
 from mini_m3.model import ModelOutput
 from mini_m3.theory.knowledge import (HAS_THRESHOLD, LACKS_THRESHOLD, imitability, imitability_verdict,
                                       knowledge_report, knowledge_verdicts, lacks, output_probabilities, produces)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return Memory3(Memory3Config.from_name("tiny")).eval()
 
 
 @pytest.fixture(scope="module")

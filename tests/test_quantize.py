@@ -10,15 +10,6 @@ from mini_m3.memory.quantize import PAPER_FACTORY, VectorQuantizer, default_fact
 DIM = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_faiss_thread():
-    # OpenMP spin-waiting makes faiss k-means very slow on a busy 2-core machine
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 def correlated_gaussian(n, dim, seed=0):
     """Gaussian vectors with a decaying spectrum (std exp(-4 i / dim)) in a random rotated basis."""
     rng = np.random.default_rng(seed)

@@ -2,7 +2,6 @@
 import json
 import random
 
-import faiss
 import numpy as np
 import pytest
 
@@ -19,15 +18,6 @@ from mini_m3.memory.retrieve import (
     overlap_upper_bound,
 )
 from mini_m3.memory.retrieve import _lcs_windowed
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_faiss_thread():
-    # OpenMP spin-waiting makes faiss very slow on a busy 2-core machine; tests don't need threads
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 # -----------------------------------------------------------------------------
