@@ -8,7 +8,7 @@ are encoded live by the model being trained, through the memory layers only, and
 that encoding (our reading of §3.6: the writer and the reader are the same weights; the top-k choice
 itself is not differentiable). Optimiser: AdamW with a warmup-stable-decay (WSD) schedule (MiniCPM, §5).
 
-Checkpoints are directories `step-XXXXXXX/` with safetensors (model, optimizer) and JSON (config, train
+Checkpoints are directories `step-0000100/` (zero-padded step) with safetensors (model, optimizer) and JSON (config, train
 config, tokenizer, step, RNG), written to a temporary name and renamed, plus a `latest` pointer file.
 """
 
@@ -230,7 +230,7 @@ def evaluate_loss(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, max_ba
 # ----------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(out_dir: str | os.PathLike, model: Memory3, optimizer, step: int, cfg: TrainConfig,
                     tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
-    """Write `out_dir/step-XXXXXXX/` atomically and point `out_dir/latest` at it."""
+    """Write `out_dir/step-<7-digit step>/` atomically and point `out_dir/latest` at it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step-{step:07d}"

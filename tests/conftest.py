@@ -28,8 +28,13 @@ def tok(world):
     return Tokenizer.train(world.tokenizer_corpus(), 512)
 
 
+def tiny_model(seed: int = 0, name: str = "tiny", **overrides):
+    """A freshly initialised model in eval mode (same seed, same weights)."""
+    from mini_m3 import Memory3, Memory3Config
+    torch.manual_seed(seed)
+    return Memory3(Memory3Config.from_name(name, **overrides)).eval()
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    from mini_m3 import Memory3, Memory3Config
-    torch.manual_seed(0)
-    return Memory3(Memory3Config.from_name("tiny")).eval()
+    return tiny_model(0)

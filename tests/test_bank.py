@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mini_m3 import Memory3, Memory3Config, Tokenizer
+from conftest import tiny_model
+from mini_m3 import Tokenizer
 from mini_m3.memory.bank import BankError, MemoryBank
 from mini_m3.memory.encode import encode_references
 
@@ -26,14 +27,9 @@ def refs(world, tok):
     return refs
 
 
-def make_model(seed: int) -> Memory3:
-    torch.manual_seed(seed)
-    return Memory3(Memory3Config.from_name("tiny")).eval()
-
-
 @pytest.fixture(scope="module")
-def model():
-    return make_model(0)
+def model(tiny):
+    return tiny
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +143,7 @@ def test_vq_round_trip_error_is_bounded_and_storage_is_8x_smaller(bank_dirs, mod
 def test_open_refuses_a_model_with_other_weights(small_bank_path, model, tok):
     MemoryBank.open(small_bank_path, model, tok)  # the model that built it is fine
     with pytest.raises(BankError, match="rebuild"):
-        MemoryBank.open(small_bank_path, make_model(1), tok)
+        MemoryBank.open(small_bank_path, tiny_model(seed=1), tok)
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.blocks[0].attn.wk.weight[0, 0] += 1e-3  # in place, in a memory layer

@@ -7,7 +7,8 @@ import struct
 import pytest
 import torch
 
-from mini_m3 import Memory3, Memory3Config, Tokenizer
+from conftest import tiny_model
+from mini_m3 import Tokenizer
 from mini_m3.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, load_pretrained, load_weights,
                                 save_pretrained, weights_fingerprint)
 from mini_m3.data.world import World
@@ -18,14 +19,9 @@ def tok():
     return Tokenizer.train(World.generate(30, seed=0).tokenizer_corpus(n_skill_texts=200), 300)
 
 
-def make_model(seed: int, name: str = "tiny", **overrides) -> Memory3:
-    torch.manual_seed(seed)
-    return Memory3(Memory3Config.from_name(name, **overrides)).eval()
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, tok):
-    model = make_model(0)
+    model = tiny_model(0)
     directory = save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "m", tokenizer=tok)
     return model, directory
 
@@ -48,7 +44,7 @@ def test_round_trip_gives_the_same_logits_and_tokenizer(saved, tok):
 
 
 def test_a_directory_without_tokenizer_loads_none(tmp_path):
-    model = make_model(0)
+    model = tiny_model(0)
     save_pretrained(model, tmp_path / "m")
     loaded, loaded_tok = load_pretrained(tmp_path / "m")
     assert loaded_tok is None
@@ -95,12 +91,12 @@ def test_truncated_weights_are_refused(saved, tmp_path):
 def test_weights_of_another_config_are_refused(saved, tmp_path):
     _, directory = saved
     with pytest.raises(ValueError, match="do not fit"):  # same parameter names, other shapes
-        load_weights(make_model(0, d_model=96, head_dim=24), directory / WEIGHTS_FILE)
+        load_weights(tiny_model(0, d_model=96, head_dim=24), directory / WEIGHTS_FILE)
     with pytest.raises(ValueError, match="do not fit"):  # other parameter names (more layers)
-        load_weights(make_model(0, n_layers=6), directory / WEIGHTS_FILE)
+        load_weights(tiny_model(0, n_layers=6), directory / WEIGHTS_FILE)
     # a model directory whose weights file comes from another config
     mixed = tmp_path / "mixed"
-    save_pretrained(make_model(0, n_layers=6), mixed)
+    save_pretrained(tiny_model(0, n_layers=6), mixed)
     (mixed / CONFIG_FILE).write_text((directory / CONFIG_FILE).read_text())
     with pytest.raises(ValueError, match="do not fit"):
         load_pretrained(mixed)
@@ -109,18 +105,18 @@ def test_weights_of_another_config_are_refused(saved, tmp_path):
 def test_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
         load_pretrained(tmp_path)
-    save_pretrained(make_model(0), tmp_path / "m")
+    save_pretrained(tiny_model(0), tmp_path / "m")
     (tmp_path / "m" / WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="weights"):
         load_pretrained(tmp_path / "m")
 
 
 def test_fingerprint_covers_exactly_the_layers_that_shape_memories():
-    model = make_model(0)
+    model = tiny_model(0)
     cfg = model.cfg
     assert cfg.memory_layers == (0, 1) and cfg.n_layers == 4
     fp = weights_fingerprint(model)
-    assert fp == weights_fingerprint(make_model(0)) and fp != weights_fingerprint(make_model(1))
+    assert fp == weights_fingerprint(tiny_model(0)) and fp != weights_fingerprint(tiny_model(1))
 
     def changed(param_name):
         m = copy.deepcopy(model)
@@ -136,5 +132,5 @@ def test_fingerprint_covers_exactly_the_layers_that_shape_memories():
     for name in ("blocks.2.attn.wq.weight", "blocks.3.mlp.w_up.weight", "norm.weight"):
         assert changed(name) == fp, name
     # the config is part of it: the same weights under another memory setting are another model
-    other = make_model(0, memory_tokens_per_head=4)
+    other = tiny_model(0, memory_tokens_per_head=4)
     assert weights_fingerprint(other) != fp

@@ -8,7 +8,7 @@ import contextlib
 import pytest
 import torch
 
-from mini_m3 import Memory3, Memory3Config
+from conftest import tiny_model
 from mini_m3.inference import generate, generate_batch
 from mini_m3.memory.bank import BankError, MemoryBank
 from mini_m3.model import prefill_chunk_loop
@@ -21,14 +21,9 @@ def refs(world):
     return world.references()
 
 
-def make_model(seed: int) -> Memory3:
-    torch.manual_seed(seed)
-    return Memory3(Memory3Config.from_name("tiny")).eval()
-
-
 @pytest.fixture(scope="module")
-def model():
-    return make_model(0)
+def model(tiny):
+    return tiny
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +186,7 @@ def test_fused_prefill_uses_each_chunks_own_memories(model, tok, bank, refs):
 # ----------------------------------------------------------------------------------------------- errors
 def test_a_bank_built_by_another_model_is_refused(bank, tok):
     with pytest.raises(BankError, match="rebuild"):
-        MemoryBank.open(bank.path, make_model(1), tok)
+        MemoryBank.open(bank.path, tiny_model(seed=1), tok)
 
 
 def test_bad_arguments(model, tok, bank, refs):
