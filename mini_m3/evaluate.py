@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .inference import MODES, _memory_for, generate_batch
+from .inference import MODES, generate_batch, memory_for
 from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
 from .model import Memory3
 
@@ -62,7 +62,7 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
             idx[b, :len(r)] = torch.tensor(r)
         memory = query_chunks = None
         if mode == "memory":
-            memory, _ = _memory_for(bank, ids_table[:, None, :])
+            memory = memory_for(bank, ids_table[:, None, :])
             query_chunks = torch.zeros(T, dtype=torch.long, device=dev) if memory is not None else None
         logits = model(idx.to(dev), memory=memory, query_chunks=query_chunks).logits.float()
         logp = F.log_softmax(logits, -1)

@@ -120,7 +120,7 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
             table[b, c] = ids
             references[b].append([i for i in ids.tolist() if i >= 0])
             kinds[b].append("prompt")
-        memory, query_chunks = _memory_for(bank, table)
+        memory = memory_for(bank, table)
         query_chunks = (positions // cl).clamp(max=C - 1)  # chunk of each real token, per row
         last_chunk_ids = torch.stack([table[b, n_chunks[b] - 1] for b in range(B)])[:, None]  # (B, 1, n)
 
@@ -134,7 +134,7 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
     done = torch.zeros(B, dtype=torch.bool)
     decode_memory = None
     if mode == "memory":  # the first decoded chunk keeps the last prompt chunk's memories (§7.5)
-        decode_memory, _ = _memory_for(bank, last_chunk_ids)
+        decode_memory = memory_for(bank, last_chunk_ids)
     pos = torch.tensor(lens, device=dev)
     t = time.perf_counter()
     for step in range(max_new_tokens):
@@ -154,7 +154,7 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
             for b in range(B):
                 references[b].append([i for i in found[b].tolist() if i >= 0])
                 kinds[b].append("decode")
-            decode_memory, _ = _memory_for(bank, found[:, None])
+            decode_memory = memory_for(bank, found[:, None])
         o = model(next_tok[:, None].to(dev), memory=decode_memory, cache=cache, use_cache=True,
                   positions=pos[:, None], query_chunks=None if decode_memory is None
                   else torch.zeros(B, 1, dtype=torch.long, device=dev))
@@ -173,16 +173,17 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
     return results
 
 
-def _memory_for(bank, table: torch.Tensor):
-    """MemoryKV for a (B, C, n) table of reference ids (-1 = none), read through the bank's cache."""
+def memory_for(bank, table: torch.Tensor):
+    """MemoryKV for a (B, C, n) table of reference ids (-1 = none), read through the bank's cache;
+    None when the table holds no reference at all."""
     flat = table.reshape(-1)
     used = sorted({int(i) for i in flat.tolist() if i >= 0})
     if not used:
-        return None, None
+        return None
     mem = bank.get(used)
     row_of = {rid: r for r, rid in enumerate(used)}
     index = torch.tensor([row_of.get(int(i), -1) for i in flat.tolist()]).view(table.shape)
-    return mem.to_memory_kv(index.to(mem.keys.device)), None
+    return mem.to_memory_kv(index.to(mem.keys.device))
 
 
 def generate(model: Memory3, tokenizer, prompt: str, *, bank=None, mode: str = "memory",
