@@ -353,3 +353,15 @@ def test_evaluation_leakage_filter_drops_a_reference_that_contains_the_question(
     items = world.eval_questions("heldout", 30, seed=1)
     ids = full_bank.search([it.prompt for it in items], 5, leakage_threshold=2 / 3)
     assert sum(it.person in row.tolist() for it, row in zip(items, ids)) >= 0.9 * len(items)
+
+
+def test_references_in_any_script_round_trip(tmp_path, model, tok):
+    """Byte-level BPE has no unknown token, so CJK, Cyrillic, Arabic and emoji references encode, store,
+    retrieve and read like any other (with a tokenizer that never saw those scripts)."""
+    texts = ["北京是中国的首都，有很多历史。", "Москва — столица России.", "القاهرة عاصمة مصر", "🙂 emoji 🚀 test"]
+    bank = MemoryBank.build(tmp_path / "scripts", model, tok, texts, storage_dtype="float32", progress=False)
+    assert MemoryBank.open(bank.path, model, tok).texts == texts
+    mem = bank.get([0, 3])
+    direct = encode_references(model, tok, [texts[0], texts[3]])
+    torch.testing.assert_close(mem.keys, direct.keys)
+    assert bank.search(["Москва столица"], 1)[0, 0] == 1
