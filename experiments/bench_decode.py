@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from _common import machine, median, parse_args, plt, png_path, seed_all, write_json
 from mini_m3.config import Memory3Config
 from mini_m3.data.world import World
-from mini_m3.evaluate import decode_throughput
+from mini_m3.evaluate import cut_prompts, decode_throughput
 from mini_m3.inference import generate_batch
 from mini_m3.memory.bank import MemoryBank
 from mini_m3.memory.retrieve import Retriever
@@ -105,13 +105,7 @@ def main(argv=None) -> dict:
         bar.close()
         # where the time goes inside one call of each mode (generate_batch's own timers), largest batch
         B = batches[-1]
-        sel = []
-        for t in prompts:
-            ids = tok.encode(t)
-            if len(ids) >= prompt_tokens:
-                sel.append(tok.decode(ids[:prompt_tokens - 1]))
-            if len(sel) == B:
-                break
+        sel = cut_prompts(tok, prompts, B, prompt_tokens)
         for m in MODES:
             res = generate_batch(model, tok, sel, bank=banks[m], mode=mode_of(m),
                                  max_new_tokens=new_tokens, stop_at_eos=False)

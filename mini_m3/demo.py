@@ -60,8 +60,8 @@ class DemoSettings:
 
 
 def build_world_data(world: World, tokenizer: Tokenizer, s: DemoSettings, chunk_length: int,
-                     retriever: Retriever, reference_tokens, progress: bool) -> ChunkedData:
-    docs = world.training_documents(s.n_docs, seed=s.seed)
+                     retriever: Retriever, reference_tokens, progress: bool, docs=None) -> ChunkedData:
+    docs = docs if docs is not None else world.training_documents(s.n_docs, seed=s.seed)
     ids = tokenizer.encode_batch([d.text for d in docs])
     tokens, targets = pack_documents(ids, chunk_length, s.chunks_per_sequence, bos_id=tokenizer.bos_id,
                                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -85,8 +85,9 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
     references = world.references()
     reference_tokens = tokenizer.encode_batch(references)
     retriever = Retriever().fit(references)
-    data = build_world_data(world, tokenizer, s, cfg.chunk_length, retriever, reference_tokens, progress)
-    chunk_person = [d.person for d in world.training_documents(s.n_docs, seed=s.seed)]
+    docs = world.training_documents(s.n_docs, seed=s.seed)
+    data = build_world_data(world, tokenizer, s, cfg.chunk_length, retriever, reference_tokens, progress, docs)
+    chunk_person = [d.person for d in docs]
     flat = data.chunk_refs.flatten().tolist()
     pairs = [(p, r) for p, r in zip(chunk_person, flat) if p is not None]
     train_retrieval_acc = float(np.mean([p == r for p, r in pairs])) if pairs else float("nan")

@@ -88,18 +88,24 @@ def retrieval_hit_rate(items: Sequence, retrieved: Sequence[Sequence[int]], k: i
     return float(np.mean(hits)) if hits else float("nan")
 
 
+def cut_prompts(tokenizer, texts: Sequence[str], n: int, prompt_tokens: int) -> list[str]:
+    """The first `n` texts long enough, each cut to `prompt_tokens` tokens once `<s>` is added."""
+    prompts = []
+    for t in texts:
+        ids = tokenizer.encode(t)
+        if len(ids) >= prompt_tokens:
+            prompts.append(tokenizer.decode(ids[:prompt_tokens - 1]))
+        if len(prompts) == n:
+            break
+    return prompts
+
+
 @torch.inference_mode()
 def decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[str], *, mode: str, bank=None,
                       batch_size: int = 1, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 1) -> dict:
     """Table 21 protocol: `batch_size` prompts of `prompt_tokens` tokens, `new_tokens` generated tokens each,
     wall time including retrieval; returns generated tokens per second (and the raw timings)."""
-    prompts = []
-    for t in prompt_texts:
-        ids = tokenizer.encode(t)
-        if len(ids) >= prompt_tokens:
-            prompts.append(tokenizer.decode(ids[:prompt_tokens - 1]))
-        if len(prompts) == batch_size:
-            break
+    prompts = cut_prompts(tokenizer, prompt_texts, batch_size, prompt_tokens)
     if len(prompts) < batch_size:
         raise ValueError(f"need {batch_size} prompt texts of at least {prompt_tokens} tokens, found {len(prompts)}")
     times = []

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from mini_m3.utils import atomic_write_bytes
 
 PAPER_FACTORY = "OPQ20_80,Residual2x14,PQ8x10"
 FORMAT = "mini_m3.vector_quantizer"
@@ -149,18 +150,6 @@ def _as_float_matrix(x, dim: int, what: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{what} contains NaN or inf")
     return x
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +313,7 @@ class VectorQuantizer:
         """Write `to_bytes()` atomically (temporary file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, self.to_bytes())
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VectorQuantizer":

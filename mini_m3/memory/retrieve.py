@@ -16,7 +16,6 @@ import base64
 import json
 import os
 import re
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -25,6 +24,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from mini_m3.utils import atomic_path, atomic_write_text
 from mini_m3.memory.quantize import min_training_vectors, seeded_training
 
 TRAIN_LEAKAGE_THRESHOLD = 0.9  # §4.4: no training sequence is paired with a reference overlapping it > 90 %
@@ -418,24 +418,8 @@ RETRIEVER_FORMAT_VERSION = 1
 _FILES = {"index": "index.faiss", "embedder": "embedder.json", "texts": "texts.json", "manifest": "manifest.json"}
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temporary file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path: Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-    _write_atomic(path, write)
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False))
 
 
 class Retriever:
@@ -605,7 +589,8 @@ class Retriever:
             raise RuntimeError("nothing to save: call fit(texts) first")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / _FILES["index"], lambda tmp: faiss.write_index(self.index, tmp))
+        with atomic_path(directory / _FILES["index"]) as tmp:
+            faiss.write_index(self.index, tmp)
         _write_json(directory / _FILES["embedder"], {"class": type(self.embedder).__name__,
                                                      "state": self.embedder.state_dict()})
         _write_json(directory / _FILES["texts"], self.texts)
