@@ -1,4 +1,4 @@
-"""Command line: `mini-m3 demo | train | build-bank | generate | evaluate | smoke`."""
+"""Command line: `mini-m3 demo | train | build-bank | generate | evaluate | smoke | sft | dpo`."""
 
 from __future__ import annotations
 
@@ -178,6 +178,80 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _finetune_inputs(a):
+    """Model, tokenizer, world and bank for `sft` / `dpo` (the bank must hold this world's biographies)."""
+    from .checkpoint import load_pretrained
+    from .data.world import World
+    from .memory.bank import MemoryBank
+    torch.set_num_threads(a.threads)
+    model, tok = load_pretrained(a.model)
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer.json")
+    world = World.generate(a.n_people, seed=a.seed)
+    bank = None
+    if a.bank:
+        bank = MemoryBank.open(a.bank, model, tok)  # refuses a bank written by other weights (Remark 9)
+        if list(bank.texts) != world.references():
+            raise ValueError(f"the bank at {a.bank} does not hold the biographies of the world generated with "
+                             f"--n-people {a.n_people} --seed {a.seed}; pass the values the demo used")
+    elif not a.no_memory:
+        raise ValueError("fine-tuning with memory needs --bank DIR (a bank built by --model); or pass --no-memory")
+    return model, tok, world, bank
+
+
+def _finetune_outputs(a, kind: str, model, tok, world, bank, result: dict, cfg) -> int:
+    """Save OUT/model, a cold-start OUT/bank for the tuned weights, the probe and OUT/summary.json."""
+    import dataclasses
+
+    from .checkpoint import save_pretrained
+    from .config import atomic_write_text
+    from .finetune import bank_for_model, factuality_probe
+    out = Path(a.out)
+    save_pretrained(model, out / "model", tok)
+    new_bank = bank_for_model(model, tok, bank, out / "bank") if bank is not None else None
+    summary = {"kind": kind, "config": dataclasses.asdict(cfg), "seed": a.seed, "data_seed": a.data_seed,
+               "n_people": a.n_people, "model_in": str(a.model), "bank_in": a.bank,
+               **{k: v for k, v in result.items() if k != "retrieved"}}
+    if a.probe_questions:
+        modes = ("memory", "none") if new_bank is not None else ("none",)
+        probe = factuality_probe(model, tok, world, bank=new_bank, modes=modes, n_known=a.probe_questions,
+                                 n_unknown=a.probe_questions, seed=a.data_seed)
+        summary["probe"] = probe
+        for m in modes:
+            k, u = probe[m]["known"], probe[m]["unknown"]
+            print(f"probe ({m}): held-out people accuracy {k['accuracy']:.3f}; non-existent people: made-up "
+                  f"{u['made_up_rate']:.3f}, abstain {u['abstain_rate']:.3f}")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    print(f"{kind}: final loss {result['final_loss']}; model saved to {out / 'model'}"
+          + (f", bank for it at {out / 'bank'}" if new_bank is not None else ""))
+    return 0
+
+
+def cmd_sft(a) -> int:
+    from .data.instructions import sft_examples
+    from .finetune import SFTConfig, sft
+    model, tok, world, bank = _finetune_inputs(a)
+    kw = {k: v for k, v in dict(lr=a.lr).items() if v is not None}
+    cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, seed=a.data_seed, with_memory=not a.no_memory,
+                    checkpoint_every=a.checkpoint_every, quiet=a.quiet, threads=a.threads, **kw)
+    examples = sft_examples(world, a.n_examples, seed=a.data_seed)
+    r = sft(model, tok, examples, cfg, bank=bank, out_dir=a.out, resume=not a.no_resume)
+    return _finetune_outputs(a, "sft", model, tok, world, bank, r, cfg)
+
+
+def cmd_dpo(a) -> int:
+    from .data.instructions import preference_pairs
+    from .finetune import DPOConfig, dpo
+    model, tok, world, bank = _finetune_inputs(a)
+    kw = {k: v for k, v in dict(lr=a.lr).items() if v is not None}
+    cfg = DPOConfig(steps=a.steps, batch_size=a.batch_size, beta=a.beta, seed=a.data_seed,
+                    with_memory=not a.no_memory, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
+                    threads=a.threads, **kw)
+    pairs = preference_pairs(world, a.n_pairs, seed=a.data_seed)
+    r = dpo(model, None, tok, pairs, cfg, bank=bank, out_dir=a.out, resume=not a.no_resume)  # reference = --model
+    return _finetune_outputs(a, "dpo", model, tok, world, bank, r, cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mini-m3", description="Memory3 at mini scale (arXiv 2407.01178)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -242,6 +316,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, default=300)
     e.add_argument("--n-people", type=int, default=2000)
     e.set_defaults(fn=cmd_evaluate)
+
+    for name, helptext in (("sft", "supervised fine-tuning on world conversations, with explicit memory (§6.1)"),
+                           ("dpo", "DPO alignment against a frozen copy of --model (§6.2)")):
+        f = sub.add_parser(name, help=helptext)
+        _add_common(f)
+        f.add_argument("--model", required=True, help="model directory (e.g. runs/demo/memory3_model, or an "
+                                                      "sft OUT/model)")
+        f.add_argument("--bank", help="memory bank built by --model (runs/demo/bank_raw, or an sft OUT/bank)")
+        f.add_argument("--n-people", type=int, default=2000, help="world size used by the demo (--seed is the "
+                                                                  "world's seed, as in the demo)")
+        f.add_argument("--data-seed", type=int, default=0, help="seed of the generated data and batch order")
+        f.add_argument("--steps", type=int, default=300 if name == "sft" else 100)
+        f.add_argument("--batch-size", type=int, default=16)
+        f.add_argument("--lr", type=float, default=None, help="peak LR (default: SFTConfig / DPOConfig)")
+        if name == "sft":
+            f.add_argument("--n-examples", type=int, default=3000)
+        else:
+            f.add_argument("--n-pairs", type=int, default=2000)
+            f.add_argument("--beta", type=float, default=0.01)
+        f.add_argument("--no-memory", action="store_true", help="fine-tune without explicit memory")
+        f.add_argument("--probe-questions", type=int, default=60, help="factuality probe size (0 = skip)")
+        f.add_argument("--checkpoint-every", type=int, default=100)
+        f.add_argument("--no-resume", action="store_true")
+        f.add_argument("--out", default=f"runs/{name}")
+        f.set_defaults(fn=cmd_sft if name == "sft" else cmd_dpo)
     return p
 
 
