@@ -131,20 +131,21 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
     cache = out.cache
     next_tok = _sample(out.logits[:, -1], temperature, top_k, gen)
     generated = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
+    done = [False] * B
     decode_memory = None
     if mode == "memory":  # the first decoded chunk keeps the last prompt chunk's memories (§7.5)
         decode_memory = memory_for(bank, last_chunk_ids)
     pos = torch.tensor(lens, device=dev)
     t = time.perf_counter()
+    zero_chunk = torch.zeros(B, 1, dtype=torch.long, device=dev)  # decoding reads the one chunk it is given
     for step in range(max_new_tokens):
-        for b in range(B):
+        for b, tok in enumerate(next_tok.tolist()):
             if not done[b]:
-                generated[b].append(int(next_tok[b]))
-                if (stop_at_eos and int(next_tok[b]) == tokenizer.eos_id) or (
+                generated[b].append(tok)
+                if (stop_at_eos and tok == tokenizer.eos_id) or (
                         stop_at and stop_at in tokenizer.decode(generated[b][-8:])):
                     done[b] = True
-        if bool(done.all()) or step == max_new_tokens - 1:
+        if all(done) or step == max_new_tokens - 1:
             break
         if mode == "memory" and (step + 1) % cfg.chunk_length == 0:  # 64 tokens written: re-retrieve
             t_r = time.perf_counter()
@@ -156,8 +157,7 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
                 kinds[b].append("decode")
             decode_memory = memory_for(bank, found[:, None])
         o = model(next_tok[:, None].to(dev), memory=decode_memory, cache=cache, use_cache=True,
-                  positions=pos[:, None], query_chunks=None if decode_memory is None
-                  else torch.zeros(B, 1, dtype=torch.long, device=dev))
+                  positions=pos[:, None], query_chunks=None if decode_memory is None else zero_chunk)
         cache = o.cache
         pos = pos + 1
         next_tok = _sample(o.logits[:, -1], temperature, top_k, gen)

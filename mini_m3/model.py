@@ -9,12 +9,17 @@ One readable file, in the spirit of nanoGPT's model.py:
   layer. Its K/V depend only on the weights, so they are computed once and cached.
 - **Parallel positions** (design.md): prefix at 0..p-1, every memory in the shared interval p..p+127 (keys
   are stored after RoPE, so they carry those positions), context from p+128 on.
-- **Chunkwise reading**: a prompt of many 64-token chunks, each with its own memories, goes through **one**
-  attention call with a block mask; `prefill_chunk_loop` is the per-chunk reference used by the tests.
-- Two attention paths: PyTorch SDPA (fast) and a plain softmax path that exposes scores and patterns to
-  TransformerLens-style hook points (used automatically whenever such a hook is active).
+- **Chunkwise reading**: a prompt of many 64-token chunks, each with its own memories, goes through one
+  forward with no per-chunk loop. Per layer: one causal SDPA call (`is_causal`) over prefix + context, and
+  one batched (chunks x 64 queries x M slots) attention over each chunk's own memories; the two are one
+  softmax, merged through the memories' log-sum-exp (`Attention._attend_prefill`). `prefill_chunk_loop`
+  is the per-chunk reference used by the tests.
+- **Decoding**: the KV cache is a preallocated buffer per layer, [prefix | memory slots | context], written
+  in place; a step attends to one view of it (`_LayerCache`).
+- Reference path: a dense mask over the whole key axis and a plain softmax. `impl="plain"` selects it, and
+  it is used automatically whenever a hook on q/k/v, scores or patterns is active (TransformerLens-style).
 
-Key layout inside an attention call (the last axis of `hook_attn_scores` / `hook_pattern`):
+Key layout seen by hooks (the last axis of `hook_attn_scores` / `hook_pattern`):
     [ prefix (p) | memory slots (C·M, memory layers only) | cached context | new context ]
 """
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -114,11 +119,17 @@ class MemoryKV:
 
 @dataclass
 class KVCache:
-    """Context keys (after RoPE) and values per layer, for decoding. The prefix lives in the model."""
+    """Context keys (after RoPE) and values per layer, for decoding. The prefix lives in the model.
+
+    keys[l], values[l]: (B, H_kv, S, d_h). Caches made by the model without gradients are views of a
+    preallocated per-layer buffer that later calls write into in place (grown by doubling); a cache that was
+    extended once is copied, not overwritten, if it is extended again (so branching from it stays safe).
+    """
 
     keys: list[torch.Tensor | None]
     values: list[torch.Tensor | None]
     context_mask: torch.Tensor | None = None  # (B, S) True = real token (left-padded batches)
+    _layers: list["_LayerCache"] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, n_layers: int) -> "KVCache":
@@ -127,6 +138,92 @@ class KVCache:
     @property
     def length(self) -> int:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+
+_UNSET = object()
+
+
+class _LayerCache:
+    """One layer's decoding buffer, laid out [prefix (p) | memory slots (n_slots) | context (n) | free], so
+    that a decoding step attends to one view of it. The slots hold the memories of the latest call; they
+    are rewritten only when the MemoryKV object (or the chunk each row reads) changes."""
+
+    def __init__(self, prefix, batch: int, n_slots: int, capacity: int) -> None:
+        pk, pv = prefix  # (1, H_kv, p, d_h)
+        self.p, self.n_slots, self.n = pk.shape[2], n_slots, 0
+        shape = (batch, pk.shape[1], self.p + n_slots + capacity, pk.shape[3])
+        self.k, self.v = pk.new_zeros(shape), pv.new_zeros(shape)  # zeros: masked slots must stay finite
+        self.prefix = None
+        self.set_prefix(prefix)
+        self.slots_of: object = _UNSET  # (memory, its tensors, chunks) the slots hold; None = no memory
+        self.slot_off: torch.Tensor | None = None  # (B, H, n_slots) True = hidden slot; None = all visible
+
+    @property
+    def start(self) -> int:
+        return self.p + self.n_slots
+
+    @classmethod
+    def for_call(cls, cache: KVCache | None, layer: int, prefix, batch: int, T: int, n_slots: int,
+                 limit: int) -> "_LayerCache":
+        """The buffer this call appends T tokens to: the cache's own when this cache is its latest state and
+        there is room, else a fresh copy (capacity doubles, up to `limit` context tokens)."""
+        past_k = None if cache is None else cache.keys[layer]
+        S = 0 if past_k is None else past_k.shape[2]
+        old = None if cache is None or cache._layers is None else cache._layers[layer]
+        if old is not None and S > 0 and old.n == S and old.k.shape[0] == batch and n_slots <= old.n_slots \
+                and old.start + S + T <= old.k.shape[2] and past_k.data_ptr() == old.k[:, :, old.start:].data_ptr() \
+                and cache.values[layer].data_ptr() == old.v[:, :, old.start:].data_ptr() \
+                and (torch.is_inference_mode_enabled() or not old.k.is_inference()):
+            old.set_prefix(prefix)
+            return old
+        slots = max(n_slots, 0 if old is None else old.n_slots)
+        new = cls(prefix, batch, slots, min(limit, max(2 * (S + T), S + T + 64)))
+        if S:
+            new.k[:, :, new.start:new.start + S] = past_k
+            new.v[:, :, new.start:new.start + S] = cache.values[layer]
+            new.n = S
+        return new
+
+    def set_prefix(self, prefix) -> None:
+        if self.prefix is not prefix[0]:  # the model's prefix K/V changed (new weights)
+            self.k[:, :, :self.p] = prefix[0]
+            self.v[:, :, :self.p] = prefix[1]
+            self.prefix = prefix[0]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        at = self.start + self.n
+        self.k[:, :, at:at + k.shape[2]] = k
+        self.v[:, :, at:at + k.shape[2]] = v
+        self.n += k.shape[2]
+
+    def context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, self.start:self.start + self.n], self.v[:, :, self.start:self.start + self.n]
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[:, :, :self.start + self.n], self.v[:, :, :self.start + self.n]
+
+    def load_memory(self, attn: "Attention", memory: MemoryKV | None, chunks: torch.Tensor | None):
+        """Write the slots `attn` reads in this call if they changed (chunks: (B,) chunk of each row, None =
+        the only chunk); returns which slots each query head must not see, (B, H, n_slots), or None."""
+        if self.n_slots == 0:
+            return None
+        key = None if memory is None else (memory, memory.keys, memory.values, memory.mask,
+                                            None if chunks is None else tuple(chunks.tolist()))
+        old = self.slots_of
+        if old is not _UNSET and (key is None) == (old is None) and (
+                key is None or (all(a is b for a, b in zip(key[:4], old[:4])) and key[4] == old[4])):
+            return self.slot_off
+        B, Hkv = self.k.shape[:2]
+        ok = torch.zeros(B, Hkv, self.n_slots, dtype=torch.bool, device=self.k.device)
+        if memory is not None:
+            mk, mv, valid = attn._row_slots(memory, chunks)  # (B, H_kv, M, d_h)
+            M = mk.shape[2]
+            self.k[:, :, self.p:self.p + M] = mk
+            self.v[:, :, self.p:self.p + M] = mv
+            ok[:, :, :M] = valid
+        self.slots_of = key
+        self.slot_off = None if bool(ok.all()) else ~ok.repeat_interleave(attn.cfg.n_query_groups, 1)
+        return self.slot_off
 
 
 @dataclass
@@ -157,10 +254,13 @@ def rope_tables(head_dim: int, n_positions: int, base: float, device=None) -> tu
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]). x: (B, h, T, d_h); cos/sin broadcastable to (B, 1, T, d_h/2)."""
-    x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+    """Rotate pairs (x[2i], x[2i+1]). x: (B, h, T, d_h); cos/sin broadcastable to (B, 1, T, d_h/2).
+    One complex product: (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x1 sin + x2 cos)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, h, T, d_h/2)
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).type_as(x)
+
+
+NO_WEIGHT = -1e4  # log-sum-exp standing for "no memory slot": exp(-1e4) is 0 next to any real score
 
 
 class Attention(nn.Module):
@@ -193,50 +293,34 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x, cos, sin, *, prefix_kv, past_kv, context_mask, memory, query_chunks,
-                impl: str, collect: dict | None = None):
+                impl: str, collect: dict | None = None, layer_cache: "_LayerCache | None" = None):
         cfg = self.cfg
         B, T, _ = x.shape
-        H, Hkv, g = cfg.n_heads, cfg.n_kv_heads, cfg.n_query_groups
+        H = cfg.n_heads
         q_raw, k_raw, v = self.project(x)
         if collect is not None:  # reference encoding needs the un-rotated q/k for token selection (§3.3)
             collect.update(q_raw=q_raw, k_raw=k_raw, v=v)
         q, k = apply_rope(q_raw, cos, sin), apply_rope(k_raw, cos, sin)
         if collect is not None:
             collect["k"] = k
-        new_kv = (k, v)
-        # ---- assemble keys: [prefix | memory slots | past context | new context]
-        k_parts, v_parts, m_parts = [], [], []
-        if prefix_kv is not None:
-            pk, pv = prefix_kv  # (1, H_kv, p, d_h)
-            k_parts.append(pk.expand(B, -1, -1, -1)); v_parts.append(pv.expand(B, -1, -1, -1))
-            m_parts.append(torch.ones(B, Hkv, T, pk.shape[2], dtype=torch.bool, device=x.device))
-        if memory is not None and self.is_memory_layer:
-            mk, mv, mmask = self._memory_slots(memory, query_chunks, T)
-            k_parts.append(mk); v_parts.append(mv); m_parts.append(mmask)
-        if past_kv is not None:
-            k_parts.append(past_kv[0]); v_parts.append(past_kv[1])
-        k_parts.append(k); v_parts.append(v)
-        S_past = 0 if past_kv is None else past_kv[0].shape[2]
-        causal = torch.ones(T, S_past + T, dtype=torch.bool, device=x.device).tril(diagonal=S_past)
-        ctx_mask = causal[None, None].expand(B, Hkv, T, S_past + T)
-        if context_mask is not None:  # (B, S_past + T): hide padding keys
-            ctx_mask = ctx_mask & context_mask[:, None, None, :]
-        m_parts.append(ctx_mask)
-        keys, values, mask = torch.cat(k_parts, 2), torch.cat(v_parts, 2), torch.cat(m_parts, 3)
-        keys, values = self.hook_k(keys), self.hook_v(values)
-        q = self.hook_q(q)
-        # ---- attend: GQA by repeating each KV head for its group of query heads
-        keys_h = keys.repeat_interleave(g, dim=1)
-        values_h = values.repeat_interleave(g, dim=1)
-        mask_h = mask.repeat_interleave(g, dim=1)  # (B, H, T, S)
-        use_plain = impl == "plain" or any(h.active for h in (self.hook_attn_scores, self.hook_pattern))
-        if use_plain:
-            scores = (q @ keys_h.transpose(-1, -2)) / math.sqrt(cfg.head_dim)
-            scores = self.hook_attn_scores(scores.masked_fill(~mask_h, float("-inf")))
-            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).type_as(q))
-            z = pattern @ values_h
+        if layer_cache is not None:
+            layer_cache.append(k, v)  # in place; past_kv stays a view of the old length
+        if not self.is_memory_layer:
+            memory = None
+        reads = memory is not None and memory.slots > 0
+        hooked = any(h.active for h in (self.hook_q, self.hook_k, self.hook_v, self.hook_attn_scores,
+                                         self.hook_pattern))
+        chunks, per_row = None, True  # with cached context, each row must read one chunk (None = the only one)
+        if reads and past_kv is not None and memory.n_chunks > 1:
+            chunks = self._row_chunks(query_chunks, B)
+            per_row = chunks is not None
+        if impl == "plain" or hooked or not per_row:
+            z = self._attend_dense(q, k, v, prefix_kv, past_kv, context_mask, memory, query_chunks, impl)
+        elif past_kv is None:
+            z = self._attend_prefill(q, k, v, prefix_kv, context_mask, memory if reads else None, query_chunks)
         else:
-            z = F.scaled_dot_product_attention(q, keys_h, values_h, attn_mask=mask_h)
+            z = self._attend_cached(q, k, v, prefix_kv, past_kv, context_mask, memory if reads else None, chunks,
+                                    layer_cache)
         z = self.hook_z(z)  # (B, H, T, d_h)
         if self.hook_result.active:  # per-head contributions, only computed when someone looks
             w_o = self.wo.weight.view(cfg.d_model, H, cfg.head_dim)  # (d, H, d_h)
@@ -244,7 +328,45 @@ class Attention(nn.Module):
             out = result.sum(2)
         else:
             out = self.wo(z.transpose(1, 2).reshape(B, T, H * cfg.head_dim))
-        return out, new_kv
+        return out, (k, v)
+
+    # ---------------------------------------------------------------- the reference path (hooks, impl="plain")
+    def _attend_dense(self, q, k, v, prefix_kv, past_kv, context_mask, memory, query_chunks, impl):
+        """One key axis [prefix | memory slots of all chunks | past | new] with a dense mask; the only path
+        that exposes q/k/v, scores and patterns to hooks."""
+        cfg = self.cfg
+        B, H, T, _ = q.shape
+        Hkv, g = cfg.n_kv_heads, cfg.n_query_groups
+        k_parts, v_parts, m_parts = [], [], []
+        if prefix_kv is not None:
+            pk, pv = prefix_kv  # (1, H_kv, p, d_h)
+            k_parts.append(pk.expand(B, -1, -1, -1)); v_parts.append(pv.expand(B, -1, -1, -1))
+            m_parts.append(torch.ones(B, Hkv, T, pk.shape[2], dtype=torch.bool, device=q.device))
+        if memory is not None:
+            mk, mv, mmask = self._memory_slots(memory, query_chunks, T)
+            k_parts.append(mk); v_parts.append(mv); m_parts.append(mmask)
+        if past_kv is not None:
+            k_parts.append(past_kv[0]); v_parts.append(past_kv[1])
+        k_parts.append(k); v_parts.append(v)
+        S_past = 0 if past_kv is None else past_kv[0].shape[2]
+        causal = torch.ones(T, S_past + T, dtype=torch.bool, device=q.device).tril(diagonal=S_past)
+        ctx_mask = causal[None, None].expand(B, Hkv, T, S_past + T)
+        if context_mask is not None:  # (B, S_past + T): hide padding keys
+            ctx_mask = ctx_mask & context_mask[:, None, None, :]
+        m_parts.append(ctx_mask)
+        keys, values, mask = torch.cat(k_parts, 2), torch.cat(v_parts, 2), torch.cat(m_parts, 3)
+        keys, values = self.hook_k(keys), self.hook_v(values)
+        q = self.hook_q(q)
+        # GQA by repeating each KV head for its group of query heads
+        keys_h = keys.repeat_interleave(g, dim=1)
+        values_h = values.repeat_interleave(g, dim=1)
+        mask_h = mask.repeat_interleave(g, dim=1)  # (B, H, T, S)
+        if impl == "plain" or self.hook_attn_scores.active or self.hook_pattern.active:
+            scores = (q @ keys_h.transpose(-1, -2)) / math.sqrt(cfg.head_dim)
+            scores = self.hook_attn_scores(scores.masked_fill(~mask_h, float("-inf")))
+            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).type_as(q))
+            return pattern @ values_h
+        return F.scaled_dot_product_attention(q, keys_h, values_h, attn_mask=mask_h)
 
     def _memory_slots(self, memory: MemoryKV, query_chunks: torch.Tensor, T: int):
         """Memory K/V of this layer for all chunks laid side by side, and the block mask that lets query t
@@ -268,6 +390,147 @@ class Attention(nn.Module):
         same_chunk = same_chunk[None, None] if same_chunk.dim() == 2 else same_chunk[:, None]
         slot_valid = valid.permute(0, 2, 1, 3).reshape(B, cfg.n_kv_heads, 1, C * M)
         return keys, values, same_chunk & slot_valid
+
+    # ---------------------------------------------------------------- fast path, no cached context (prefill)
+    def _attend_prefill(self, q, k, v, prefix_kv, context_mask, memory, query_chunks):
+        """Causal attention over [prefix | context] with SDPA's is_causal (the queries are front-padded so
+        the diagonal lines up). Each chunk's memories are attended to separately (`_read_memory`) and join
+        the same softmax as one extra "sink" key per query: its score is their log-sum-exp, its value a
+        unit vector in an extra dimension, so SDPA returns the memories' share of the softmax there."""
+        B, H, T, dh = q.shape
+        keys, values = k, v  # (B, H_kv, T, d_h)
+        if prefix_kv is not None:
+            keys = torch.cat([prefix_kv[0].expand(B, -1, -1, -1), k], 2)  # (B, H_kv, p + T, d_h)
+            values = torch.cat([prefix_kv[1].expand(B, -1, -1, -1), v], 2)
+        front = keys.shape[2] - T
+        if memory is not None:
+            o_mem, lse_mem = self._read_memory(q, memory, query_chunks)  # (B, H, T, d_h), (B, H, T)
+            q = torch.cat([q, lse_mem.unsqueeze(-1).to(q.dtype)], -1)  # (B, H, T, d_h + 1)
+            sink_k = keys.new_zeros(B, keys.shape[1], 1, dh + 1)
+            sink_v = sink_k.clone()
+            sink_k[..., dh] = math.sqrt(dh)  # score = lse_mem under SDPA's 1/sqrt(d_h)
+            sink_v[..., dh] = 1.0
+            keys = torch.cat([sink_k, F.pad(keys, (0, 1))], 2)  # (B, H_kv, 1 + p + T, d_h + 1)
+            values = torch.cat([sink_v, F.pad(values, (0, 1))], 2)
+            front += 1
+        scale = 1 / math.sqrt(dh)
+        if context_mask is None:
+            z = F.scaled_dot_product_attention(F.pad(q, (0, 0, front, 0)), keys, values, is_causal=True,
+                                               scale=scale, enable_gqa=True)[:, :, front:]
+        else:  # padding keys hidden: an explicit (B, 1, T, front + T) mask
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & context_mask[:, None, None, :]
+            z = F.scaled_dot_product_attention(q, keys, values, attn_mask=F.pad(mask, (front, 0), value=True),
+                                               scale=scale, enable_gqa=True)
+        if memory is not None:
+            z = z[..., :dh] + z[..., dh:] * o_mem
+        return z
+
+    def _read_memory(self, q: torch.Tensor, memory: MemoryKV, query_chunks: torch.Tensor):
+        """Each query's attention over the memory slots of its own chunk alone. Returns the output (B, H, T, d_h)
+        and the log-sum-exp (B, H, T); NO_WEIGHT where a query has no valid slot and in non-memory heads."""
+        cfg = self.cfg
+        B, H, T, dh = q.shape
+        Hkv, g, cl = cfg.n_kv_heads, cfg.n_query_groups, cfg.chunk_length
+        li = cfg.memory_layers.index(self.layer)
+        mk, mv = memory.keys[:, :, li], memory.values[:, :, li]  # (B, C, H_mem, M, d_h)
+        valid = memory.full_mask()[:, :, li]  # (B, C, H_mem, M)
+        C, Hm, M = mk.shape[1], mk.shape[2], mk.shape[3]
+        qg = q.reshape(B, Hkv, g, T, dh)
+        if Hm != Hkv:
+            qg = qg[:, list(cfg.memory_heads)]
+        qg = qg * (1 / math.sqrt(dh))  # (B, H_mem, g, T, d_h)
+        blocks = C > 1 and T <= C * cl and bool((query_chunks == torch.arange(T, device=q.device) // cl).all())
+        if blocks:  # query t reads chunk t // chunk_length: a batch of (g·cl, M) attentions, one per chunk
+            n = C * cl
+            qb = F.pad(qg, (0, 0, 0, n - T)).reshape(B, Hm, g, C, cl, dh).transpose(2, 3)
+            s = qb.reshape(B, Hm, C, g * cl, dh) @ mk.permute(0, 2, 1, 4, 3)  # (B, H_mem, C, g·cl, M)
+            s = s.masked_fill(~valid.transpose(1, 2)[:, :, :, None, :], float("-inf"))
+            lse = s.logsumexp(-1, keepdim=True).clamp(min=NO_WEIGHT)
+            o = torch.exp(s - lse) @ mv.transpose(1, 2)  # (B, H_mem, C, g·cl, d_h)
+            o = o.view(B, Hm, C, g, cl, dh).transpose(2, 3).reshape(B, Hm, g, n, dh)[:, :, :, :T]
+            lse = lse.view(B, Hm, C, g, cl).transpose(2, 3).reshape(B, Hm, g, n)[..., :T]
+        else:  # any other layout: score every slot of the call, keep the query's own chunk
+            keys = mk.transpose(1, 2).reshape(B, Hm, 1, C * M, dh)
+            values = mv.transpose(1, 2).reshape(B, Hm, 1, C * M, dh)
+            ok = valid.transpose(1, 2).reshape(B, Hm, 1, 1, C * M)
+            if C > 1:
+                own = query_chunks[..., :, None] == torch.arange(C, device=q.device).repeat_interleave(M)
+                ok = ok & (own[None, None, None] if own.dim() == 2 else own[:, None, None])  # (B, H_mem, 1, T, C·M)
+            s = (qg @ keys.transpose(-1, -2)).masked_fill(~ok, float("-inf"))  # (B, H_mem, g, T, C·M)
+            lse = s.logsumexp(-1, keepdim=True).clamp(min=NO_WEIGHT)
+            o = torch.exp(s - lse) @ values  # (B, H_mem, g, T, d_h)
+            lse = lse.squeeze(-1)
+        if Hm != Hkv:  # non-memory heads read nothing
+            heads = torch.tensor(cfg.memory_heads, device=q.device)
+            o = o.new_zeros(B, Hkv, g, T, dh).index_copy(1, heads, o)
+            lse = lse.new_full((B, Hkv, g, T), NO_WEIGHT).index_copy(1, heads, lse)
+        return o.reshape(B, H, T, dh), lse.reshape(B, H, T)
+
+    # ---------------------------------------------------------------- fast path with cached context (decoding)
+    def _row_chunks(self, query_chunks: torch.Tensor, B: int) -> torch.Tensor | None:
+        """(B,) the chunk each row reads, or None when some row's queries read different chunks."""
+        qc = query_chunks if query_chunks.dim() == 2 else query_chunks[None].expand(B, -1)
+        return qc[:, 0] if bool((qc == qc[:, :1]).all()) else None
+
+    def _row_slots(self, memory: MemoryKV, chunks: torch.Tensor | None):
+        """Memory K/V of this layer for chunk `chunks[b]` of each row (None: the only chunk): (B, H_kv, M, d_h)
+        x2 and the slot validity (B, H_kv, M); heads that are not memory heads get invalid slots."""
+        cfg = self.cfg
+        li = cfg.memory_layers.index(self.layer)
+        if chunks is None:
+            mk, mv, ok = memory.keys[:, 0, li], memory.values[:, 0, li], memory.full_mask()[:, 0, li]
+        else:
+            rows = torch.arange(len(chunks), device=chunks.device)
+            mk, mv = memory.keys[rows, chunks, li], memory.values[rows, chunks, li]
+            ok = memory.full_mask()[rows, chunks, li]
+        B, Hm, M, dh = mk.shape
+        if Hm != cfg.n_kv_heads:
+            heads = torch.tensor(cfg.memory_heads, device=mk.device)
+            mk = mk.new_zeros(B, cfg.n_kv_heads, M, dh).index_copy(1, heads, mk)
+            mv = mv.new_zeros(B, cfg.n_kv_heads, M, dh).index_copy(1, heads, mv)
+            ok = ok.new_zeros(B, cfg.n_kv_heads, M).index_copy(1, heads, ok)
+        return mk, mv, ok
+
+    def _attend_cached(self, q, k, v, prefix_kv, past_kv, context_mask, memory, chunks, layer_cache):
+        """One attention over [prefix | this row's memory slots | past | new]. With a layer cache the keys are
+        one view of its buffer (nothing is concatenated); without, they are concatenated here."""
+        B, H, T, dh = q.shape
+        g = self.cfg.n_query_groups
+        if layer_cache is not None:
+            slot_off = layer_cache.load_memory(self, memory, chunks)  # (B, H, n_slots) or None
+            keys, values = layer_cache.full()
+            p, front = layer_cache.p, layer_cache.start
+        else:
+            k_parts, v_parts, slot_off = [past_kv[0], k], [past_kv[1], v], None
+            if memory is not None:
+                mk, mv, ok = self._row_slots(memory, chunks)
+                k_parts.insert(0, mk); v_parts.insert(0, mv)
+                slot_off = None if bool(ok.all()) else ~ok.repeat_interleave(g, 1)
+            p = 0 if prefix_kv is None else prefix_kv[0].shape[2]
+            if prefix_kv is not None:
+                k_parts.insert(0, prefix_kv[0].expand(B, -1, -1, -1))
+                v_parts.insert(0, prefix_kv[1].expand(B, -1, -1, -1))
+            keys, values = torch.cat(k_parts, 2), torch.cat(v_parts, 2)
+            front = keys.shape[2] - past_kv[0].shape[2] - T
+        n = keys.shape[2]
+        if T == 1:  # one new token: two batched matmuls beat SDPA's CPU kernel here (2x at batch 16)
+            Hkv = keys.shape[1]
+            s = torch.bmm((q * (1 / math.sqrt(dh))).reshape(B * Hkv, g, dh),
+                          keys.reshape(B * Hkv, n, dh).transpose(1, 2))  # (B·H_kv, g, S')
+            s_h = s.view(B, H, n)
+            if slot_off is not None:
+                s_h[:, :, p:front].masked_fill_(slot_off, float("-inf"))
+            if context_mask is not None:
+                s_h[:, :, front:].masked_fill_(~context_mask[:, None, :], float("-inf"))
+            return torch.bmm(torch.softmax(s, -1), values.reshape(B * Hkv, n, dh)).view(B, H, 1, dh)
+        mask = torch.ones(B, 1 if slot_off is None else H, T, n, dtype=torch.bool, device=q.device)
+        if slot_off is not None:
+            mask[:, :, :, p:front] = ~slot_off[:, :, None]
+        S = n - front
+        mask[:, :, :, front:] = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if context_mask is not None:
+            mask[:, :, :, front:] &= context_mask[:, None, None, :]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class MLP(nn.Module):
@@ -331,6 +594,7 @@ class Memory3(nn.Module):
         self.register_buffer("prefix_ids", torch.tensor(cfg.reference_prefix_ids, dtype=torch.long),
                              persistent=False)
         self._prefix_cache: tuple[tuple, list] | None = None
+        self._owners: list[nn.Module] | None = None
         for name, mod in self.named_modules():
             if isinstance(mod, HookPoint):
                 mod.name = name
@@ -434,9 +698,12 @@ class Memory3(nn.Module):
         """K/V of "<s>Reference:" at every layer, each (1, H_kv, p, d_h). Depends only on the weights, so it
         is cached; the cache is keyed on the parameters' version counters, so any update invalidates it.
         When gradients are being recorded it is recomputed, so the prefix is trained like any token."""
-        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        key = tuple(p._version for p in self.parameters()) + (self.rope_cos.device, self.rope_cos.dtype,
-                                                               self.tok_emb.weight.dtype)
+        if self._owners is None:  # modules that hold parameters, found once (walking all modules is slow)
+            self._owners = [m for m in self.modules() if m._parameters]
+        params = [p for m in self._owners for p in m._parameters.values() if p is not None]
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple(p._version for p in params) + (self.rope_cos.device, self.rope_cos.dtype,
+                                                   self.tok_emb.weight.dtype)
         if not training and self._prefix_cache is not None and self._prefix_cache[0] == key:
             return self._prefix_cache[1]
         ids = self.prefix_ids[None]  # (1, p)
@@ -508,19 +775,30 @@ class Memory3(nn.Module):
             raise ValueError(f"context_mask must be ({B}, {past + T}), got {tuple(context_mask.shape)}")
         if context_mask is None and cache is not None and cache.context_mask is not None:
             context_mask = torch.cat([cache.context_mask, torch.ones(B, T, dtype=torch.bool, device=idx.device)], 1)
+        if context_mask is not None and not context_mask.is_meta and bool(context_mask.all()):
+            context_mask = None  # no padding: plain causal attention (is_causal) is cheaper than a mask
 
         prefix = self.prefix_kv()
         x = self.tok_emb(idx)
         new_cache = KVCache.empty(cfg.n_layers) if use_cache else None
+        layer_caches = None
+        if use_cache and not torch.is_grad_enabled():  # in-place buffers; with autograd, plain concatenation
+            layer_caches = [_LayerCache.for_call(cache, l, prefix[l], B, T, memory.slots if memory is not None
+                                                 and l in cfg.memory_layers else 0, cfg.max_seq_len)
+                            for l in range(cfg.n_layers)]
         for l, block in enumerate(self.blocks):
             past_kv = None if cache is None or cache.keys[l] is None else (cache.keys[l], cache.values[l])
             x, (k, v) = block(x, cos, sin, prefix_kv=prefix[l], past_kv=past_kv, context_mask=context_mask,
-                              memory=memory, query_chunks=query_chunks, impl=impl)
-            if use_cache:
+                              memory=memory, query_chunks=query_chunks, impl=impl,
+                              layer_cache=None if layer_caches is None else layer_caches[l])
+            if layer_caches is not None:
+                new_cache.keys[l], new_cache.values[l] = layer_caches[l].context()
+            elif use_cache:
                 new_cache.keys[l] = k if past_kv is None else torch.cat([past_kv[0], k], 2)
                 new_cache.values[l] = v if past_kv is None else torch.cat([past_kv[1], v], 2)
         if use_cache:
             new_cache.context_mask = context_mask
+            new_cache._layers = layer_caches
         h = self.norm(x)
         logits = self.lm_head(h)
         loss = None

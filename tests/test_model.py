@@ -343,3 +343,112 @@ def test_keep_grad_works_with_frozen_weights_and_batched_edge_ablation():
         _, c = model.run_with_cache(idx, names=["blocks.0.mlp.hook_post"])
     act = c["blocks.0.mlp.hook_post"]
     assert act[1, 4, 17] == 0 and act[0, 4, 17] != 0
+
+
+# ----------------------------------------------------------------------------------------------- fast paths
+def holey_memory(cfg, B, C, M, seed=0):
+    """Random memories where some slots, and all of one chunk of row 0, hold no token."""
+    mem = random_memory(cfg, B, C, M, p_valid=0.6, seed=seed)
+    mem.mask[0, C - 1] = False
+    return mem
+
+
+@pytest.mark.parametrize("memory_heads", [None, (1,)])
+@pytest.mark.parametrize("T", [1, 37, 64, 130, 300])
+@torch.no_grad()
+def test_fast_prefill_equals_plain_reference(memory_heads, T):
+    """Causal SDPA + per-chunk memory attention merged by log-sum-exp == one dense softmax over all keys."""
+    cfg = Memory3Config.from_name("tiny", memory_heads=memory_heads, max_seq_len=320)
+    model = Memory3(cfg).eval()
+    C = math.ceil(T / cfg.chunk_length) + 1  # one chunk more than needed: unused memories change nothing
+    mem = holey_memory(cfg, 2, C, 40)
+    idx = torch.randint(0, cfg.vocab_size, (2, T))
+    shifted = torch.stack([torch.arange(T) // 64, (torch.arange(T) + 20) // 64]).clamp(max=C - 1)  # per-row
+    for qc in (None, shifted):
+        fast = model(idx, memory=mem, query_chunks=qc).logits
+        torch.testing.assert_close(fast, model(idx, memory=mem, query_chunks=qc, impl="plain").logits,
+                                   atol=1e-5, rtol=1e-5)
+    # left padding: row 1 starts 9 tokens late
+    if T > 10:
+        mask = torch.ones(2, T, dtype=torch.bool)
+        mask[1, :9] = False
+        pos = torch.stack([torch.arange(T), (torch.arange(T) - 9).clamp(min=0)])
+        kw = dict(memory=mem, context_mask=mask, positions=pos, query_chunks=(pos // 64).clamp(max=C - 1))
+        fast = model(idx, **kw).logits
+        torch.testing.assert_close(fast[1, 9:], model(idx, impl="plain", **kw).logits[1, 9:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast[0], model(idx, impl="plain", **kw).logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_prefill_gradients_equal_plain_reference():
+    """Training goes through the fast path: its gradients must be the reference's."""
+    cfg = Memory3Config.from_name("tiny", memory_heads=(1,))
+    model = Memory3(cfg).train()
+    mem = holey_memory(cfg, 2, 3, 16)
+    idx = torch.randint(4, cfg.vocab_size, (2, 150))
+    grads = []
+    for impl in ("sdpa", "plain"):
+        model.zero_grad()
+        model(idx, targets=idx, memory=mem, impl=impl).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("memory_heads", [None, (1,)])
+@torch.no_grad()
+def test_decoding_with_changing_memories_equals_plain_reference(memory_heads):
+    """Steps read memories that stay, change, grow, vanish, differ per row; the in-place cache keeps its buffer."""
+    cfg = Memory3Config.from_name("tiny", memory_heads=memory_heads)
+    model = Memory3(cfg).eval()
+    B, T0 = 2, 70
+    idx = torch.randint(4, cfg.vocab_size, (B, T0 + 12))
+    a, b = holey_memory(cfg, B, 1, 40, seed=1), holey_memory(cfg, B, 1, 24, seed=2)
+    two = holey_memory(cfg, B, 2, 40, seed=3)
+    row_chunks = torch.tensor([[1], [0]])  # row 0 reads chunk 1, row 1 chunk 0
+    plan = [(a, None)] * 3 + [(b, None)] * 2 + [(None, None)] * 2 + [(two, row_chunks)] * 3 + [(a, None)] * 2
+    out_f = model(idx[:, :T0], memory=two, use_cache=True)
+    out_p = model(idx[:, :T0], memory=two, use_cache=True, impl="plain")
+    torch.testing.assert_close(out_f.logits, out_p.logits, atol=1e-5, rtol=1e-5)
+    cf, cp = out_f.cache, out_p.cache
+    ptr = cf.keys[0].data_ptr()
+    for t, (mem, qc) in enumerate(plan, start=T0):
+        if mem is not None and qc is None:
+            qc = torch.zeros(B, 1, dtype=torch.long)
+        of = model(idx[:, t:t + 1], memory=mem, query_chunks=qc, cache=cf, use_cache=True)
+        op = model(idx[:, t:t + 1], memory=mem, query_chunks=qc, cache=cp, use_cache=True, impl="plain")
+        torch.testing.assert_close(of.logits, op.logits, atol=1e-5, rtol=1e-5, msg=f"step {t}")
+        cf, cp = of.cache, op.cache
+    assert cf.length == T0 + len(plan) and cf.keys[0].data_ptr() == ptr  # written in place, no copy
+
+
+@torch.no_grad()
+def test_two_continuations_of_one_cache_do_not_overwrite_each_other():
+    cfg = Memory3Config.from_name("tiny")
+    model = Memory3(cfg).eval()
+    idx = torch.randint(4, cfg.vocab_size, (1, 40))
+    cache = model(idx[:, :30], use_cache=True).cache
+    a = model(idx[:, 30:31], cache=cache, use_cache=True).cache
+    b = model(idx[:, 31:32], cache=cache, use_cache=True)  # same start, other token
+    a2 = model(idx[:, 32:33], cache=a, use_cache=True).logits
+    want_a = model(torch.cat([idx[:, :31], idx[:, 32:33]], 1)).logits[:, -1:]
+    want_b = model(torch.cat([idx[:, :30], idx[:, 31:32]], 1)).logits[:, -1:]
+    torch.testing.assert_close(a2, want_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.logits, want_b, atol=1e-5, rtol=1e-5)
+    assert cache.length == 30 and a.length == 31
+
+
+@torch.no_grad()
+def test_hooks_on_a_decoding_step_with_memory_see_the_reference_layout():
+    cfg = Memory3Config.from_name("tiny")
+    model = Memory3(cfg).eval()
+    idx = torch.randint(4, cfg.vocab_size, (1, 21))
+    mem = holey_memory(cfg, 1, 1, 8)
+    cache = model(idx[:, :20], memory=mem, use_cache=True).cache
+    one = torch.zeros(1, 1, dtype=torch.long)
+    plain = model(idx[:, 20:], memory=mem, cache=cache, query_chunks=one).logits
+    out, rec = model.run_with_cache(idx[:, 20:], memory=mem, cache=cache, query_chunks=one,
+                                    names=["blocks.0.attn.hook_pattern"])
+    torch.testing.assert_close(out.logits, plain, atol=1e-5, rtol=1e-5)
+    pat = rec["blocks.0.attn.hook_pattern"]
+    assert pat.shape == (1, cfg.n_heads, 1, cfg.prefix_length + 8 + 21)
+    assert pat[..., cfg.prefix_length:cfg.prefix_length + 8][..., ~mem.mask[0, 0]].abs().max() == 0
