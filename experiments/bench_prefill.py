@@ -1,8 +1,9 @@
 """Fused chunkwise prefill vs the per-chunk reference loop (Remark 8).
 
-`model(idx, memory=MemoryKV(...))` reads the memories of every 64-token chunk in ONE block-masked
-attention call per layer; `prefill_chunk_loop` runs one forward per chunk and carries the context through
-the KV cache (how the paper's Python loop read memory). Both must give the same logits (checked with
+`model(idx, memory=MemoryKV(...))` reads the memories of every 64-token chunk in one forward (per layer:
+one causal SDPA call plus one batched per-chunk memory attention, merged by log-sum-exp);
+`prefill_chunk_loop` runs one forward per chunk and carries the context through the KV cache (how the
+paper's Python loop read memory). Both must give the same logits (checked with
 torch.testing.assert_close, atol 1e-4, before any timing). Random weights and random memory K/V:
 5 memories x 8 tokens per head per chunk, batch 1, `small` config with max_seq_len=2048.
 
