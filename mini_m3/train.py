@@ -383,3 +383,8 @@ def plot_losses(log_paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":  # `torchrun --nproc_per_node=N -m mini_m3.train ...`: see mini_m3/distributed.py
+    from mini_m3.distributed import main
+    raise SystemExit(main())
