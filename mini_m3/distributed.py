@@ -470,6 +470,58 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
             "step_time": float(np.median(steady)) if steady else None}
 
 
+# ----------------------------------------------------------------------------------------------- one big step
+def bf16_sgd_step(preset: str = "paper-2.4b", *, seq_len: int = 128, lr: float = 0.5, seed: int = 0,
+                  device: str = "cpu") -> dict:
+    """One continual-stage training step of a full-size preset on ONE device that cannot hold fp32 weights,
+    gradients and AdamW state (paper-2.4b: 2.82e9 parameters x 16 B = 45 GB): bf16 weights, built on the meta
+    device and materialised in place, and plain SGD applied inside backward (a post-accumulate-grad hook
+    updates each parameter and frees its gradient), so peak memory is the bf16 weights plus activations of a
+    short sequence. The step reads live-encoded memories: one random 128-token reference per 64-token chunk,
+    5 memories per chunk. Returns losses before and after the step on the same batch, the gradient norm, the
+    number of parameters updated, and wall times. It checks shapes and code paths, not training recipes."""
+    from .train import train_step
+    cfg = Memory3Config.from_name(preset, max_seq_len=seq_len)
+    with torch.device("meta"):
+        model = Memory3(cfg)
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)  # on the meta device: no memory
+    t0 = time.perf_counter()
+    model = restore_buffers(model.to_empty(device=device))
+    init_parameters_(model, seed)
+    init_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(seed)
+    C = seq_len // cfg.chunk_length
+    tokens = torch.randint(4, cfg.vocab_size, (1, seq_len + 1), generator=gen)
+    refs = [torch.randint(4, cfg.vocab_size, (cfg.reference_length,), generator=gen).tolist() for _ in range(C)]
+    data = ChunkedData(tokens[:, :-1], tokens[:, 1:], torch.arange(C)[None], refs)
+    tc = TrainConfig(stage="continual", steps=1, batch_size=1)
+    rows = torch.tensor([0])
+    stats = {"sq": 0.0, "updated": 0}
+
+    @torch.no_grad()
+    def sgd(p: torch.Tensor) -> None:
+        stats["sq"] += float(p.grad.float().pow(2).sum())
+        stats["updated"] += 1
+        p.add_(p.grad, alpha=-lr)
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(sgd) for p in model.parameters()]
+    model.train()
+    t0 = time.perf_counter()
+    loss = train_step(model, data, rows, tc)
+    loss.backward()
+    step_s = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        after = float(train_step(model, data, rows, tc))
+    return {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()), "seq_len": seq_len,
+            "references": C, "dtype": "bfloat16", "lr": lr, "loss_before": float(loss.detach()), "loss_after": after,
+            "grad_norm": stats["sq"] ** 0.5, "parameters_updated": stats["updated"],
+            "n_parameter_tensors": len(list(model.parameters())), "init_s": init_s, "step_s": step_s}
+
+
 # ----------------------------------------------------------------------------------------------- data on disk
 def save_chunked_data(data: ChunkedData, directory: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
     """Training data as safetensors (+ tokenizer), so every rank reads the same arrays instead of rebuilding them."""
@@ -532,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences), split across ranks")
     p.add_argument("--micro-batch", type=int, help="sequences per rank per forward pass (gradient accumulation)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--continual-lr", type=float, help="peak LR of the continual stage (default: --lr; §5 used "
+                                                      "~5e-5 after a warmup peak of ~8e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--selector", default="attention")
     p.add_argument("--checkpoint-every", type=int, default=100)
@@ -553,7 +607,8 @@ def stage_configs(a: argparse.Namespace) -> list[TrainConfig]:
     out = []
     for stage, steps in (("warmup", a.warmup_steps), ("continual", a.continual_steps)):
         if steps:
-            out.append(TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+            lr = a.continual_lr if stage == "continual" and a.continual_lr else a.lr
+            out.append(TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=lr, seed=a.seed,
                                    selector=a.selector, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
                                    threads=a.threads, warmup_steps=max(1, steps // 10) if stage == "warmup" else 0,
                                    decay_fraction=0.0 if stage == "warmup" and a.continual_steps else 0.1))

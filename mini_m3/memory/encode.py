@@ -179,7 +179,10 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
     keys, values, positions, masks = [], [], [], []
     for layer in layers:
         if selector in ("attention", "exp"):
-            scores = selection_scores(layer["q_raw"], layer["k_raw"], valid, cfg.n_query_groups, selector)
+            # the top-k choice is not differentiable: scoring without autograd keeps its float64 (N, H, R, R)
+            # matrices out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b)
+            scores = selection_scores(layer["q_raw"].detach(), layer["k_raw"].detach(), valid, cfg.n_query_groups,
+                                      selector)
         else:
             scores = torch.zeros(N, cfg.n_kv_heads, R, device=device)
         index, kept = select_top_tokens(scores[:, heads], valid, k, selector, generator)  # (N, H_mem, k)
