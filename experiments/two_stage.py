@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     refs = world.references()
     ref_tokens = tok.encode_batch(refs)
     data = build_world_data(world, tok, s, cfg.chunk_length, Retriever().fit(refs), ref_tokens, not a.quiet)
-    items = {"trained": world.eval_questions("memory", s.eval_questions, seed=s.seed),
-             "heldout": world.eval_questions("heldout", s.eval_questions, seed=s.seed)}
+    items = {split: world.eval_questions(people, s.eval_questions, seed=s.seed, phrasing=s.eval_phrasing)
+             for split, people in (("trained", "memory"), ("heldout", "heldout"))}
     results = {"settings": {**s.__dict__, "warmup_steps": W, "continual_steps": C}, "arms": {}}
     total = W + C
     for arm, (stage1, stage2) in ARMS.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import save_pretrained
+from .checkpoint import load_weights, save_pretrained, save_weights
 from .config import Memory3Config, atomic_write_text
 from .data.world import World
 from .evaluate import decode_throughput, qa_eval, retrieval_hit_rate
@@ -40,8 +40,12 @@ class DemoSettings:
     n_docs: int = 24000
     chunks_per_sequence: int = 4
     batch_size: int = 8
-    warmup_steps: int = 200
-    continual_steps: int = 400
+    warmup_steps: int = 250
+    continual_steps: int = 350
+    # training text: QA about people whose biographies live only in memory, biographies of "text" people,
+    # reading comprehension about fictitious people, and abstract skills (see World.training_documents)
+    mix: tuple[tuple[str, float], ...] = (("qa", 0.55), ("bio", 0.15), ("reading", 0.15), ("skill", 0.15))
+    eval_phrasing: str = "train"  # the QA format of training; the unseen paraphrase is reported as well
     lr: float = 3e-3
     selector: str = "attention"
     tokens_per_head: int | None = None
@@ -50,6 +54,7 @@ class DemoSettings:
     throughput_batch: int = 4
     throughput_new_tokens: int = 64
     threads: int = 2
+    parallel: bool = True  # train the no-memory control in a second process (needs >= 2 cores to pay)
 
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
@@ -61,12 +66,46 @@ class DemoSettings:
 
 def build_world_data(world: World, tokenizer: Tokenizer, s: DemoSettings, chunk_length: int,
                      retriever: Retriever, reference_tokens, progress: bool, docs=None) -> ChunkedData:
-    docs = docs if docs is not None else world.training_documents(s.n_docs, seed=s.seed)
+    docs = docs if docs is not None else world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
     ids = tokenizer.encode_batch([d.text for d in docs])
     tokens, targets = pack_documents(ids, chunk_length, s.chunks_per_sequence, bos_id=tokenizer.bos_id,
                                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     refs = retrieve_for_chunks(tokens, chunk_length, tokenizer, retriever, reference_tokens, progress=progress)
     return ChunkedData(tokens, targets, refs, reference_tokens)
+
+
+def _train_control(cfg_dict: dict, data: ChunkedData, tc: TrainConfig, out_dir: str, seed: int) -> None:
+    """Body of the control process: train a fresh no-memory model and save its weights."""
+    torch.manual_seed(seed)
+    model = Memory3(Memory3Config.from_dict(cfg_dict))
+    res = train(model, data, tc, out_dir=out_dir, resume=False)
+    save_weights(model, Path(out_dir) / "final.safetensors")
+    atomic_write_text(Path(out_dir) / "summary.json", json.dumps({k: v for k, v in res.items() if k != "losses"}))
+
+
+class ControlJob:
+    """The no-memory control run, in this process (`run`) or in a spawned one (`start` / `join`)."""
+
+    def __init__(self, cfg: Memory3Config, data: ChunkedData, tc: TrainConfig, out_dir: Path, seed: int):
+        self.cfg, self.args = cfg, (cfg.to_dict(), data, tc, str(out_dir), seed)
+        self.out_dir, self.proc = Path(out_dir), None
+
+    def run(self) -> None:
+        _train_control(*self.args)
+
+    def start(self) -> None:
+        self.proc = torch.multiprocessing.get_context("spawn").Process(target=_train_control, args=self.args)
+        self.proc.start()
+
+    def join(self) -> None:
+        self.proc.join()
+        if self.proc.exitcode != 0:
+            raise RuntimeError(f"the no-memory control process failed (exit code {self.proc.exitcode})")
+
+    def result(self) -> tuple[Memory3, dict]:
+        model = Memory3(self.cfg)
+        load_weights(model, self.out_dir / "final.safetensors")
+        return model.eval(), json.loads((self.out_dir / "summary.json").read_text())
 
 
 def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *, progress: bool = True) -> dict:
@@ -85,7 +124,7 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
     references = world.references()
     reference_tokens = tokenizer.encode_batch(references)
     retriever = Retriever().fit(references)
-    docs = world.training_documents(s.n_docs, seed=s.seed)
+    docs = world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
     data = build_world_data(world, tokenizer, s, cfg.chunk_length, retriever, reference_tokens, progress, docs)
     chunk_person = [d.person for d in docs]
     flat = data.chunk_refs.flatten().tolist()
@@ -96,20 +135,30 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
     def stage(name, steps, stage_, model, **kw):
         tc = TrainConfig(stage=stage_, steps=steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
                          selector=s.selector, tokens_per_head=s.tokens_per_head, quiet=not progress,
+                         threads=1 if s.parallel else None,
                          warmup_steps=kw.pop("warmup_steps", max(1, steps // 10)), **kw)
         return train(model, data, tc, out_dir=out / name, tokenizer=tokenizer, resume=False)
 
     total = s.warmup_steps + s.continual_steps
-    # 2. the control: no memory, same shape, same tokens, same schedule (warmup + stable + decay over all steps)
-    torch.manual_seed(s.seed)
-    control = Memory3(cfg)
-    res_control = stage("no_memory_model", total, "warmup", control)
+    # 2. the control: no memory, same shape, same tokens, same schedule (warmup + stable + decay over all steps).
+    # With parallel=True it trains in a second process (one thread each), so both models train at once.
+    control_tc = TrainConfig(stage="warmup", steps=total, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                             quiet=not progress, warmup_steps=max(1, total // 10), threads=1 if s.parallel else None)
+    control_job = ControlJob(cfg, data, control_tc, out / "no_memory_model", s.seed)
+    if s.parallel:
+        control_job.start()
+    else:
+        control_job.run()
     # 3. Memory³: warmup without memory (no decay), then continual with memory (decay at the end)
     torch.manual_seed(s.seed)
     model = Memory3(cfg)
     res_warm = stage("memory3_warmup", s.warmup_steps, "warmup", model, decay_fraction=0.0)
     res_cont = stage("memory3_continual", s.continual_steps, "continual", model, warmup_steps=0,
                      decay_fraction=min(1.0, 0.1 * total / s.continual_steps))
+    if s.parallel:
+        control_job.join()
+        torch.set_num_threads(s.threads)
+    control, res_control = control_job.result()
     plot_losses([out / "no_memory_model/warmup.jsonl", out / "memory3_warmup/warmup.jsonl"],
                 out / "loss_warmup.png", ["no-memory model", "Memory3 warmup"])
     save_pretrained(model, out / "memory3_model", tokenizer)
@@ -126,9 +175,10 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
                                overwrite=True, progress=progress, seed=s.seed)
 
     # 5. QA: people seen in training (text + memory splits) and held-out people (bank only)
-    trained = (world.eval_questions("text", s.eval_questions // 2, seed=s.seed)
-               + world.eval_questions("memory", s.eval_questions - s.eval_questions // 2, seed=s.seed))
-    heldout = world.eval_questions("heldout", s.eval_questions, seed=s.seed)
+    def questions(split, n, phrasing=s.eval_phrasing):
+        return world.eval_questions(split, n, seed=s.seed, phrasing=phrasing)
+    trained = questions("text", s.eval_questions // 2) + questions("memory", s.eval_questions - s.eval_questions // 2)
+    heldout = questions("heldout", s.eval_questions)
     settings_eval = {
         "no_memory_model": dict(model=control, mode="none", bank=None),
         "memory": dict(model=model, mode="memory", bank=bank),
@@ -146,6 +196,12 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
                 hit[split] = {"top1": retrieval_hit_rate(items, r["retrieved"], 1),
                               f"top{cfg.memories_per_chunk}": retrieval_hit_rate(items, r["retrieved"])}
 
+    # the same held-out people asked with a phrasing never seen in training (retrieval is harder too)
+    other = "heldout" if s.eval_phrasing == "train" else "train"
+    para = qa_eval(model, tokenizer, questions("heldout", s.eval_questions, other), mode="memory", bank=bank)
+    paraphrase = {"phrasing": other, "memory": para["accuracy"],
+                  "retrieval_top1": retrieval_hit_rate(questions("heldout", s.eval_questions, other), para["retrieved"], 1)}
+
     # 6. decoding throughput (Table 21 protocol, scaled): memory vs none vs RAG, same model
     prompts = [" ".join(references[i:i + 4]) for i in range(0, 400, 4)]
     tps = {}
@@ -156,7 +212,7 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
 
     bpm_raw, bpm_vq = bank.bytes_per_memory(), bank_vq.bytes_per_memory()
     results = {
-        "qa": qa, "answer_loglik": loglik, "retrieval_hit_rate": hit,
+        "qa": qa, "answer_loglik": loglik, "retrieval_hit_rate": hit, "qa_heldout_paraphrase": paraphrase,
         "training_retrieval_top1": train_retrieval_acc,
         "tokens_per_s": tps,
         "bytes_per_memory": {"raw": bpm_raw["stored"], "vq": bpm_vq["stored"], "raw_bf16": bpm_raw["raw_bf16"]},
@@ -186,6 +242,9 @@ def format_table(r: dict) -> str:
     lines = [f"{'setting':28s} {'trained QA':>11s} {'held-out QA':>12s}"]
     for key, label in NAMES.items():
         lines.append(f"{label:28s} {r['qa']['trained'][key]:11.3f} {r['qa']['heldout'][key]:12.3f}")
+    pp = r["qa_heldout_paraphrase"]
+    lines.append(f"held-out people asked in the {pp['phrasing']} phrasing: Memory3 + memory {pp['memory']:.3f} "
+                 f"(retrieval top-1 {pp['retrieval_top1']:.3f})")
     t = r["tokens_per_s"]
     lines.append(f"decode tokens/s: memory {t['memory']:.0f}, none {t['none']:.0f}, rag {t['rag']:.0f}")
     b = r["bytes_per_memory"]

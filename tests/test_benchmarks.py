@@ -76,3 +76,18 @@ def test_bench_bank(tmp_path):
     assert flat and all(x["recall_at_5"] == 1.0 for x in flat)
     assert r["bytes_per_memory"]["vq_stored"] < r["bytes_per_memory"]["raw_stored"]
     assert r["bank"]["raw"]["get_cached_memories_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_ablations_quick(tmp_path):
+    """Two ablation groups end to end: each variant continues from the same warmup and is evaluated."""
+    out = tmp_path / "ablations.json"
+    assert load("ablations").main(["--quick", "--only", "memory_heads,vq", "--out", str(out), "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["groups"]) == {"memory_heads", "vq"} and set(r["groups"]["vq"]) == {"off", "on"}
+    for res in r["groups"].values():
+        for v in res.values():
+            assert 0 <= v["heldout_qa"] <= 1 and v["heldout_lm_loss"] > 0 and v["final_train_loss"] > 0
+    # same warmup, same data, same seed: the two VQ arms train identically, only the bank differs
+    assert r["groups"]["vq"]["off"]["final_train_loss"] == r["groups"]["vq"]["on"]["final_train_loss"]
+    assert out.with_suffix(".png").exists()

@@ -282,3 +282,17 @@ def test_other_validation(world):
         skill_text(random.Random(0), "poetry")
     with pytest.raises(ValueError, match="n"):
         world.eval_questions("heldout", n=10**6)
+
+
+def test_reading_documents_are_about_fictitious_people(world):
+    """Reading comprehension: a made-up person's biography then one question whose answer is in it."""
+    docs = world.training_documents(200, seed=3, mix={"reading": 1.0})
+    assert all(d.kind == "reading" and d.person is None for d in docs)
+    for d in docs:
+        bio, qa = d.text.rsplit("\n", 1)
+        m = re.fullmatch(r"Q: (.+\?) A: (.+)", qa)
+        assert m and m.group(2) in bio and d.detail in ATTRIBUTES
+        assert len(d.text.split()) <= W.READING_MAX_WORDS
+        assert not [p for p in world.people if p.name in d.text]  # nobody of the world
+    assert len({d.text.split(" ")[0] for d in docs}) > 20  # many different names / templates
+    assert docs == world.training_documents(200, seed=3, mix={"reading": 1.0})

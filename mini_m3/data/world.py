@@ -192,8 +192,10 @@ N_TRAIN_QUESTION_TEMPLATES: int = 2
 HELDOUT_QUESTION_TEMPLATE: int = 2
 
 SKILL_KINDS: tuple[str, ...] = ("copy", "induction", "arithmetic", "reverse", "sort")
-DOC_KINDS: tuple[str, ...] = ("bio", "qa", "skill")
+DOC_KINDS: tuple[str, ...] = ("bio", "qa", "skill", "reading")
 #: Default mixture of training documents (mostly QA, see :meth:`World.training_documents`).
+#: Longest reading-comprehension document (words), so it fits one 64-token chunk.
+READING_MAX_WORDS: int = 46
 DEFAULT_MIX: dict[str, float] = {"qa": 0.7, "bio": 0.15, "skill": 0.15}
 
 _FORMAT_VERSION = 1
@@ -283,6 +285,22 @@ def _derive_rng(*keys: int) -> random.Random:
     """A ``random.Random`` seeded from a tuple of non-negative ints (deterministic, no global state)."""
     state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, dtype=np.uint32)
     return random.Random(int(state[0]) << 32 | int(state[1]))
+
+
+def _random_person(rng: random.Random, pid: int, name_id: int, split: str) -> Person:
+    """A person with name number ``name_id`` (first x last) and random attributes."""
+    fi, li = divmod(name_id, len(LAST_NAMES))
+    first, last = FIRST_NAMES[fi], LAST_NAMES[li]
+    birth_city = rng.choice(CITIES)
+    work_city = rng.choice([c for c in CITIES if c != birth_city])
+    return Person(
+        pid=pid, name=f"{first} {last}", first_name=first, last_name=last,
+        gender="female" if fi < len(FEMALE_FIRST_NAMES) else "male",
+        birth_year=rng.choice(BIRTH_YEARS), birth_city=birth_city,
+        university=rng.choice(UNIVERSITIES), major=rng.choice(MAJORS),
+        employer=rng.choice(EMPLOYERS), work_city=work_city,
+        split=split, bio_template=rng.randrange(len(BIO_TEMPLATES)),
+    )
 
 
 # Stream ids for _derive_rng, so different uses of the same seed do not share random numbers.
@@ -417,20 +435,7 @@ class World:
         for rank, pid in enumerate(order):
             split_of[pid] = "heldout" if rank < n_heldout else ("text" if rank < n_heldout + n_text else "memory")
 
-        people = []
-        for pid, k in enumerate(name_ids):
-            fi, li = divmod(k, len(LAST_NAMES))
-            first, last = FIRST_NAMES[fi], LAST_NAMES[li]
-            birth_city = rng.choice(CITIES)
-            work_city = rng.choice([c for c in CITIES if c != birth_city])
-            people.append(Person(
-                pid=pid, name=f"{first} {last}", first_name=first, last_name=last,
-                gender="female" if fi < len(FEMALE_FIRST_NAMES) else "male",
-                birth_year=rng.choice(BIRTH_YEARS), birth_city=birth_city,
-                university=rng.choice(UNIVERSITIES), major=rng.choice(MAJORS),
-                employer=rng.choice(EMPLOYERS), work_city=work_city,
-                split=split_of[pid], bio_template=rng.randrange(len(BIO_TEMPLATES)),
-            ))
+        people = [_random_person(rng, pid, k, split_of[pid]) for pid, k in enumerate(name_ids)]
         config = {"n_people": n_people, "text_fraction": float(text_fraction),
                   "heldout_fraction": float(heldout_fraction)}
         return cls(people, seed=seed, config=config)
@@ -473,6 +478,17 @@ class World:
             he="she" if female else "he", He="She" if female else "He",
             his="her" if female else "his", His="Her" if female else "His",
             him="her" if female else "him", **p.facts())
+
+    def fictitious_person(self, rng: random.Random) -> Person:
+        """A made-up person whose name nobody in this world has (pid -1, split ``"fiction"``), for the
+        reading-comprehension texts: facts that exist only inside one training document."""
+        if len(self.people) >= MAX_PEOPLE:
+            raise ValueError("every name is taken: a world of MAX_PEOPLE people has no room for fictitious people")
+        while True:
+            k = rng.randrange(MAX_PEOPLE)
+            fi, li = divmod(k, len(LAST_NAMES))
+            if f"{FIRST_NAMES[fi]} {LAST_NAMES[li]}" not in self._by_name:
+                return _random_person(rng, -1, k, "fiction")
 
     def references(self) -> list[str]:
         """The memory bank: one biography per person (index = pid), all people of all splits."""
@@ -518,6 +534,9 @@ class World:
           until the document has at least ``qa_min_words`` words without exceeding ``qa_max_words`` (so one
           retrieved reference -- that person's biography -- covers the whole chunk).
         * ``"skill"``: a skill text (:func:`skill_text`) of a kind drawn uniformly from ``skill_kinds``.
+        * ``"reading"``: reading comprehension, an abstract skill: the biography of a fictitious person (a name
+          no one in the world has, :meth:`fictitious_person`) followed by one QA pair about it, so the fact is
+          needed only inside this document (``person`` is None, ``detail`` the asked attribute).
 
         ``heldout`` people never appear, and ``memory`` people's biographies never appear.
         """
@@ -577,6 +596,16 @@ class World:
                     if n_words >= qa_min_words:
                         break
                 docs.append(Document("\n".join(lines), p.pid, "qa", ",".join(asked)))
+            elif kind == "reading":
+                fits = []
+                while not fits:  # keep it within one 64-token chunk (a new person if no template fits)
+                    p = self.fictitious_person(rng)
+                    a = rng.choice(ATTRIBUTES)
+                    q, ans = self.qa(p, a, rng.randrange(N_TRAIN_QUESTION_TEMPLATES))
+                    texts = [self.biography(p, t) + "\n" + format_qa(q, ans) for t in range(len(BIO_TEMPLATES))]
+                    fits = [t for t in texts if word_count(t) <= READING_MAX_WORDS]
+                text = rng.choice(fits)
+                docs.append(Document(text, None, "reading", a))
             else:
                 k = rng.choice(skill_kinds)
                 docs.append(Document(skill_text(rng, k), None, "skill", k))
