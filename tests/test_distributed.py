@@ -185,3 +185,22 @@ def test_paper_2p4b_runs_one_training_step():
     assert abs(r["loss_before"] - torch.log(torch.tensor(60416.0)).item()) < 1.5  # untrained: ~ln(vocab)
     assert 0 < r["grad_norm"] < float("inf")
     assert r["loss_after"] < r["loss_before"]  # the step moved the weights downhill on its batch
+
+
+def test_recipe_2p4b_quick(tmp_path):
+    """experiments/recipe_2p4b.py --quick: the numbers the README's 2.4B recipe quotes, on a 2-layer measurement."""
+    import importlib.util
+    exp = Path(__file__).resolve().parents[1] / "experiments"
+    sys.path.insert(0, str(exp))
+    try:
+        spec = importlib.util.spec_from_file_location("experiments_recipe_2p4b", exp / "recipe_2p4b.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        r = mod.main(["--quick", "--out", str(tmp_path / "r.json"), "--quiet"])
+    finally:
+        sys.path.remove(str(exp))
+    assert r["parameters"] == 2_819_971_200
+    assert 60e3 < r["activations"]["per_token_per_layer_bytes"] < 200e3  # bf16 block at d = W = 3200
+    assert 1.5 < r["continual_over_warmup_flops"] < 2.5  # the paper: "a little more than 2x"
+    row8 = next(x for x in r["rows"] if x["gpus"] == 8)
+    assert row8["state_gb_per_gpu"] == pytest.approx(16 * 2_819_971_200 / 8 / 1e9)

@@ -16,18 +16,21 @@ Every file is written under a new name and `manifest.json` is replaced last, so 
 or mid-append leaves the previous bank readable. Files are checked against the manifest on `open`.
 "Warm start" (`build`) encodes everything up front; "cold start" (`build(..., encode=False)`) stores only
 texts and index, encodes a reference the first time `get` asks for it, and `flush()` writes those to disk.
+`build(..., memories=...)` stores memories computed elsewhere, one shard per batch. Shards are memory-mapped
+with read-ahead off (`MADV_RANDOM`), since `get` reads scattered rows (experiments/bench_bank_scale.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -70,8 +73,53 @@ def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a, dtype=np.float32))
 
 
+def _advise_random(arr: np.ndarray) -> None:
+    """madvise(MADV_RANDOM) on a memory-mapped array. Without it every page fault reads ahead (128 KiB by default)
+    around a row of a few KiB; at 10^6 references that made a cold `get` of 160 memories 12x slower
+    (experiments/bench_bank_scale.py). No-op where the platform or numpy does not expose it."""
+    m = getattr(arr, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            m.madvise(mmap.MADV_RANDOM)
+        except OSError:
+            pass
+
+
 class BankError(ValueError):
     """A bank that cannot be used as it is: wrong model, damaged file, unsupported version."""
+
+
+class _Locations:
+    """Reference id -> (shard, row) in two numpy arrays: 8 bytes per reference, filled from each shard's ids
+    array without a Python loop, so opening a bank of millions of references does not build millions of
+    Python tuples. Unlocated ids (cold start) hold shard -1."""
+
+    def __init__(self) -> None:
+        self.shard = np.full(0, -1, dtype=np.int32)
+        self.row = np.zeros(0, dtype=np.int32)
+        self.n = 0
+
+    def set(self, ids, shard: int) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) == 0:
+            return
+        need = int(ids.max()) + 1
+        if need > len(self.shard):
+            size = max(need, 2 * len(self.shard))
+            self.shard = np.concatenate([self.shard, np.full(size - len(self.shard), -1, dtype=np.int32)])
+            self.row = np.concatenate([self.row, np.zeros(size - len(self.row), dtype=np.int32)])
+        self.n += int((self.shard[np.unique(ids)] < 0).sum())
+        self.shard[ids] = shard
+        self.row[ids] = np.arange(len(ids), dtype=np.int32)
+
+    def __contains__(self, i: int) -> bool:
+        return 0 <= i < len(self.shard) and self.shard[i] >= 0
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return int(self.shard[i]), int(self.row[i])
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class MemoryBank:
@@ -84,11 +132,9 @@ class MemoryBank:
         self.hits = self.misses = self.cold_encodes = 0
         self._arrays: dict[str, np.ndarray] = {}
         self._pending: dict[int, tuple[torch.Tensor, ...]] = {}  # cold-start memories not yet on disk
-        self._where = {}  # reference id -> (shard index, row)
+        self._where = _Locations()  # reference id -> (shard index, row)
         for s, shard in enumerate(manifest["shards"]):
-            ids = self._array(shard, "ids")
-            for row, rid in enumerate(ids.tolist()):
-                self._where[rid] = (s, row)
+            self._where.set(self._array(shard, "ids"), s)
         self.texts = self._read_texts()
         self.retriever = Retriever.load(self.path / manifest["retriever_dir"])
         qf = manifest.get("quantizer")
@@ -100,12 +146,16 @@ class MemoryBank:
               quantizer: VectorQuantizer | str | None = None, selector: str = "attention",
               tokens_per_head: int | None = None, storage_dtype: str = "bfloat16", retriever: Retriever | None = None,
               encode: bool = True, batch_size: int = 64, shard_size: int = 65536, vq_train_references: int = 4096,
-              cache_size: int = 4096, overwrite: bool = False, seed: int = 0, progress: bool = True) -> "MemoryBank":
+              cache_size: int = 4096, overwrite: bool = False, seed: int = 0, progress: bool = True,
+              memories: Iterable[ExplicitMemory] | None = None) -> "MemoryBank":
         """Encode `texts` with `model` and write a new bank at `path`.
 
         quantizer: None (raw `storage_dtype`), a `VectorQuantizer` (trained or not), or a faiss factory string
         ("default" picks `default_factory(head_dim)`); an untrained quantizer is trained on the K/V vectors of
         the first `vq_train_references` references. encode=False makes a cold-start bank.
+        memories: the explicit memories of `texts`, already computed (encoded on other machines, or synthesized
+        for a storage benchmark), as an iterable of `ExplicitMemory` batches in reference order (reference_ids
+        0, 1, ...); each batch becomes one shard file, streamed to disk, and `model` is not run.
         """
         path = Path(path)
         if path.exists() and any(path.iterdir()):
@@ -138,12 +188,13 @@ class MemoryBank:
         }
         bank = cls.__new__(cls)
         bank.path, bank.manifest, bank.model, bank.tokenizer = path, manifest, model, tokenizer
-        bank.cache_size, bank._cache, bank._arrays, bank._pending, bank._where = cache_size, OrderedDict(), {}, {}, {}
+        bank.cache_size, bank._cache, bank._arrays, bank._pending = cache_size, OrderedDict(), {}, {}
+        bank._where = _Locations()
         bank.hits = bank.misses = bank.cold_encodes = 0
         bank.texts, bank.quantizer = [], quantizer
         bank.retriever = retriever if retriever is not None else Retriever()
         bank._add(texts, encode=encode, batch_size=batch_size, shard_size=shard_size,
-                  vq_train_references=vq_train_references, progress=progress, first=True)
+                  vq_train_references=vq_train_references, progress=progress, first=True, memories=memories)
         return bank
 
     def append(self, texts: Sequence[str], *, batch_size: int = 64, shard_size: int = 65536,
@@ -155,7 +206,8 @@ class MemoryBank:
                   shard_size=shard_size, vq_train_references=0, progress=progress, first=False)
         return list(range(start, start + len(texts)))
 
-    def _add(self, texts, *, encode, batch_size, shard_size, vq_train_references, progress, first) -> None:
+    def _add(self, texts, *, encode, batch_size, shard_size, vq_train_references, progress, first,
+             memories: Iterable[ExplicitMemory] | None = None) -> None:
         m = self.manifest
         if self.tokenizer is not None:  # refuse over-long references up front, also in cold-start banks
             limit = self.model.cfg.reference_length
@@ -165,7 +217,19 @@ class MemoryBank:
                                      f"split it first (mini_m3.data.text.chunk_references)")
         start = len(self.texts)
         new_shards = []
-        if encode:
+        if memories is not None:
+            expected = start
+            for mem in memories:
+                self._check_memories(mem, expected)
+                if self.quantizer is not None and not self.quantizer.trained:
+                    sample = mem[list(range(min(len(mem), max(1, vq_train_references))))]
+                    vecs = torch.cat([sample.keys[sample.mask], sample.values[sample.mask]]).float().numpy()
+                    self.quantizer.train(vecs, seed=m["seed"])
+                new_shards.append(self._write_shard(mem, len(m["shards"]) + len(new_shards)))
+                expected += len(mem)
+            if expected != start + len(texts):
+                raise ValueError(f"memories cover {expected - start} references, texts has {len(texts)}")
+        elif encode:
             ids = list(range(start, start + len(texts)))
             if self.quantizer is not None and not self.quantizer.trained:
                 n_train = min(len(texts), max(1, vq_train_references))
@@ -174,7 +238,7 @@ class MemoryBank:
                 self.quantizer.train(vecs, seed=m["seed"])
             for s in range(0, len(texts), shard_size):
                 mem = self._encode(texts[s:s + shard_size], ids[s:s + shard_size], batch_size, progress)
-                new_shards.append(self._write_shard(mem))
+                new_shards.append(self._write_shard(mem, len(m["shards"]) + len(new_shards)))
         gen = m["generation"] + 1
         all_texts = self.texts + list(texts)
         texts_file = f"texts-{gen:05d}.jsonl"
@@ -197,9 +261,20 @@ class MemoryBank:
         self._write_manifest()  # the commit point
         self._remove_unreferenced()
         self.texts = all_texts
-        for sh in new_shards:
-            for row, rid in enumerate(self._array(sh, "ids").tolist()):
-                self._where[rid] = (m["shards"].index(sh), row)
+        for j, sh in enumerate(new_shards):
+            self._where.set(self._array(sh, "ids"), len(m["shards"]) - len(new_shards) + j)
+
+    def _check_memories(self, mem: ExplicitMemory, start: int) -> None:
+        cfg, m = self.model.cfg, self.manifest
+        want = (len(cfg.memory_layers), len(cfg.memory_heads), m["tokens_per_head"], cfg.head_dim)
+        n = len(mem)
+        if (tuple(mem.keys.shape[1:]) != want or mem.values.shape != mem.keys.shape
+                or tuple(mem.positions.shape) != (n, *want[:3]) or tuple(mem.mask.shape) != (n, *want[:3])):
+            raise ValueError(f"memories of shape {tuple(mem.keys.shape)} do not fit this model: expected "
+                             f"(n, {', '.join(map(str, want))}) keys/values and (n, {', '.join(map(str, want[:3]))}) "
+                             f"positions and mask")
+        if not torch.equal(mem.reference_ids.cpu(), torch.arange(start, start + n)):
+            raise ValueError(f"memories must come in reference order: expected ids {start}..{start + n - 1}")
 
     def _encode(self, texts, ids, batch_size, progress) -> ExplicitMemory:
         if self.tokenizer is None:
@@ -209,9 +284,11 @@ class MemoryBank:
                                  tokens_per_head=m["tokens_per_head"], batch_size=batch_size,
                                  seed=m["seed"], reference_ids=ids, progress=progress)
 
-    def _write_shard(self, mem: ExplicitMemory) -> dict:
+    def _write_shard(self, mem: ExplicitMemory, index: int | None = None) -> dict:
+        """Write one shard; `index` numbers it (several shards written in one generation need distinct names)."""
         m = self.manifest
-        name = f"shard-{len(m['shards']):05d}-g{m['generation'] + 1:05d}"
+        index = len(m["shards"]) if index is None else index
+        name = f"shard-{index:05d}-g{m['generation'] + 1:05d}"
         files = {}
         if m["storage"] == "vq":
             d = mem.keys.shape[-1]
@@ -298,9 +375,12 @@ class MemoryBank:
         key = f"{shard['name']}.{kind}"
         if key not in self._arrays:
             try:
-                self._arrays[key] = np.load(self.path / f"{key}.npy", mmap_mode="r", allow_pickle=False)
+                arr = np.load(self.path / f"{key}.npy", mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as e:
                 raise BankError(f"cannot read {self.path / (key + '.npy')}: {e}") from None
+            if kind != "ids":  # memories are read at random: no kernel read-ahead around each row
+                _advise_random(arr)
+            self._arrays[key] = arr
         return self._arrays[key]
 
     def _read_texts(self) -> list[str]:
@@ -413,9 +493,7 @@ class MemoryBank:
         self.manifest["shards"].append(shard)
         self.manifest["generation"] += 1
         self._write_manifest()
-        s = len(self.manifest["shards"]) - 1
-        for row, i in enumerate(ids):
-            self._where[i] = (s, row)
+        self._where.set(ids, len(self.manifest["shards"]) - 1)
         self._pending.clear()
         return len(ids)
 
