@@ -73,7 +73,9 @@ def cmd_qa(a) -> None:
     s = DemoSettings(n_people=a.people, n_docs=a.docs, chunks_per_sequence=1)
     docs = world.training_documents(a.docs, seed=0, mix=mix)
     data = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_batch(refs), False, docs=docs)
-    model = new_model(a.preset, memories_per_chunk=1)
+    over = {"memory_layers": tuple(int(x) for x in a.memory_layers.split(","))} if a.memory_layers else {}
+    model = new_model(a.preset, memories_per_chunk=1, **over)
+    print("memory layers", model.cfg.memory_layers, flush=True)
     items = world.eval_questions("heldout", 100, seed=1, phrasing="train")
     t0 = time.time()
 
@@ -195,6 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--mix", default="qa=1")
     p.add_argument("--textbook", action="store_true")
+    p.add_argument("--memory-layers", default=None, help="qa: comma-separated memory layers (default: first half)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"verbatim": cmd_verbatim, "qa": cmd_qa, "copy": cmd_copy, "reading": cmd_reading}[a.what](a)
