@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from mini_m3 import Memory3, Memory3Config, MemoryBank, Retriever, Tokenizer
-from mini_m3.data.world import World, format_qa
-from mini_m3.demo import DemoSettings, build_world_data
+from mini_m3 import Memory3, Memory3Config, MemoryBank
+from mini_m3.data.world import format_qa
+from mini_m3.demo import DemoSettings, build_world_data, setup_world
 from mini_m3.evaluate import qa_eval
 from mini_m3.train import TrainConfig, evaluate_loss, train
 from mini_m3.utils import atomic_write_text
@@ -65,12 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     s = DemoSettings.quick(seed=a.seed) if a.quick else DemoSettings(seed=a.seed, n_docs=12000)
     W = a.warmup_steps if a.warmup_steps is not None else (10 if a.quick else s.warmup_steps)
     C = a.continual_steps if a.continual_steps is not None else (5 if a.quick else 150)
-    world = World.generate(s.n_people, seed=s.seed)
-    tok = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
-    base_cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tok.vocab_size))
-    refs = world.references()
-    ref_tokens = tok.encode_batch(refs)
-    retriever = Retriever().fit(refs)
+    w = setup_world(s)
+    world, tok, base_cfg, refs, ref_tokens, retriever = (w.world, w.tokenizer, w.cfg, w.references,
+                                                          w.reference_tokens, w.retriever)
     data = build_world_data(world, tok, s, base_cfg.chunk_length, retriever, ref_tokens, not a.quiet)
     # held-out LM data: QA documents (training format) about held-out people, who never appear in training
     heldout_people = world.people_in("heldout")

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 
-from mini_m3 import Memory3, Memory3Config, MemoryBank, Retriever, Tokenizer
-from mini_m3.data.world import World
-from mini_m3.demo import DemoSettings, build_world_data
+from mini_m3 import Memory3, MemoryBank
+from mini_m3.demo import DemoSettings, build_world_data, setup_world
 from mini_m3.evaluate import qa_eval
 from mini_m3.train import TrainConfig, train
 from mini_m3.utils import atomic_write_text
@@ -46,12 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(s.threads)
     out = Path(a.out)
     work = out.with_suffix("")
-    world = World.generate(s.n_people, seed=s.seed)
-    tok = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
-    cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tok.vocab_size))
-    refs = world.references()
-    ref_tokens = tok.encode_batch(refs)
-    data = build_world_data(world, tok, s, cfg.chunk_length, Retriever().fit(refs), ref_tokens, not a.quiet)
+    w = setup_world(s)
+    world, tok, cfg, refs = w.world, w.tokenizer, w.cfg, w.references
+    data = build_world_data(world, tok, s, cfg.chunk_length, w.retriever, w.reference_tokens, not a.quiet)
     items = {split: world.eval_questions(people, s.eval_questions, seed=s.seed, phrasing=s.eval_phrasing)
              for split, people in (("trained", "memory"), ("heldout", "heldout"))}
     results = {"settings": {**s.__dict__, "warmup_steps": W, "continual_steps": C}, "arms": {}}

@@ -64,6 +64,28 @@ class DemoSettings:
         return cls(**base)
 
 
+@dataclass
+class WorldSetup:
+    """What every run on the knowledge world starts from (seeded by the settings)."""
+
+    world: World
+    tokenizer: Tokenizer
+    cfg: Memory3Config
+    references: list[str]
+    reference_tokens: list[list[int]]
+    retriever: Retriever
+
+
+def setup_world(s: DemoSettings) -> WorldSetup:
+    """The world, its tokenizer, the model config for it, the references (the bank's texts) and a retriever."""
+    world = World.generate(s.n_people, seed=s.seed)
+    tokenizer = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
+    cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tokenizer.vocab_size))
+    references = world.references()
+    return WorldSetup(world, tokenizer, cfg, references, tokenizer.encode_batch(references),
+                      Retriever().fit(references))
+
+
 def build_world_data(world: World, tokenizer: Tokenizer, s: DemoSettings, chunk_length: int,
                      retriever: Retriever, reference_tokens, progress: bool, docs=None) -> ChunkedData:
     docs = docs if docs is not None else world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
@@ -118,12 +140,9 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
     t_start = time.perf_counter()
 
     # 1. the world, the tokenizer, the retriever, the training data
-    world = World.generate(s.n_people, seed=s.seed)
-    tokenizer = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
-    cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tokenizer.vocab_size))
-    references = world.references()
-    reference_tokens = tokenizer.encode_batch(references)
-    retriever = Retriever().fit(references)
+    w = setup_world(s)
+    world, tokenizer, cfg, references, reference_tokens, retriever = (
+        w.world, w.tokenizer, w.cfg, w.references, w.reference_tokens, w.retriever)
     docs = world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
     data = build_world_data(world, tokenizer, s, cfg.chunk_length, retriever, reference_tokens, progress, docs)
     chunk_person = [d.person for d in docs]

@@ -60,11 +60,8 @@ _FREE_FIELDS = ("quiet", "threads", "checkpoint_every", "keep_checkpoints", "log
 
 # ----------------------------------------------------------------------------------------------- configs
 @dataclass
-class SFTConfig:
-    """SFT hyperparameters. Paper (Table 15 text): cosine LR, max 5e-5, 10 % linear warmup, weight decay 0.1,
-    batch 512, 3 epochs, for a 2.4B model; that peak equals the paper's continual-stage LR and is 1/16 of its
-    warmup peak. Scaled: the demo pretrains both stages at 3e-3, SFT uses a third of it; the batch is 16
-    conversations; the warmup fraction and weight decay are the paper's."""
+class _TuneConfig:
+    """Fields shared by SFT and DPO (see SFTConfig for the recipe)."""
 
     steps: int = 300
     batch_size: int = 16
@@ -92,34 +89,28 @@ class SFTConfig:
 
 
 @dataclass
-class DPOConfig:
+class SFTConfig(_TuneConfig):
+    """SFT hyperparameters. Paper (Table 15 text): cosine LR, max 5e-5, 10 % linear warmup, weight decay 0.1,
+    batch 512, 3 epochs, for a 2.4B model; that peak equals the paper's continual-stage LR and is 1/16 of its
+    warmup peak. Scaled: the demo pretrains both stages at 3e-3, SFT uses a third of it; the batch is 16
+    conversations; the warmup fraction and weight decay are the paper's."""
+
+    steps: int = 300
+    lr: float = 1e-3
+
+
+@dataclass
+class DPOConfig(_TuneConfig):
     """DPO hyperparameters. Paper (§6.2): cosine LR, max 4e-6, β = 0.01; batch and epochs not stated.
     Scaled: the paper's DPO peak is 0.08x its SFT peak, so ours is 0.08 x 1e-3 = 8e-5; no weight decay."""
 
     steps: int = 100
-    batch_size: int = 16
     lr: float = 8e-5
     beta: float = 0.01
-    warmup_fraction: float = 0.1
-    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    seed: int = 0
-    with_memory: bool = True
-    memory_source: str = "live"
-    memory_grad: bool = True
-    leakage_threshold: float | None = EVAL_LEAKAGE_THRESHOLD
-    memories_per_chunk: int | None = None
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    threads: int | None = None
-    quiet: bool = False
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        _validate_common(self, type(self).__name__)
+        super().__post_init__()
         if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
             raise ValueError(f"DPOConfig.beta={self.beta!r}: must be a positive number")
 
