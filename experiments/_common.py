@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from mini_m3.utils import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -57,9 +59,7 @@ def timeit(fn: Callable[[], object]) -> float:
 def write_json(out: str | os.PathLike, obj: dict) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, out)
+    atomic_write_text(out, json.dumps(obj, indent=1, default=float))
     return out
 
 

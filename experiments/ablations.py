@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -26,12 +25,14 @@ from pathlib import Path
 
 import torch
 
-from mini_m3 import Memory3, Memory3Config, MemoryBank
-from mini_m3.data.world import format_qa
-from mini_m3.demo import DemoSettings, build_world_data, setup_world
-from mini_m3.evaluate import qa_eval
-from mini_m3.train import TrainConfig, evaluate_loss, train
-from mini_m3.utils import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import plt as pyplot, png_path, write_json  # noqa: E402
+
+from mini_m3 import Memory3, Memory3Config, MemoryBank  # noqa: E402
+from mini_m3.data.world import format_qa  # noqa: E402
+from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
+from mini_m3.evaluate import qa_eval  # noqa: E402
+from mini_m3.train import TrainConfig, evaluate_loss, train  # noqa: E402
 
 
 def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict]]]:
@@ -112,16 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             if not a.quiet:
                 print(group, label, results["groups"][group][label], flush=True)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+    write_json(out, results)
+    plot(results, png_path(out))
     return 0
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     groups = results["groups"]
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), squeeze=False)
     for ax, (group, res) in zip(axes[0], groups.items()):

@@ -13,18 +13,19 @@ and QA exact match (memory mode and memory off) on trained and held-out people.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mini_m3 import Memory3, MemoryBank
-from mini_m3.demo import DemoSettings, build_world_data, setup_world
-from mini_m3.evaluate import qa_eval
-from mini_m3.train import TrainConfig, train
-from mini_m3.utils import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import plt as pyplot, png_path, write_json  # noqa: E402
+
+from mini_m3 import Memory3, MemoryBank  # noqa: E402
+from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
+from mini_m3.evaluate import qa_eval  # noqa: E402
+from mini_m3.train import TrainConfig, train  # noqa: E402
 
 ARMS = {"control-control": ("warmup", "warmup"), "memory-memory": ("continual", "continual"),
         "control-memory": ("warmup", "continual")}
@@ -68,16 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         results["arms"][arm] = {"loss": r1["losses"] + r2["losses"], "qa": qa, "seconds": time.perf_counter() - t0}
         if not a.quiet:
             print(arm, qa, f"final loss {r2['final_loss']:.3f}", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(results, indent=1))
-    plot(results, out.with_suffix(".png"))
+    write_json(out, results)
+    plot(results, png_path(out))
     return 0
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     W = results["settings"]["warmup_steps"]
