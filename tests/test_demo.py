@@ -17,7 +17,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert set(r["tokens_per_s"]) == {"memory", "none", "rag"} and min(r["tokens_per_s"].values()) > 0
     assert r["bytes_per_memory"]["vq"] * 8 <= r["bytes_per_memory"]["raw"]
     assert r["step_time"]["warmup"] > 0 and r["step_time"]["continual"] > 0
-    assert r["seed"] == 0 and r["config"]["name"] == "small"
+    assert r["seed"] == 0 and r["config"]["name"] == "tiny" and r["config"]["memories_per_chunk"] == 1
+    assert 0.0 <= r["qa_heldout_5_memories"]["memory"] <= 1.0
     assert (out / "results.png").stat().st_size > 0
     # training took effect: the loss fell well below its start (ln 2048 = 7.6)
     assert r["final_loss"]["memory3_continual"] < 5.0

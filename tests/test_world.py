@@ -296,3 +296,21 @@ def test_reading_documents_are_about_fictitious_people(world):
         assert not [p for p in world.people if p.name in d.text]  # nobody of the world
     assert len({d.text.split(" ")[0] for d in docs}) > 20  # many different names / templates
     assert docs == world.training_documents(200, seed=3, mix={"reading": 1.0})
+
+
+def test_group_lookalikes_reorders_into_runs_that_share_a_name(world):
+    docs = world.training_documents(3000, seed=3, mix={"qa": 0.6, "bio": 0.2, "skill": 0.2})
+    out = world.group_lookalikes(docs, 5, seed=1)
+    assert sorted(map(id, out)) == sorted(map(id, docs))  # the same documents, nothing lost or repeated
+    assert out == world.group_lookalikes(docs, 5, seed=1)  # deterministic
+    assert out != docs
+    runs = [out[i:i + 5] for i in range(0, len(out), 5)]
+    about = [[world.people[d.person] for d in r if d.person is not None] for r in runs]
+    in_shared = sum(len(ps) for ps in about if len(ps) == 5 and (
+        len({p.first_name for p in ps}) == 1 or len({p.last_name for p in ps}) == 1))
+    assert in_shared > 0.7 * sum(d.person is not None for d in docs)  # most share a first or a last name
+    in_random = sum(len({world.people[d.person].last_name for d in r}) == 1
+                    for r in (docs[i:i + 5] for i in range(0, len(docs), 5)) if all(d.person is not None for d in r))
+    assert in_random < 0.05 * len(docs) / 5  # unlike the original order
+    with pytest.raises(ValueError, match="group_size"):
+        world.group_lookalikes(docs, 0)

@@ -613,6 +613,39 @@ class World:
 
     # ---- evaluation -------------------------------------------------------------------------------
 
+    def group_lookalikes(self, docs: Sequence[Document], group_size: int, *, seed: int = 0) -> list[Document]:
+        """The same documents, reordered so that each run of ``group_size`` consecutive documents is, where
+        possible, about people who share a first or a last name (documents about no one form their own runs).
+
+        Packed ``group_size`` chunks to a sequence, this makes the references of the earlier chunks -- which
+        continual training lets each chunk read besides its own (§3.6) -- look-alikes of the right one: the
+        same hard distractors that retrieval returns next to it at test time (issue 4, deviation 57).
+        """
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        rng = _derive_rng(self.seed, _STREAM_DOCS, _check_seed(seed) + 7919)
+        buckets: dict[tuple[str, str], list[Document]] = {}
+        rest: list[Document] = []
+        for d in docs:
+            if d.person is None:
+                rest.append(d)
+                continue
+            p = self.people[d.person]
+            key = ("last", p.last_name) if rng.random() < 0.5 else ("first", p.first_name)
+            buckets.setdefault(key, []).append(d)
+        groups: list[list[Document]] = []
+        for key in sorted(buckets):
+            ds = buckets[key]
+            rng.shuffle(ds)
+            full = len(ds) - len(ds) % group_size
+            groups += [ds[i:i + group_size] for i in range(0, full, group_size)]
+            rest += ds[full:]
+        rng.shuffle(rest)
+        full = len(rest) - len(rest) % group_size
+        groups += [rest[i:i + group_size] for i in range(0, full, group_size)]
+        rng.shuffle(groups)
+        return [d for g in groups for d in g] + rest[full:]  # a short last run stays last: runs keep aligned
+
     def eval_questions(
         self,
         split: str,
