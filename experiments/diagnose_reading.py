@@ -1,7 +1,7 @@
 """Why memory reading does not pay yet (§3.6, issue 4): four small diagnostics of what the model learns.
 
 Each subcommand trains a fresh model on world data for a few hundred steps (one thread, seed 0) and prints
-what it measured; `experiments/README.md` ("Does reading memory pay yet?") records the numbers.
+what it measured; `experiments/README.md` ("Does reading memory pay?") records the numbers.
 
     python experiments/diagnose_reading.py verbatim --preset tiny --steps 150
         memory sanity check: the chunk IS its reference; loss with memory vs without

@@ -2,7 +2,7 @@
 
 Trains the demo's `small` model (optionally after a no-memory warmup) and reports QA exact match with memory
 on and off, on `memory` people (QA seen in training) and `heldout` people (never seen), in the held-out and the
-training phrasing. Used for the numbers in experiments/README.md ("Does reading memory pay yet?").
+training phrasing. Used for the numbers in experiments/README.md ("Does reading memory pay?").
 
     python experiments/probe_memory_reading.py SELECTOR CONTINUAL_STEPS WARMUP_STEPS
     python experiments/probe_memory_reading.py all 400 0
