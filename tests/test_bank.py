@@ -139,6 +139,30 @@ def test_vq_round_trip_error_is_bounded_and_storage_is_8x_smaller(bank_dirs, mod
     assert torch.equal(again.keys, got.keys) and torch.equal(again.values, got.values)
 
 
+def test_vq_codebooks_per_head_beat_one_shared_and_auto_falls_back_on_tiny_banks(bank_dirs, model, tok, refs):
+    n = 60
+    exp = encode(model, tok, refs[:n])
+    errs = {}
+    for groups in ("per_head", "shared"):
+        bank = MemoryBank.build(bank_dirs / f"vq-{groups}", model, tok, refs[:n], quantizer="PQ4x8np",
+                                vq_groups=groups, progress=False)
+        assert manifest(bank.path)["quantizer"]["groups"] == (8 if groups == "per_head" else 1)  # (K,V) x 2 x 2
+        got = bank.get(range(n))
+        errs[groups] = sum(rel_err(getattr(exp, k), getattr(got, k)) for k in ("keys", "values"))
+        assert bank.bytes_per_memory()["stored"] == 2 * 2 * 2 * 8 * 4  # same bytes either way
+    assert errs["per_head"] < 0.9 * errs["shared"], errs
+    # 20 references give 160 vectors per group, fewer than a PQ4x8's 256 centroids: "auto" shares one codebook,
+    # "per_head" refuses with the group's name
+    small = MemoryBank.build(bank_dirs / "vq-auto", model, tok, refs[:20], quantizer="PQ4x8np", progress=False)
+    assert manifest(small.path)["quantizer"]["groups"] == 1
+    with pytest.raises(ValueError, match="group 0"):
+        MemoryBank.build(bank_dirs / "vq-strict", model, tok, refs[:20], quantizer="PQ4x8np", vq_groups="per_head",
+                         progress=False)
+    with pytest.raises(ValueError, match="vq_groups"):
+        MemoryBank.build(bank_dirs / "vq-bad", model, tok, refs[:20], quantizer="PQ4x8np", vq_groups="layer",
+                         progress=False)
+
+
 # ----------------------------------------------------------------------------------------------- refusals
 def test_open_refuses_a_model_with_other_weights(small_bank_path, model, tok):
     MemoryBank.open(small_bank_path, model, tok)  # the model that built it is fine

@@ -5,7 +5,8 @@ import faiss
 import numpy as np
 import pytest
 
-from mini_m3.memory.quantize import PAPER_FACTORY, VectorQuantizer, default_factory, min_training_vectors
+from mini_m3.memory.quantize import (PAPER_FACTORY, GroupedQuantizer, VectorQuantizer, default_factory,
+                                     load_quantizer, min_training_vectors)
 
 DIM = 32
 
@@ -172,3 +173,40 @@ def test_paper_quantizer_trains():
     print(f"paper quantizer: held-out {err}")
     assert rate_distortion_bound(80, 14 * 8) < err["relative_mse"] < 0.35
     assert np.array_equal(VectorQuantizer.from_bytes(vq.to_bytes()).encode(x[20_000:]), codes)
+
+
+def test_grouped_quantizer_round_trip_serialisation_and_refusals(tmp_path):
+    # three groups with very different scales: each gets its own codebook
+    groups = [correlated_gaussian(3000, 16, seed=g) * scale for g, scale in enumerate((1.0, 10.0, 0.1))]
+    gq = GroupedQuantizer("PQ4x8np", 16, 3).train(groups, seed=0)
+    assert gq.trained and gq.code_size == 4 and gq.compression_ratio() == 8
+    x = np.stack([g[:500] for g in groups], 1)  # (500, 3, 16)
+    codes = gq.encode(x)
+    assert codes.shape == (500, 3, 4) and codes.dtype == np.uint8
+    x_hat = gq.decode(codes)
+    for g in range(3):  # each group is decoded by its own codebook: relative error is scale-free
+        rel = ((x[:, g] - x_hat[:, g]) ** 2).sum() / (x[:, g] ** 2).sum()
+        assert rel < 0.5, (g, rel)
+    assert gq.reconstruction_error(x)["relative_mse"] < 0.5
+    swapped = gq.parts[1].decode(codes[:, 0])  # the wrong codebook is far off
+    assert ((x[:, 0] - swapped) ** 2).sum() > 10 * ((x[:, 0] - x_hat[:, 0]) ** 2).sum()
+    path = tmp_path / "gq.bin"
+    gq.save(path)
+    again = load_quantizer(path)
+    assert isinstance(again, GroupedQuantizer) and np.array_equal(again.encode(x), codes)
+    VectorQuantizer("PQ4x8np", 16).train(groups[0]).save(tmp_path / "vq.bin")
+    assert isinstance(load_quantizer(tmp_path / "vq.bin"), VectorQuantizer)
+    data = path.read_bytes()
+    with pytest.raises(ValueError, match="does not match its header"):
+        GroupedQuantizer.from_bytes(data[:-10])
+    with pytest.raises(ValueError, match="bad magic"):
+        GroupedQuantizer.from_bytes(b"nope" + data)
+    with pytest.raises(ValueError, match=r"shape \(n, 3, 16\)"):
+        gq.encode(x[:, :2])
+    with pytest.raises(ValueError, match="3 groups"):
+        GroupedQuantizer("PQ4x8np", 16, 3).train(groups[:2])
+    with pytest.raises(ValueError, match="n_groups"):
+        GroupedQuantizer("PQ4x8np", 16, 0)
+    with pytest.raises(RuntimeError, match="never trained"):
+        GroupedQuantizer("PQ4x8np", 16, 2).to_bytes()
+

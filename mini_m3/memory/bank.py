@@ -8,7 +8,7 @@ Layout of a bank directory:
     shard-00000.values.npy        (n, L_mem, H_mem, k, d_h) raw values      H_mem, k, code_size) uint8 VQ codes)
     shard-00000.positions.npy     (n, L_mem, H_mem, k) int16, -1 = empty slot
     shard-00000.ids.npy           (n,) reference ids held by the shard
-    quantizer.bin                 the trained VectorQuantizer (VQ banks)
+    quantizer.bin                 the trained quantizer (VQ banks): one codebook per (key/value, layer, head)
     texts-<gen>.jsonl             reference texts, one JSON object per line
     retriever-<gen>/              the retrieval index over those texts
 
@@ -39,7 +39,7 @@ from ..checkpoint import weights_fingerprint
 from ..utils import atomic_path, atomic_write_text
 from ..model import Memory3
 from .encode import ExplicitMemory, encode_references
-from .quantize import VectorQuantizer, default_factory
+from .quantize import GroupedQuantizer, VectorQuantizer, default_factory, load_quantizer
 from .retrieve import Retriever
 
 BANK_FORMAT = "mini_m3.memory_bank"
@@ -71,6 +71,25 @@ def _from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+
+def _encode_kv(q, kv: np.ndarray) -> np.ndarray:
+    """Memory K/V stacked as (N, 2, L_mem, H_mem, k, d) -> codes (N, 2, L_mem, H_mem, k, code_size).
+    A GroupedQuantizer's groups are the flattened (2, L_mem, H_mem) axes."""
+    if isinstance(q, GroupedQuantizer):
+        N, _, L, H, S, d = kv.shape
+        x = kv.reshape(N, 2 * L * H, S, d).transpose(0, 2, 1, 3).reshape(N * S, 2 * L * H, d)
+        return q.encode(x).reshape(N, S, 2 * L * H, -1).transpose(0, 2, 1, 3).reshape(N, 2, L, H, S, -1)
+    return q.encode(kv.reshape(-1, kv.shape[-1])).reshape(*kv.shape[:-1], -1)
+
+
+def _decode_kv(q, codes: np.ndarray) -> np.ndarray:
+    """The inverse of `_encode_kv`: codes (N, 2, L_mem, H_mem, k, c) -> float32 (N, 2, L_mem, H_mem, k, d)."""
+    if isinstance(q, GroupedQuantizer):
+        N, _, L, H, S, c = codes.shape
+        x = codes.reshape(N, 2 * L * H, S, c).transpose(0, 2, 1, 3).reshape(N * S, 2 * L * H, c)
+        return q.decode(x).reshape(N, S, 2 * L * H, -1).transpose(0, 2, 1, 3).reshape(N, 2, L, H, S, -1)
+    return q.decode(codes.reshape(-1, codes.shape[-1])).reshape(*codes.shape[:-1], -1)
 
 
 def _advise_random(arr: np.ndarray) -> None:
@@ -138,12 +157,14 @@ class MemoryBank:
         self.texts = self._read_texts()
         self.retriever = Retriever.load(self.path / manifest["retriever_dir"])
         qf = manifest.get("quantizer")
-        self.quantizer = VectorQuantizer.load(self.path / qf["file"]) if qf else None
+        self.quantizer = load_quantizer(self.path / qf["file"]) if qf else None
+        self._vq_groups = "auto"
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, path: str | os.PathLike, model: Memory3, tokenizer, texts: Sequence[str], *,
-              quantizer: VectorQuantizer | str | None = None, selector: str = "attention",
+              quantizer: VectorQuantizer | GroupedQuantizer | str | None = None, vq_groups: str = "auto",
+              selector: str = "attention",
               tokens_per_head: int | None = None, storage_dtype: str = "bfloat16", retriever: Retriever | None = None,
               encode: bool = True, batch_size: int = 64, shard_size: int = 65536, vq_train_references: int = 4096,
               cache_size: int = 4096, overwrite: bool = False, seed: int = 0, progress: bool = True,
@@ -153,6 +174,9 @@ class MemoryBank:
         quantizer: None (raw `storage_dtype`), a `VectorQuantizer` (trained or not), or a faiss factory string
         ("default" picks `default_factory(head_dim)`); an untrained quantizer is trained on the K/V vectors of
         the first `vq_train_references` references. encode=False makes a cold-start bank.
+        vq_groups (factory strings only): "per_head" trains one codebook per (key/value, memory layer, memory
+        head), "shared" one for all, "auto" per head unless a group has fewer training vectors than its
+        k-means has centroids (tiny banks), then shared.
         memories: the explicit memories of `texts`, already computed (encoded on other machines, or synthesized
         for a storage benchmark), as an iterable of `ExplicitMemory` batches in reference order (reference_ids
         0, 1, ...); each batch becomes one shard file, streamed to disk, and `model` is not run.
@@ -167,9 +191,13 @@ class MemoryBank:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
         texts = _check_texts(texts)
         cfg = model.cfg
+        if vq_groups not in ("auto", "per_head", "shared"):
+            raise ValueError(f"vq_groups must be 'auto', 'per_head' or 'shared', got {vq_groups!r}")
         if isinstance(quantizer, str):
-            quantizer = VectorQuantizer(default_factory(cfg.head_dim) if quantizer == "default" else quantizer,
-                                        cfg.head_dim)
+            factory = default_factory(cfg.head_dim) if quantizer == "default" else quantizer
+            n_groups = 2 * len(cfg.memory_layers) * len(cfg.memory_heads)
+            quantizer = (VectorQuantizer(factory, cfg.head_dim) if vq_groups == "shared"
+                         else GroupedQuantizer(factory, cfg.head_dim, n_groups))
         path.mkdir(parents=True, exist_ok=True)
         old_generation = 0
         if overwrite and (path / "manifest.json").exists():  # new files get new names; the old bank stays
@@ -191,7 +219,7 @@ class MemoryBank:
         bank.cache_size, bank._cache, bank._arrays, bank._pending = cache_size, OrderedDict(), {}, {}
         bank._where = _Locations()
         bank.hits = bank.misses = bank.cold_encodes = 0
-        bank.texts, bank.quantizer = [], quantizer
+        bank.texts, bank.quantizer, bank._vq_groups = [], quantizer, vq_groups
         bank.retriever = retriever if retriever is not None else Retriever()
         bank._add(texts, encode=encode, batch_size=batch_size, shard_size=shard_size,
                   vq_train_references=vq_train_references, progress=progress, first=True, memories=memories)
@@ -222,9 +250,7 @@ class MemoryBank:
             for mem in memories:
                 self._check_memories(mem, expected)
                 if self.quantizer is not None and not self.quantizer.trained:
-                    sample = mem[list(range(min(len(mem), max(1, vq_train_references))))]
-                    vecs = torch.cat([sample.keys[sample.mask], sample.values[sample.mask]]).float().numpy()
-                    self.quantizer.train(vecs, seed=m["seed"])
+                    self._train_quantizer(mem[list(range(min(len(mem), max(1, vq_train_references))))])
                 new_shards.append(self._write_shard(mem, len(m["shards"]) + len(new_shards)))
                 expected += len(mem)
             if expected != start + len(texts):
@@ -233,9 +259,7 @@ class MemoryBank:
             ids = list(range(start, start + len(texts)))
             if self.quantizer is not None and not self.quantizer.trained:
                 n_train = min(len(texts), max(1, vq_train_references))
-                sample = self._encode(texts[:n_train], ids[:n_train], batch_size, progress=False)
-                vecs = torch.cat([sample.keys[sample.mask], sample.values[sample.mask]]).float().numpy()
-                self.quantizer.train(vecs, seed=m["seed"])
+                self._train_quantizer(self._encode(texts[:n_train], ids[:n_train], batch_size, progress=False))
             for s in range(0, len(texts), shard_size):
                 mem = self._encode(texts[s:s + shard_size], ids[s:s + shard_size], batch_size, progress)
                 new_shards.append(self._write_shard(mem, len(m["shards"]) + len(new_shards)))
@@ -255,7 +279,8 @@ class MemoryBank:
             qfile = f"quantizer-g{gen:05d}.bin"
             self.quantizer.save(self.path / qfile)
             m["quantizer"] = {"file": qfile, "factory": self.quantizer.factory, "dim": self.quantizer.dim,
-                              "code_size": self.quantizer.code_size, "sha256": _sha256(self.path / qfile)}
+                              "code_size": self.quantizer.code_size, "sha256": _sha256(self.path / qfile),
+                              "groups": getattr(self.quantizer, "n_groups", 1)}
         m.update(generation=gen, texts_file=texts_file, retriever_dir=retriever_dir, n_references=len(all_texts),
                  texts_sha256=_sha256(self.path / texts_file), shards=m["shards"] + new_shards)
         self._write_manifest()  # the commit point
@@ -291,9 +316,7 @@ class MemoryBank:
         name = f"shard-{index:05d}-g{m['generation'] + 1:05d}"
         files = {}
         if m["storage"] == "vq":
-            d = mem.keys.shape[-1]
-            kv = torch.stack([mem.keys, mem.values], 1).float().reshape(-1, d).numpy()
-            codes = self.quantizer.encode(kv).reshape(*mem.keys.shape[:1], 2, *mem.keys.shape[1:-1], -1)
+            codes = _encode_kv(self.quantizer, torch.stack([mem.keys, mem.values], 1).float().numpy())
             files["codes"] = _save_npy(self.path / f"{name}.codes.npy", codes)
         else:
             files["keys"] = _save_npy(self.path / f"{name}.keys.npy", _to_storage(mem.keys, m["dtype"]))
@@ -440,7 +463,7 @@ class MemoryBank:
         cold = [i for i in ids if i not in self._where and i not in self._pending]
         if cold:  # cold start: encode on first retrieval, keep until flush()
             mem = self._encode([self.texts[i] for i in cold], cold, 64, progress=False)
-            keys, values = self._as_stored(mem.keys), self._as_stored(mem.values)  # same as after flush + reopen
+            keys, values = self._as_stored(mem.keys, mem.values)  # same as after flush + reopen
             for j, i in enumerate(cold):
                 self._pending[i] = (keys[j], values[j], mem.positions[j], mem.mask[j])
             self.cold_encodes += len(cold)
@@ -457,9 +480,7 @@ class MemoryBank:
             pos = torch.from_numpy(np.asarray(self._array(shard, "positions")[rws], dtype=np.int64))
             mask = pos >= 0
             if m["storage"] == "vq":
-                codes = np.asarray(self._array(shard, "codes")[rws])
-                flat = self.quantizer.decode(codes.reshape(-1, codes.shape[-1]))
-                kv = torch.from_numpy(flat).view(*codes.shape[:-1], -1)
+                kv = torch.from_numpy(_decode_kv(self.quantizer, np.asarray(self._array(shard, "codes")[rws])))
                 keys, values = kv[:, 0], kv[:, 1]
             else:
                 keys = _from_storage(self._array(shard, "keys")[rws], m["dtype"])
@@ -469,17 +490,29 @@ class MemoryBank:
                 out[i] = (keys[j], values[j], pos[j].clamp(min=0), mask[j])
         return out
 
-    def _as_stored(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` as it reads back from this bank's storage (dtype rounding or VQ), so a memory encoded on first
-        retrieval (cold start) is the same before and after `flush()`."""
+    def _as_stored(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as they read back from this bank's storage (dtype rounding or VQ), so a memory
+        encoded on first retrieval (cold start) is the same before and after `flush()`."""
         m = self.manifest
         if m["storage"] != "vq":
-            return _from_storage(_to_storage(t, m["dtype"]), m["dtype"])
+            return tuple(_from_storage(_to_storage(t, m["dtype"]), m["dtype"]) for t in (keys, values))
         if self.quantizer is None or not self.quantizer.trained:
-            return t.float()
-        d = t.shape[-1]
-        flat = self.quantizer.decode(self.quantizer.encode(t.detach().float().reshape(-1, d).cpu().numpy()))
-        return torch.from_numpy(flat).view(t.shape)
+            return keys.float(), values.float()
+        kv = torch.stack([keys, values], 1).detach().float().cpu().numpy()
+        kv = torch.from_numpy(_decode_kv(self.quantizer, _encode_kv(self.quantizer, kv)))
+        return kv[:, 0], kv[:, 1]
+
+    def _train_quantizer(self, sample: ExplicitMemory) -> None:
+        """Train the bank's untrained quantizer on the kept K/V vectors of `sample`."""
+        q, seed = self.quantizer, self.manifest["seed"]
+        if isinstance(q, GroupedQuantizer):
+            groups = [t[:, l, h][sample.mask[:, l, h]].float().numpy() for t in (sample.keys, sample.values)
+                      for l in range(t.shape[1]) for h in range(t.shape[2])]  # the order of _encode_kv's groups
+            if getattr(self, "_vq_groups", "auto") != "auto" or min(map(len, groups)) >= q.min_training_vectors:
+                q.train(groups, seed=seed)
+                return
+            q = self.quantizer = VectorQuantizer(q.factory, q.dim)  # too few vectors per group: one codebook
+        q.train(torch.cat([sample.keys[sample.mask], sample.values[sample.mask]]).float().numpy(), seed=seed)
 
     def flush(self) -> int:
         """Write memories encoded on first retrieval (cold start) to disk; returns how many were written."""
