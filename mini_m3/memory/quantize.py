@@ -161,7 +161,33 @@ def _as_float_matrix(x, dim: int, what: str) -> np.ndarray:
 # the codec
 
 
-class VectorQuantizer:
+class _Saved:
+    """`save` / `load` for a class with `to_bytes` / `from_bytes`."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write `to_bytes()` atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        path = Path(path)
+        try:
+            return cls.from_bytes(path.read_bytes())
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def _error_stats(x: np.ndarray, x_hat: np.ndarray) -> dict[str, float]:
+    sq_err = ((x - x_hat) ** 2).sum()
+    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(x_hat, axis=1)
+    cosine = (x * x_hat).sum(1) / np.maximum(norms, 1e-30)
+    return {"mse": float(sq_err / x.size), "relative_mse": float(sq_err / max((x**2).sum(), 1e-30)),
+            "cosine": float(cosine.mean())}
+
+
+class VectorQuantizer(_Saved):
     """A FAISS `index_factory` string used as a standalone vector codec.
 
     Parameters
@@ -270,12 +296,7 @@ class VectorQuantizer:
         summed over all rows) and `cosine` (mean cosine similarity between x and x̂ rows).
         """
         x = _as_float_matrix(x, self.dim, "x").astype(np.float64)
-        x_hat = self.decode(self.encode(x)).astype(np.float64)
-        sq_err = ((x - x_hat) ** 2).sum()
-        norms = np.linalg.norm(x, axis=1) * np.linalg.norm(x_hat, axis=1)
-        cosine = (x * x_hat).sum(1) / np.maximum(norms, 1e-30)
-        return {"mse": float(sq_err / x.size), "relative_mse": float(sq_err / max((x**2).sum(), 1e-30)),
-                "cosine": float(cosine.mean())}
+        return _error_stats(x, self.decode(self.encode(x)).astype(np.float64))
 
     # -- serialisation --------------------------------------------------------------
     # layout: magic | uint32 little-endian header length | JSON header | faiss.serialize_index bytes
@@ -314,26 +335,13 @@ class VectorQuantizer:
         vq.index, vq.trained = index, True
         return vq
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write `to_bytes()` atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, self.to_bytes())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "VectorQuantizer":
-        path = Path(path)
-        try:
-            return cls.from_bytes(path.read_bytes())
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
 
 
 # -----------------------------------------------------------------------------
 # one codec per group of vectors
 
 
-class GroupedQuantizer:
+class GroupedQuantizer(_Saved):
     """One `VectorQuantizer` (same factory) per group of vectors; encodes (n, groups, dim) arrays.
 
     For memories the groups are the flattened (key/value, memory layer, memory head) axes: keys carry RoPE and
@@ -400,12 +408,7 @@ class GroupedQuantizer:
         """Round-trip error on x (n, n_groups, dim), over all groups (see `VectorQuantizer.reconstruction_error`)."""
         x = self._check_grouped(x, self.dim, "x").astype(np.float64)
         x_hat = self.decode(self.encode(x)).astype(np.float64)
-        x, x_hat = x.reshape(-1, self.dim), x_hat.reshape(-1, self.dim)
-        sq_err = ((x - x_hat) ** 2).sum()
-        norms = np.linalg.norm(x, axis=1) * np.linalg.norm(x_hat, axis=1)
-        cosine = (x * x_hat).sum(1) / np.maximum(norms, 1e-30)
-        return {"mse": float(sq_err / x.size), "relative_mse": float(sq_err / max((x**2).sum(), 1e-30)),
-                "cosine": float(cosine.mean())}
+        return _error_stats(x.reshape(-1, self.dim), x_hat.reshape(-1, self.dim))
 
     # layout: magic | uint32 header length | JSON header (with each part's byte length) | the parts' to_bytes()
     def to_bytes(self) -> bytes:
@@ -445,19 +448,6 @@ class GroupedQuantizer:
             offset += size
         return gq
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write `to_bytes()` atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, self.to_bytes())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "GroupedQuantizer":
-        path = Path(path)
-        try:
-            return cls.from_bytes(path.read_bytes())
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
 
 
 def load_quantizer(path: str | os.PathLike) -> "VectorQuantizer | GroupedQuantizer":
