@@ -8,7 +8,7 @@ Layout of a bank directory:
     shard-00000.values.npy        (n, L_mem, H_mem, k, d_h) raw values      H_mem, k, code_size) uint8 VQ codes)
     shard-00000.positions.npy     (n, L_mem, H_mem, k) int16, -1 = empty slot
     shard-00000.ids.npy           (n,) reference ids held by the shard
-    quantizer.bin                 the trained quantizer (VQ banks): one codebook per (key/value, layer, head)
+    quantizer-g<gen>.bin          the trained quantizer (VQ banks): a codebook per (key/value, layer, head), or one
     texts-<gen>.jsonl             reference texts, one JSON object per line
     retriever-<gen>/              the retrieval index over those texts
 
@@ -171,9 +171,9 @@ class MemoryBank:
               memories: Iterable[ExplicitMemory] | None = None) -> "MemoryBank":
         """Encode `texts` with `model` and write a new bank at `path`.
 
-        quantizer: None (raw `storage_dtype`), a `VectorQuantizer` (trained or not), or a faiss factory string
-        ("default" picks `default_factory(head_dim)`); an untrained quantizer is trained on the K/V vectors of
-        the first `vq_train_references` references. encode=False makes a cold-start bank.
+        quantizer: None (raw `storage_dtype`), a `VectorQuantizer` or `GroupedQuantizer` (trained or not), or a
+        faiss factory string ("default" picks `default_factory(head_dim)`); an untrained quantizer is trained on
+        the K/V vectors of the first `vq_train_references` references. encode=False makes a cold-start bank.
         vq_groups (factory strings only): "per_head" trains one codebook per (key/value, memory layer, memory
         head), "shared" one for all, "auto" per head unless a group has fewer training vectors than its
         k-means has centroids (tiny banks), then shared.
