@@ -28,6 +28,22 @@ def tok(world):
     return Tokenizer.train(world.tokenizer_corpus(), 512)
 
 
+def load_experiment(name: str):
+    """The module of `experiments/{name}.py` (not a package; its own imports of `_common` need the folder on the path)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+    exp = Path(__file__).resolve().parents[1] / "experiments"
+    sys.path.insert(0, str(exp))
+    try:
+        spec = importlib.util.spec_from_file_location(f"experiments_{name}", exp / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(exp))
+
+
 def tiny_model(seed: int = 0, name: str = "tiny", **overrides):
     """A freshly initialised model in eval mode (same seed, same weights)."""
     from mini_m3 import Memory3, Memory3Config

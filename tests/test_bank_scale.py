@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import load_experiment, tiny_model
 from mini_m3 import MemoryBank, Retriever, encode_references
 from mini_m3.memory.bank import _Locations
 from mini_m3.memory.encode import ExplicitMemory
@@ -87,20 +87,10 @@ def test_locations_map():
 
 def test_bench_bank_scale_quick(tmp_path):
     """experiments/bench_bank_scale.py --quick (2e3 and 2e4 synthetic references) runs and reports consistent bytes."""
-    import importlib.util
     import json
-    import sys
-    from pathlib import Path
-    exp = Path(__file__).resolve().parents[1] / "experiments"
-    sys.path.insert(0, str(exp))
-    try:
-        spec = importlib.util.spec_from_file_location("experiments_bench_bank_scale", exp / "bench_bank_scale.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        out = tmp_path / "scale.json"
-        res = mod.main(["--quick", "--out", str(out), "--quiet", "--keep", str(tmp_path / "banks")])
-    finally:
-        sys.path.remove(str(exp))
+    out = tmp_path / "scale.json"
+    res = load_experiment("bench_bank_scale").main(["--quick", "--out", str(out), "--quiet", "--keep",
+                                                    str(tmp_path / "banks")])
     saved = json.loads(out.read_text())
     assert set(saved) == set(res) and out.with_suffix(".png").exists()
     assert not any((tmp_path / "banks").iterdir())  # bank files are deleted after measuring

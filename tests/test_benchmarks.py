@@ -5,25 +5,12 @@ under the 60 s budget, so none is marked slow."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-EXP = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def load(name: str):
-    sys.path.insert(0, str(EXP))
-    try:
-        spec = importlib.util.spec_from_file_location(f"experiments_{name}", EXP / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(EXP))
+from conftest import load_experiment as load
 
 
 def run(name: str, tmp_path: Path) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import load_experiment
 from mini_m3 import Retriever, Tokenizer
 from mini_m3.data.world import World
 from mini_m3.distributed import (build_model, build_parser, export_model, load_chunked_data, model_config,
@@ -189,16 +190,7 @@ def test_paper_2p4b_runs_one_training_step():
 
 def test_recipe_2p4b_quick(tmp_path):
     """experiments/recipe_2p4b.py --quick: the numbers the README's 2.4B recipe quotes, on a 2-layer measurement."""
-    import importlib.util
-    exp = Path(__file__).resolve().parents[1] / "experiments"
-    sys.path.insert(0, str(exp))
-    try:
-        spec = importlib.util.spec_from_file_location("experiments_recipe_2p4b", exp / "recipe_2p4b.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        r = mod.main(["--quick", "--out", str(tmp_path / "r.json"), "--quiet"])
-    finally:
-        sys.path.remove(str(exp))
+    r = load_experiment("recipe_2p4b").main(["--quick", "--out", str(tmp_path / "r.json"), "--quiet"])
     assert r["parameters"] == 2_819_971_200
     assert 60e3 < r["activations"]["per_token_per_layer_bytes"] < 200e3  # bf16 block at d = W = 3200
     assert 1.5 < r["continual_over_warmup_flops"] < 2.5  # the paper: "a little more than 2x"
