@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     tok = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
     cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tok.vocab_size))
     refs = world.references()
-    ref_tokens = tok.encode_batch(refs)
+    ref_tokens = tok.encode_references(refs)
     data = build_world_data(world, tok, s, cfg.chunk_length, Retriever().fit(refs), ref_tokens, progress=False)
     torch.manual_seed(s.seed)
     model = Memory3(cfg).train()

@@ -72,7 +72,7 @@ def cmd_qa(a) -> None:
     mix = {k: float(v) for k, v in (kv.split("=") for kv in a.mix.split(","))}
     s = DemoSettings(n_people=a.people, n_docs=a.docs, chunks_per_sequence=1)
     docs = world.training_documents(a.docs, seed=0, mix=mix)
-    data = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_batch(refs), False, docs=docs)
+    data = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_references(refs), False, docs=docs)
     over = {"memory_layers": tuple(int(x) for x in a.memory_layers.split(","))} if a.memory_layers else {}
     model = new_model(a.preset, memories_per_chunk=1, **over)
     print("memory layers", model.cfg.memory_layers, flush=True)
@@ -93,7 +93,7 @@ def cmd_qa(a) -> None:
                                    quiet=True, eval_every=a.every), eval_fn=evaluate)
     # which tokens does memory help? (training-style QA documents the model has not trained on)
     test_docs = world.training_documents(64, seed=5, mix={"qa": 1.0})
-    test = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_batch(refs), False, docs=test_docs)
+    test = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_references(refs), False, docs=test_docs)
     rows = torch.arange(len(test))
     with torch.no_grad():
         mem = continual_memory(model, test, rows, TrainConfig(stage="continual", selector="all"))

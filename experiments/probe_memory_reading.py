@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     tok = Tokenizer.train(world.tokenizer_corpus(seed=0), 2048)
     cfg = Memory3Config.from_name("small", vocab_size=2048)
     refs = world.references()
-    data = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_batch(refs), False)
+    data = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_references(refs), False)
     torch.manual_seed(0)
     model = Memory3(cfg)
     t = time.time()

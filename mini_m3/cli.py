@@ -130,7 +130,7 @@ def cmd_build_bank(a) -> int:
             # every piece fits: no text is lost and no new character is cut.
             if not text.strip():
                 return []
-            if len(tok.encode(text)) <= limit:
+            if len(tok.encode_reference(text)) <= limit:
                 return [text]
             mid = len(text) // 2
             left, right = text.rfind(" ", 0, mid), text.find(" ", mid)

@@ -561,7 +561,7 @@ def prepare_world_data(directory: str | os.PathLike, n_people: int, *, preset: s
     s = DemoSettings(seed=seed, preset=preset, n_people=n_people, vocab_size=vocab_size, n_docs=12 * n_people,
                      chunks_per_sequence=chunks_per_sequence)
     chunk_length = Memory3Config.from_name(preset).chunk_length
-    data = build_world_data(world, tok, s, chunk_length, Retriever().fit(refs), tok.encode_batch(refs), progress)
+    data = build_world_data(world, tok, s, chunk_length, Retriever().fit(refs), tok.encode_references(refs), progress)
     return save_chunked_data(data, directory, tok)
 
 

@@ -192,7 +192,7 @@ class _MemoryReader:
             return None
         for i in used:
             if i not in self._tokens:
-                self._tokens[i] = self.tokenizer.encode(self.bank.texts[i])
+                self._tokens[i] = self.tokenizer.encode_reference(self.bank.texts[i])
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             mem = encode_reference_tokens(model, [self._tokens[i] for i in used], selector=self.selector,
                                           tokens_per_head=self.tokens_per_head, pad_id=self.tokenizer.pad_id,

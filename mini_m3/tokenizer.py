@@ -99,6 +99,18 @@ class Tokenizer:
         encs = self._hf.encode_batch(texts, add_special_tokens=False)
         return [self._wrap(e.ids, add_bos, add_eos) for e in encs]
 
+    def encode_reference(self, text: str) -> list[int]:
+        """Ids of a reference text as it follows "<s>Reference:" in a memory: with the space that follows a colon
+        (unless the text already starts with whitespace), so that its first word tokenizes as the same word does
+        mid-sentence in a query (" Monica", not "M" "on" "ica"). Every path that turns a reference into memory
+        tokens uses this, so training, the bank and the length checks agree."""
+        return self.encode_references([text])[0]
+
+    def encode_references(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode_reference` for many texts (batched)."""
+        texts = [_check_text(t) for t in texts]
+        return self.encode_batch([t if not t or t[:1].isspace() else " " + t for t in texts])  # "" stays empty
+
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         # invalid UTF-8 byte sequences (e.g. a truncated multi-byte char) decode to U+FFFD
         return self._hf.decode(self._check_ids(ids), skip_special_tokens=skip_special)

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_model
 from mini_m3 import Tokenizer
 from mini_m3.memory.bank import BankError, MemoryBank
-from mini_m3.memory.encode import encode_references
+from mini_m3.memory.encode import encode_reference_tokens, encode_references
 
 N_SMALL = 12  # references in the banks that are copied, damaged or appended to
 
@@ -22,7 +22,7 @@ N_SMALL = 12  # references in the banks that are copied, damaged or appended to
 @pytest.fixture(scope="module")
 def refs(world, tok):
     refs = world.references()
-    lengths = [len(ids) for ids in tok.encode_batch(refs)]
+    lengths = [len(ids) for ids in tok.encode_references(refs)]
     assert max(lengths) <= 128, f"biographies up to {max(lengths)} tokens: train the tokenizer with a larger vocab"
     return refs
 
@@ -185,6 +185,26 @@ def test_open_refuses_a_different_tokenizer(small_bank_path, model, world):
     other = Tokenizer.train(world.tokenizer_corpus()[:2000], 400)
     with pytest.raises(BankError, match="tokenizer"):
         MemoryBank.open(small_bank_path, model, other)
+
+
+def test_a_version_1_bank_is_refused_with_a_rebuild_message(small_copy, model, tok):
+    # version 1 tokenized references without the space after "Reference:": its memories no longer match training
+    m = json.loads((small_copy / "manifest.json").read_text())
+    (small_copy / "manifest.json").write_text(json.dumps({**m, "version": 1}))
+    with pytest.raises(BankError, match="version 1 .*rebuild"):
+        MemoryBank.open(small_copy, model, tok)
+
+
+def test_references_are_encoded_with_the_space_after_reference_colon(tmp_path, model, tok, refs):
+    # the first name of a biography must tokenize as it does in a question (" Monica", not "M" "on" "ica")
+    assert refs[0][0] != " " and tok.encode_reference(refs[0]) == tok.encode(" " + refs[0])
+    assert tok.encode_reference(" " + refs[0]) == tok.encode(" " + refs[0])  # no second space
+    bank = MemoryBank.build(tmp_path / "b", model, tok, refs[:2], selector="all", storage_dtype="float32",
+                            progress=False)
+    direct = encode_reference_tokens(model, [tok.encode(" " + r) for r in refs[:2]], selector="all")
+    torch.testing.assert_close(bank.get([0, 1]).keys, direct.keys)
+    plain = encode_reference_tokens(model, [tok.encode(r) for r in refs[:2]], selector="all")
+    assert plain.keys.shape != direct.keys.shape or not torch.allclose(plain.keys, direct.keys)
 
 
 def test_truncated_shard_is_refused_at_open(small_copy, model, tok):

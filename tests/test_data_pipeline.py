@@ -127,9 +127,9 @@ def test_text_corpus_from_dir(tmp_path):
     assert len(corpus.documents) == 6 and len(corpus.skipped) == 1
     assert all(1 <= len(r) <= 128 for r in corpus.reference_token_ids)
     assert len(corpus.references) == len(corpus.reference_token_ids) == len(corpus.reference_doc_ids)
-    for doc in corpus.documents:  # each document's references are its tokens, in order
+    for doc in corpus.documents:  # each document's references are its reference tokens, in order
         refs = [r for r, d in zip(corpus.reference_token_ids, corpus.reference_doc_ids) if d == doc.doc_id]
-        assert sum(refs, []) == corpus.tokenizer.encode(doc.text)
+        assert sum(refs, []) == corpus.tokenizer.encode_reference(doc.text)
     assert corpus.training_sequences and all(len(s) == 64 for s in corpus.training_sequences)
 
 
@@ -413,7 +413,8 @@ def test_run_pipeline_end_to_end(tmp_path):
     ref = refs[0]
     own = training_docs[int(ref["doc_id"][len("good_"):][:3])]
     other = training_docs[(int(ref["doc_id"][len("good_"):][:3]) + 1) % 60]
-    assert own[:ref["n_tokens"]] == ref["token_ids"]
+    # a reference is its document's text tokenized as memory reads it (the first word after a space)
+    assert tokenizer.encode_reference(tokenizer.decode(own))[:ref["n_tokens"]] == ref["token_ids"]
     assert not leakage_ok(own, ref["token_ids"]) and leakage_ok(other, ref["token_ids"])
 
 

@@ -94,7 +94,7 @@ def test_knowledge_report_on_tiny(tiny, tok):
     np.testing.assert_allclose(r["plain"]["probs"], direct_probs(tiny, [bos] + inp + out, len(out)), rtol=1e-6)
     np.testing.assert_allclose(r["prefix"]["probs"], direct_probs(tiny, r["prefix_ids"] + inp + out, len(out)),
                                rtol=1e-6)
-    mem = encode_reference_tokens(tiny, [tok.encode("The capital of France is Paris.")])
+    mem = encode_reference_tokens(tiny, [tok.encode_reference("The capital of France is Paris.")])
     np.testing.assert_allclose(r["memory"]["probs"], output_probabilities(tiny, [], [bos] + inp, out, memory=mem))
     for cond in ("plain", "prefix", "memory"):
         p = r[cond]["probs"]
@@ -110,7 +110,7 @@ def test_imitability_via_memory_on_tiny(tiny, tok):
     probes = [("The capital of France is", " Paris"), ("The capital of", " France")]
     r = imitability(tiny, tok, reals, probes, via="memory")
     assert r["min_probs"].shape == (2, 2) and r["sequence_probs"].shape == (2, 2)
-    mem = encode_reference_tokens(tiny, [tok.encode(reals[1])])
+    mem = encode_reference_tokens(tiny, [tok.encode_reference(reals[1])])
     p = output_probabilities(tiny, [], [tok.bos_id] + tok.encode(probes[0][0]), tok.encode(probes[0][1]), memory=mem)
     assert r["min_probs"][1, 0] == pytest.approx(p.min())
     assert r["lacks"] and not r["imitable"]

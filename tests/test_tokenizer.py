@@ -74,6 +74,14 @@ def test_bos_eos_and_skip_special(tok):
     assert tok.encode_batch(["a", "b"], add_bos=True) == [tok.encode("a", add_bos=True), tok.encode("b", add_bos=True)]
 
 
+def test_encode_reference_puts_the_space_after_reference_colon(tok):
+    assert tok.encode_reference("Paris is big") == tok.encode(" Paris is big")
+    assert tok.encode_reference(" Paris") == tok.encode(" Paris") and tok.encode_reference("\nParis") == tok.encode("\nParis")
+    assert tok.encode_reference("") == [] and tok.encode_references(["a", " b"]) == [tok.encode(" a"), tok.encode(" b")]
+    with pytest.raises(TypeError):
+        tok.encode_reference(b"bytes")
+
+
 def test_input_validation(tok):
     with pytest.raises(TypeError):
         tok.encode(b"bytes")

@@ -258,7 +258,8 @@ def _write_outputs(documents: Iterable[dict], tokenizer: Tokenizer, out_dir: Pat
                     is_reference = is_reference_document(doc["doc_id"], reference_fraction, seed)
                     if is_reference:
                         report.reference_documents += 1
-                        chunks = chunk_references(ids, reference_length)
+                        # tokenized as memories read it (Tokenizer.encode_reference), not as training text
+                        chunks = chunk_references(tokenizer.encode_reference(doc["text"]), reference_length)
                         for chunk, text in zip(chunks, tokenizer.decode_batch(chunks)):
                             refs.write(json.dumps({"id": report.references, "doc_id": doc["doc_id"], "text": text,
                                                    "n_tokens": len(chunk), "token_ids": chunk},

@@ -207,7 +207,9 @@ class TextCorpus:
         doc_ids = tokenizer.encode_batch(texts)
 
         ref_ids, ref_doc_ids = [], []
-        for doc, ids in zip(documents, doc_ids):
+        # references are tokenized as memories read them (after "Reference:", with its space): see
+        # Tokenizer.encode_reference; the training sequences keep the documents' own tokens
+        for doc, ids in zip(documents, tokenizer.encode_references(texts)):
             for chunk in chunk_references(ids, reference_length):
                 ref_ids.append(chunk)
                 ref_doc_ids.append(doc.doc_id)

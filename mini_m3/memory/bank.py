@@ -43,7 +43,7 @@ from .quantize import GroupedQuantizer, VectorQuantizer, default_factory, load_q
 from .retrieve import Retriever
 
 BANK_FORMAT = "mini_m3.memory_bank"
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2  # 2: references tokenized with the space after "Reference:" (Tokenizer.encode_reference)
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw bits
 
 
@@ -239,7 +239,7 @@ class MemoryBank:
         m = self.manifest
         if self.tokenizer is not None:  # refuse over-long references up front, also in cold-start banks
             limit = self.model.cfg.reference_length
-            for i, ids in enumerate(self.tokenizer.encode_batch(list(texts))):
+            for i, ids in enumerate(self.tokenizer.encode_references(list(texts))):
                 if len(ids) > limit:
                     raise ValueError(f"reference {i} has {len(ids)} tokens > reference_length={limit}; "
                                      f"split it first (mini_m3.data.text.chunk_references)")
@@ -360,7 +360,8 @@ class MemoryBank:
             raise BankError(f"{path} is not a mini_m3 memory bank (format={manifest.get('format')!r})")
         if manifest.get("version") != BANK_FORMAT_VERSION:
             raise BankError(f"bank format version {manifest.get('version')} is not supported "
-                            f"(this mini_m3 reads version {BANK_FORMAT_VERSION})")
+                            f"(this mini_m3 reads version {BANK_FORMAT_VERSION}; version 1 banks tokenized "
+                            f"references differently: rebuild the bank)")
         fp = weights_fingerprint(model)
         if fp != manifest["model_fingerprint"]:
             raise BankError(f"the memory bank at {path} was built by a different model (fingerprint "

@@ -212,7 +212,7 @@ def encode_references(model: Memory3, tokenizer, texts: Sequence[str], *, select
         raise TypeError("texts must be a list of strings, not one string")
     if len(texts) == 0:
         raise ValueError("no references to encode")
-    ids = tokenizer.encode_batch(list(texts))
+    ids = tokenizer.encode_references(list(texts))  # with the space after "Reference:"
     ref_ids = list(reference_ids) if reference_ids is not None else list(range(len(texts)))
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training

@@ -106,6 +106,12 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+def _encode_reference(tokenizer, text: str) -> list[int]:
+    """A realization read as explicit memory is tokenized as the bank tokenizes references."""
+    enc = getattr(tokenizer, "encode_reference", None)
+    return list(enc(text)) if enc is not None else _encode(tokenizer, text)
+
+
 def _realization_memory(model, ref_ids: list[int], selector: str) -> ExplicitMemory:
     with torch.no_grad():
         return encode_reference_tokens(model, [ref_ids], selector=selector)
@@ -137,7 +143,7 @@ def knowledge_report(model, tokenizer, realization: str, probe_input: str, probe
     """
     bos = tokenizer.bos_id
     inp, out = _encode(tokenizer, probe_input), _encode(tokenizer, probe_output)
-    ref = _encode(tokenizer, realization)
+    ref = _encode_reference(tokenizer, realization)
     prefix = [bos] + _encode(tokenizer, realization + separator)
     report = {"input_ids": inp, "output_ids": out, "prefix_ids": prefix}
     report["plain"] = summarize(output_probabilities(model, [], [bos] + inp, out))
@@ -174,7 +180,7 @@ def imitability(model, tokenizer, realizations: Sequence[str], probes: Sequence[
         if via == "prefix":
             prefix, mem = [bos] + _encode(tokenizer, text + separator), None
         else:
-            prefix, mem = [], _realization_memory(model, _encode(tokenizer, text), memory_selector)
+            prefix, mem = [], _realization_memory(model, _encode_reference(tokenizer, text), memory_selector)
         for b, (i, o) in enumerate(probe_ids):
             p = output_probabilities(model, prefix, i if prefix else [bos] + i, o, memory=mem)
             mins[a, b], seqs[a, b] = p.min(), np.prod(p)
