@@ -4,20 +4,25 @@ One no-memory warmup is trained once; every variant then continues from a copy o
 same data, seed and step count, changing one knob of the memory design:
 
   tokens_per_head  1, 2, 4, 8 (paper), 16, all         memory_layers  first half (paper), middle 25-75 %, all
-  selector         attention (paper), exp, random, first memory_heads  1, all KV heads (paper)
-  memories_per_chunk 1, 3, 5 (paper), 7                vq             off, on (evaluation-time only)
+  selector         attention (paper), exp, random,       memory_heads  1, all KV heads (paper)
+                   first, all
+  memories_per_chunk 1, 3, 5 (paper), 7  (read at evaluation: with one chunk per sequence, training reads one)
+  vq               off, on (evaluation-time only)
 
-For each variant we report the final training loss, the held-out LM loss on QA documents about held-out
-people with memory, the answer log-likelihood and exact match on held-out people (memory mode). The
-retrieval interval (32/64/128-token chunks) is not ablated: it changes the data layout, not a model knob.
+Variants that are the same training run (the paper's setting appears in five groups) are trained once, and the
+evaluation-time knobs reuse the paper-setting model. For each variant we report the final training loss, the
+held-out LM loss on QA documents about held-out people with memory, and exact match and answer log-likelihood on
+held-out people (memory mode), also every `--eval-every` steps, because reading memory appears as a phase
+transition (experiments/README.md) and the step where it appears is what a knob changes most. The retrieval
+interval (32/64/128-token chunks) is not ablated: it changes the data layout, not a model knob.
 
-    python experiments/ablations.py [--quick] [--out experiments/results/ablations.json] [--only GROUP]
+    python experiments/ablations.py [--quick] [--jobs 2] [--only GROUP,...] [--out experiments/results/ablations.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import sys
 import tempfile
 import time
@@ -26,29 +31,71 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import plt as pyplot, png_path, write_json  # noqa: E402
+from _common import machine, plt as pyplot, png_path, write_json  # noqa: E402
 
-from mini_m3 import Memory3, Memory3Config, MemoryBank  # noqa: E402
+from mini_m3 import Memory3, Memory3Config, MemoryBank, Tokenizer  # noqa: E402
+from mini_m3.checkpoint import load_weights, save_weights  # noqa: E402
 from mini_m3.data.world import format_qa  # noqa: E402
 from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
 from mini_m3.train import TrainConfig, evaluate_loss, train  # noqa: E402
 
+PAPER = {"selector": "attention", "tokens_per_head": None}  # the paper's setting: top-8 by attention received
 
-def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict]]]:
-    """group -> [(label, config overrides, train/eval overrides)]"""
+
+def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict, dict]]]:
+    """group -> [(label, config overrides, training knobs, evaluation-time knobs)]"""
     L = cfg.n_layers
     middle = tuple(range(L // 4, max(L // 4 + 1, (3 * L + 3) // 4)))
     return {
-        "tokens_per_head": [(str(k), {}, {"tokens_per_head": k}) for k in (1, 2, 4, 8, 16)]
-                           + [("all", {}, {"selector": "all"})],
-        "selector": [(s, {}, {"selector": s}) for s in ("attention", "exp", "random", "first")],
-        "memory_layers": [("first half", {}, {}), (f"middle {list(middle)}", {"memory_layers": middle}, {}),
-                          ("all", {"memory_layers": tuple(range(L))}, {})],
-        "memory_heads": [("1", {"memory_heads": (0,)}, {}), ("all", {}, {})],
-        "memories_per_chunk": [(str(n), {"memories_per_chunk": n}, {}) for n in (1, 3, 5, 7)],
-        "vq": [("off", {}, {}), ("on", {}, {"quantizer": "default"})],
+        "tokens_per_head": [(str(k), {}, {"tokens_per_head": k if k != cfg.memory_tokens_per_head else None}, {})
+                            for k in (1, 2, 4, 8, 16)] + [("all", {}, {"selector": "all"}, {})],
+        "selector": [(s, {}, {"selector": s}, {}) for s in ("attention", "exp", "random", "first", "all")],
+        "memory_layers": [("first half", {}, {}, {}), (f"middle {list(middle)}", {"memory_layers": middle}, {}, {}),
+                          ("all", {"memory_layers": tuple(range(L))}, {}, {})],
+        "memory_heads": [("1", {"memory_heads": (0,)}, {}, {}), ("all", {}, {}, {})],
+        "memories_per_chunk": [(str(n), {}, {}, {"memories_per_chunk": n}) for n in (1, 3, 5, 7)],
+        "vq": [("off", {}, {}, {}), ("on", {}, {}, {"quantizer": "default"})],
     }
+
+
+def run_key(cfg_over: dict, knobs: dict) -> str:
+    """Variants with the same key are the same training run."""
+    return json.dumps({"cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(cfg_over.items())},
+                       **{k: knobs.get(k, PAPER[k]) for k in PAPER}}, sort_keys=True)
+
+
+def evaluate(model, tok, refs, items, held, tc, seed, evals: list[dict]) -> list[dict]:
+    """Held-out LM loss (with memory) and QA for each evaluation-time setting in `evals`."""
+    lm = evaluate_loss(model, held, tc, max_batches=8)
+    out = []
+    for ev in evals:
+        with tempfile.TemporaryDirectory() as d:
+            bank = MemoryBank.build(d, model, tok, refs, selector=tc.selector, tokens_per_head=tc.tokens_per_head,
+                                    quantizer=ev.get("quantizer"), overwrite=True, progress=False, seed=seed)
+            qa = qa_eval(model, tok, items, mode="memory", bank=bank, memories_per_chunk=ev.get("memories_per_chunk"))
+        out.append({"heldout_lm_loss": lm, "heldout_qa": qa["accuracy"], "heldout_answer_loglik": qa["answer_loglik"]})
+    return out
+
+
+def run_variant(job: dict) -> dict:
+    """One training run (in this process or a worker): continue from the warmup, evaluate on the way and at the end."""
+    torch.set_num_threads(1)
+    tok = Tokenizer.load(job["tokenizer"])
+    model = Memory3(Memory3Config.from_dict(job["cfg"]))
+    load_weights(model, job["warm"])
+    tc = TrainConfig(**job["tc"])
+    refs, items, held, seed = job["refs"], job["items"], job["held"], tc.seed
+    curve = []
+
+    def on_eval(m, step):
+        curve.append({"step": step + 1, **evaluate(m, tok, refs, items, held, tc, seed, [{}])[0]})
+        return {}
+    t0 = time.perf_counter()
+    r = train(model, job["data"], tc, eval_fn=on_eval if tc.eval_every else None)
+    final = evaluate(model, tok, refs, items, held, tc, seed, job["evals"])
+    return {"final_train_loss": r["final_loss"], "curve": curve, "evals": final,
+            "seconds": time.perf_counter() - t0, "key": job["key"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,59 +106,78 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-steps", type=int, default=None)
     p.add_argument("--continual-steps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=None, help="QA curve every N continual steps (0: off)")
+    p.add_argument("--mix", default="qa=1", help="training documents (qa only: the fastest route to reading)")
+    p.add_argument("--questions", type=int, default=200, help="held-out questions per evaluation")
+    p.add_argument("--jobs", type=int, default=1, help="training runs in parallel, one thread each")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    s = DemoSettings.quick(seed=a.seed) if a.quick else DemoSettings(seed=a.seed, n_docs=12000)
+    torch.set_num_threads(1)
+    mix = tuple((k, float(v)) for k, v in (kv.split("=") for kv in a.mix.split(",")))
+    s = DemoSettings.quick(seed=a.seed, mix=mix) if a.quick else DemoSettings(seed=a.seed, mix=mix)
     W = a.warmup_steps if a.warmup_steps is not None else (10 if a.quick else s.warmup_steps)
-    C = a.continual_steps if a.continual_steps is not None else (5 if a.quick else 150)
+    C = a.continual_steps if a.continual_steps is not None else (5 if a.quick else 2000)
+    every = a.eval_every if a.eval_every is not None else (0 if a.quick else 500)
     w = setup_world(s)
-    world, tok, base_cfg, refs, ref_tokens, retriever = (w.world, w.tokenizer, w.cfg, w.references,
-                                                          w.reference_tokens, w.retriever)
-    data = build_world_data(world, tok, s, base_cfg.chunk_length, retriever, ref_tokens, not a.quiet)
+    world, tok, base_cfg, refs = w.world, w.tokenizer, w.cfg, w.references
+    data = build_world_data(world, tok, s, base_cfg.chunk_length, w.retriever, w.reference_tokens, not a.quiet)
     # held-out LM data: QA documents (training format) about held-out people, who never appear in training
     heldout_people = world.people_in("heldout")
     held_docs = []
     for i, d in enumerate(world.training_documents(64, seed=s.seed + 7, mix={"qa": 1.0})):
-        p = heldout_people[i % len(heldout_people)]
-        lines = [format_qa(*world.qa(p, attr)) for attr in d.detail.split(",")]
-        held_docs.append(type(d)("\n".join(lines), p.pid, "qa", d.detail))
-    held = build_world_data(world, tok, s, base_cfg.chunk_length, retriever, ref_tokens, False, docs=held_docs)
-    items = world.eval_questions("heldout", min(s.eval_questions, 100), seed=s.seed, phrasing=s.eval_phrasing)
+        person = heldout_people[i % len(heldout_people)]
+        lines = [format_qa(*world.qa(person, attr)) for attr in d.detail.split(",")]
+        held_docs.append(type(d)("\n".join(lines), person.pid, "qa", d.detail))
+    held = build_world_data(world, tok, s, base_cfg.chunk_length, w.retriever, w.reference_tokens, False,
+                            docs=held_docs)
+    items = world.eval_questions("heldout", min(s.eval_questions, a.questions), seed=s.seed, phrasing=s.eval_phrasing)
 
     torch.manual_seed(s.seed)
     warm = Memory3(base_cfg)
-    common = dict(batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet)
+    common = dict(batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet, threads=1)
     total = W + C
     train(warm, data, TrainConfig(stage="warmup", steps=W, warmup_steps=max(1, total // 10), decay_fraction=0.0,
                                   **common))
     groups = variants(base_cfg)
     if a.only:
         groups = {g: v for g, v in groups.items() if g in a.only.split(",")}
-    results = {"settings": {**s.__dict__, "warmup_steps": W, "continual_steps": C}, "groups": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_weights(warm, Path(tmp) / "warm.safetensors")
+        tok.save(Path(tmp) / "tokenizer.json")
+        jobs: dict[str, dict] = {}  # one per distinct training run, with every evaluation-time setting it serves
+        for vs in groups.values():
+            for _, cfg_over, knobs, ev in vs:
+                key = run_key(cfg_over, knobs)
+                if key not in jobs:
+                    tc = TrainConfig(stage="continual", steps=C, warmup_steps=0, eval_every=every,
+                                     decay_fraction=min(1.0, 0.1 * total / C), selector=knobs.get("selector", "attention"),
+                                     tokens_per_head=knobs.get("tokens_per_head"), **common)
+                    jobs[key] = {"key": key, "cfg": base_cfg.replace(**cfg_over).to_dict(), "tc": tc.__dict__,
+                                 "warm": str(Path(tmp) / "warm.safetensors"), "tokenizer": str(Path(tmp) / "tokenizer.json"),
+                                 "data": data, "held": held, "refs": refs, "items": items, "evals": []}
+                if ev not in jobs[key]["evals"]:
+                    jobs[key]["evals"].append(ev)
+        if not a.quiet:
+            print(f"{sum(len(v) for v in groups.values())} variants = {len(jobs)} training runs of {C} steps", flush=True)
+        if a.jobs > 1:
+            with torch.multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
+                done = {r["key"]: r for r in pool.imap_unordered(run_variant, jobs.values())}
+        else:
+            done = {k: run_variant(j) for k, j in jobs.items()}
+
+    results = {"settings": {**s.__dict__, "warmup_steps": W, "continual_steps": C, "eval_every": every,
+                            "questions": len(items)}, "machine": machine(1), "groups": {}}
     for group, vs in groups.items():
         results["groups"][group] = {}
-        for label, cfg_over, knobs in vs:
-            t0 = time.perf_counter()
-            cfg = base_cfg.replace(**cfg_over)
-            model = Memory3(cfg)
-            model.load_state_dict(copy.deepcopy(warm.state_dict()))
-            selector = knobs.get("selector", "attention")
-            tph = knobs.get("tokens_per_head")
-            tc = TrainConfig(stage="continual", steps=C, warmup_steps=0, decay_fraction=min(1.0, 0.1 * total / C),
-                             selector=selector, tokens_per_head=tph, **common)
-            r = train(model, data, tc)
-            lm = evaluate_loss(model, held, tc, max_batches=8)
-            with tempfile.TemporaryDirectory() as d:
-                bank = MemoryBank.build(d, model, tok, refs, selector=selector, tokens_per_head=tph,
-                                        quantizer=knobs.get("quantizer"), overwrite=True, progress=False, seed=s.seed)
-                qa = qa_eval(model, tok, items, mode="memory", bank=bank)
-            results["groups"][group][label] = {
-                "final_train_loss": r["final_loss"], "heldout_lm_loss": lm, "heldout_qa": qa["accuracy"],
-                "heldout_answer_loglik": qa["answer_loglik"], "seconds": time.perf_counter() - t0}
+        for label, cfg_over, knobs, ev in vs:
+            key = run_key(cfg_over, knobs)
+            r = done[key]
+            results["groups"][group][label] = {"final_train_loss": r["final_train_loss"],
+                                               **r["evals"][jobs[key]["evals"].index(ev)],
+                                               "curve": r["curve"], "seconds": r["seconds"], "run": key}
             if not a.quiet:
-                print(group, label, results["groups"][group][label], flush=True)
+                print(group, label, {k: v for k, v in results["groups"][group][label].items() if k != "curve"},
+                      flush=True)
     out = Path(a.out)
     write_json(out, results)
     plot(results, png_path(out))
@@ -121,19 +187,31 @@ def main(argv: list[str] | None = None) -> int:
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
     groups = results["groups"]
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), squeeze=False)
+    curves = {v["run"]: (f"{g}={k}", v["curve"]) for g, res in groups.items() for k, v in res.items() if v["curve"]}
+    rows = 2 if curves else 1
+    fig, axes = plt.subplots(rows, len(groups), figsize=(3.0 * len(groups), 3.0 * rows), squeeze=False)
     for ax, (group, res) in zip(axes[0], groups.items()):
         labels = list(res)
-        ax.bar(range(len(labels)), [res[k]["heldout_lm_loss"] for k in labels], color="C0")
+        ax.bar(range(len(labels)), [res[k]["heldout_qa"] for k in labels], color="C0")
         ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(group, fontsize=9)
-        lo = min(res[k]["heldout_lm_loss"] for k in labels)
-        ax.set_ylim(lo * 0.9, None)
+        ax.set_ylim(0, 1.08)
         for i, k in enumerate(labels):
-            ax.text(i, res[k]["heldout_lm_loss"], f"EM {res[k]['heldout_qa']:.2f}", ha="center", va="bottom", fontsize=6)
-    axes[0][0].set_ylabel("held-out LM loss with memory")
-    fig.suptitle(f"ablations ({results['settings']['continual_steps']} continual steps after "
-                 f"{results['settings']['warmup_steps']} warmup steps; seed {results['settings']['seed']})", fontsize=9)
+            ax.text(i, res[k]["heldout_qa"], f"{res[k]['heldout_qa']:.2f}\nLM {res[k]['heldout_lm_loss']:.2f}",
+                    ha="center", va="bottom", fontsize=5.5)
+    axes[0][0].set_ylabel("held-out QA, memory (final)")
+    if curves:
+        gs = axes[1][0].get_gridspec()
+        for ax in axes[1]:
+            ax.remove()
+        ax = fig.add_subplot(gs[1, :])
+        for name, curve in sorted(curves.values()):
+            ax.plot([c["step"] for c in curve], [c["heldout_qa"] for c in curve], "o-", ms=3, lw=1, label=name)
+        ax.set_xlabel("continual step"); ax.set_ylabel("held-out QA, memory"); ax.set_ylim(0, 1); ax.grid(alpha=.3)
+        ax.legend(fontsize=6, ncol=4)
+    st = results["settings"]
+    fig.suptitle(f"ablations: {st['continual_steps']} continual steps after {st['warmup_steps']} warmup steps, "
+                 f"{st['preset']}, mix {dict(st['mix'])}, seed {st['seed']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
