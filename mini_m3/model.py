@@ -724,10 +724,12 @@ class Memory3(nn.Module):
     def forward(self, idx: torch.Tensor, *, targets: torch.Tensor | None = None, memory: MemoryKV | None = None,
                 query_chunks: torch.Tensor | None = None, cache: KVCache | None = None,
                 context_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                impl: str = "sdpa", use_cache: bool = False) -> ModelOutput:
+                impl: str = "sdpa", use_cache: bool = False, target_logits_only: bool = False) -> ModelOutput:
         """Causal LM over context tokens `idx` (B, T), reading `memory` in the memory heads of memory layers.
 
         targets:      (B, T) next-token ids, -100 = ignored, gives `loss` (mean cross-entropy).
+        target_logits_only: with `targets`, run the LM head only where a target is not -100 (training: padding
+                      costs no logits); `logits` is then (N_targets, V) in row-major order of those positions.
         memory:       `MemoryKV` for C chunks; query t reads chunk `query_chunks[..., t]` ((T,) or (B, T)), by default
                       (cache.length + t) // chunk_length - first chunk of this call, clipped to [0, C-1].
         cache:        `KVCache` from an earlier call (decoding); `use_cache=True` returns the updated cache.
@@ -800,12 +802,19 @@ class Memory3(nn.Module):
             new_cache.context_mask = context_mask
             new_cache._layers = layer_caches
         h = self.norm(x)
-        logits = self.lm_head(h)
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
+        if target_logits_only and targets is None:
+            raise ValueError("target_logits_only needs targets")
         loss = None
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
-            loss = F.cross_entropy(logits.float().view(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
+        if target_logits_only:  # the LM head is ~40 % of a tiny model's step; a third of its rows are padding
+            keep = targets != -100  # (B, T)
+            logits = self.lm_head(h[keep])  # (N, V)
+            loss = F.cross_entropy(logits.float(), targets[keep])
+        else:
+            logits = self.lm_head(h)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=-100)
         return ModelOutput(logits=logits, loss=loss, cache=new_cache, hidden=h)
 
     # ------------------------------------------------------------------ reference encoding (§3.3)

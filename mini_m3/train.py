@@ -207,7 +207,8 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
 def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     dev = model.tok_emb.weight.device
     memory = continual_memory(model, data, rows, cfg) if cfg.stage == "continual" else None
-    out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory)
+    out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory,
+                target_logits_only=True)
     return out.loss
 
 

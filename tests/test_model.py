@@ -309,6 +309,28 @@ def test_prefix_cache_follows_weight_updates():
     torch.testing.assert_close(after, fresh(idx).logits)
 
 
+def test_target_logits_only_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    cfg = Memory3Config.from_name("tiny")
+    model = Memory3(cfg).train()
+    idx = torch.randint(4, cfg.vocab_size, (3, 20))
+    tgt = idx.roll(-1, 1).clone()
+    tgt[0, 12:], tgt[2, 5:] = -100, -100  # right padding, as pack_documents makes
+    grads = []
+    for only in (False, True):
+        model.zero_grad()
+        out = model(idx, targets=tgt, target_logits_only=only)
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        if only:
+            assert out.logits.shape == (int((tgt != -100).sum()), cfg.vocab_size)
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="needs targets"):
+        model(idx, target_logits_only=True)
+
+
 def test_prefix_gets_gradients_in_training():
     cfg = Memory3Config.from_name("tiny")
     model = Memory3(cfg).train()
