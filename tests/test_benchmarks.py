@@ -86,3 +86,17 @@ def test_ablations_quick(tmp_path):
     assert heads["all"]["run"] == vq["off"]["run"] == vq["on"]["run"] != heads["1"]["run"]
     assert heads["all"]["heldout_qa"] == vq["off"]["heldout_qa"]
     assert out.with_suffix(".png").exists()
+
+
+@pytest.mark.slow
+def test_effective_size_quick(tmp_path):
+    """The no-memory ladder trains on the demo's tokens: its 1x rung is the demo's own control, step for step."""
+    out = tmp_path / "effective_size.json"
+    assert load("effective_size").main(["--quick", "--run-demo", "--rungs", "1x,2x", "--out", str(out),
+                                        "--work", str(tmp_path / "work"), "--quiet"]) == 0
+    r = json.loads(out.read_text())
+    one, two = r["no_memory"]["1x"], r["no_memory"]["2x"]
+    assert one["size_ratio"] == 1.0 and 1.9 < two["size_ratio"] < 2.1
+    assert one["final_loss"] == pytest.approx(r["memory3"]["demo_no_memory_model_final_loss"], abs=1e-6)
+    assert one["qa"] == r["memory3"]["demo_no_memory_model"]
+    assert out.with_suffix(".png").exists()
