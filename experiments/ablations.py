@@ -187,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
 def plot(results: dict, path: Path) -> None:
     plt = pyplot()
     groups = results["groups"]
-    curves = {v["run"]: (f"{g}={k}", v["curve"]) for g, res in groups.items() for k, v in res.items() if v["curve"]}
+    runs: dict[str, tuple[list[str], list]] = {}
+    for g, res in groups.items():
+        for k, v in res.items():
+            if v["curve"]:
+                runs.setdefault(v["run"], ([], v["curve"]))[0].append(f"{g}={k}")
+    # a run that serves several groups is the paper's setting
+    curves = {run: ("paper setting" if len(labels) > 1 else labels[0], curve) for run, (labels, curve) in runs.items()}
     rows = 2 if curves else 1
     fig, axes = plt.subplots(rows, len(groups), figsize=(3.0 * len(groups), 3.0 * rows), squeeze=False)
     for ax, (group, res) in zip(axes[0], groups.items()):
