@@ -72,3 +72,10 @@ def plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt_
     return plt_
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Lay out, write and close a matplotlib figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt().close(fig)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, plt as pyplot, png_path, write_json  # noqa: E402
+from _common import machine, plt as pyplot, png_path, save_figure, write_json  # noqa: E402
 
 from mini_m3 import Memory3, Memory3Config, MemoryBank, Tokenizer  # noqa: E402
 from mini_m3.checkpoint import load_weights, save_weights  # noqa: E402
@@ -218,9 +218,7 @@ def plot(results: dict, path: Path) -> None:
     st = results["settings"]
     fig.suptitle(f"ablations: {st['continual_steps']} continual steps after {st['warmup_steps']} warmup steps, "
                  f"{st['preset']}, mix {dict(st['mix'])}, seed {st['seed']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

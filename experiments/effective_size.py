@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, plt as pyplot, png_path, seed_all, write_json  # noqa: E402
+from _common import machine, plt as pyplot, png_path, save_figure, seed_all, write_json  # noqa: E402
 
 from mini_m3 import Memory3  # noqa: E402
 from mini_m3.config import Memory3Config  # noqa: E402
@@ -136,9 +136,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xscale("log"); ax.set_xlabel("non-embedding parameters"); ax.set_ylabel("QA exact match")
     ax.set_ylim(0, 1); ax.grid(alpha=.3); ax.legend(fontsize=7)
     ax.set_title("Effective size: Memory3 (tiny) vs larger no-memory models, same tokens", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

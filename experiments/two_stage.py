@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import plt as pyplot, png_path, write_json  # noqa: E402
+from _common import plt as pyplot, png_path, save_figure, write_json  # noqa: E402
 
 from mini_m3 import Memory3, MemoryBank  # noqa: E402
 from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
@@ -93,9 +93,7 @@ def plot(results: dict, path: Path) -> None:
                 label=f"{split}, memory {'on' if mode == 'memory' else 'off'}")
     ax2.set_xticks(x, arms, fontsize=8); ax2.set_ylabel("QA exact match"); ax2.set_ylim(0, 1); ax2.legend(fontsize=7)
     fig.suptitle("Fig 11 at mini scale: when should memory start?", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
