@@ -29,9 +29,10 @@ from _common import machine, plt as pyplot, png_path, save_figure, seed_all, wri
 
 from mini_m3 import Memory3  # noqa: E402
 from mini_m3.config import Memory3Config  # noqa: E402
-from mini_m3.demo import DemoSettings, build_world_data, run_demo, setup_world  # noqa: E402
+from mini_m3.demo import (DemoSettings, build_world_data, control_train_config, demo_questions,  # noqa: E402
+                          run_demo, setup_world)
 from mini_m3.evaluate import qa_eval  # noqa: E402
-from mini_m3.train import TrainConfig, train  # noqa: E402
+from mini_m3.train import train  # noqa: E402
 
 RUNGS = {"1x": {}, "2x": dict(n_layers=8), "4x": dict(d_model=128, n_heads=8, n_kv_heads=4, mlp_width=256)}
 # the demo settings that decide the data, the model shape and the training budget: they must match the demo JSON
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/effective_size", help="checkpoints of each rung (a rerun resumes them)")
     p.add_argument("--demo-json", default="experiments/results/demo.json",
                    help="the Memory3 side: results.json of `mini-m3 demo` at the same settings")
-    p.add_argument("--run-demo", action="store_true", help="run the demo into <out dir>/demo instead of reading it")
+    p.add_argument("--run-demo", action="store_true", help="run the demo into <--work>/demo instead of reading it")
     p.add_argument("--rungs", default=",".join(RUNGS),
                    help="which no-memory sizes to train (1x is the demo's own control: skip it to save time)")
     p.add_argument("--quiet", action="store_true")
@@ -75,13 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     w = setup_world(s)
     data = build_world_data(w.world, w.tokenizer, s, w.cfg.chunk_length, w.retriever, w.reference_tokens,
                             not a.quiet)
-    # the demo's questions: trained = half text-split + half memory-split people; held-out = bank-only people
-    q = lambda split, n: w.world.eval_questions(split, n, seed=s.seed, phrasing=s.eval_phrasing)  # noqa: E731
-    items = {"trained": q("text", s.eval_questions // 2) + q("memory", s.eval_questions - s.eval_questions // 2),
-             "heldout": q("heldout", s.eval_questions)}
-    total = s.warmup_steps + s.continual_steps
-    tc = TrainConfig(stage="warmup", steps=total, batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet,
-                     warmup_steps=max(1, total // 10), threads=1)  # the demo control's schedule
+    items = dict(zip(("trained", "heldout"), demo_questions(w.world, s)))  # the demo's own questions
+    tc = control_train_config(s, quiet=a.quiet, threads=1)  # the demo control's schedule
     base = Memory3(w.cfg).num_parameters()
     rungs = {}
     for name in a.rungs.split(","):

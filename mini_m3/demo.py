@@ -133,6 +133,21 @@ class ControlJob:
         return model.eval(), json.loads((self.out_dir / "summary.json").read_text())
 
 
+def control_train_config(s: DemoSettings, *, quiet: bool, threads: int | None) -> TrainConfig:
+    """The no-memory control's schedule: all warmup + continual steps as one no-memory stage (WSD over all of it)."""
+    total = s.warmup_steps + s.continual_steps
+    return TrainConfig(stage="warmup", steps=total, batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=quiet,
+                       warmup_steps=max(1, total // 10), threads=threads)
+
+
+def demo_questions(world: World, s: DemoSettings) -> tuple[list, list]:
+    """(trained, held-out) QA items: trained = half `text`-split and half `memory`-split people."""
+    def questions(split, n):
+        return world.eval_questions(split, n, seed=s.seed, phrasing=s.eval_phrasing)
+    n = s.eval_questions
+    return questions("text", n // 2) + questions("memory", n - n // 2), questions("heldout", n)
+
+
 def _reading_accuracy(items, r: dict) -> float:
     """Exact match over the questions whose own biography was retrieved first: reading, with retrieval's misses
     taken out."""
@@ -171,8 +186,7 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
     total = s.warmup_steps + s.continual_steps
     # 2. the control: no memory, same shape, same tokens, same schedule (warmup + stable + decay over all steps).
     # With parallel=True it trains in a second process (one thread each), so both models train at once.
-    control_tc = TrainConfig(stage="warmup", steps=total, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
-                             quiet=not progress, warmup_steps=max(1, total // 10), threads=1 if s.parallel else None)
+    control_tc = control_train_config(s, quiet=not progress, threads=1 if s.parallel else None)
     control_job = ControlJob(cfg, data, control_tc, out / "no_memory_model", s.seed)
     if s.parallel:
         control_job.start()
@@ -206,8 +220,7 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
     # 5. QA: people seen in training (text + memory splits) and held-out people (bank only)
     def questions(split, n, phrasing=s.eval_phrasing):
         return world.eval_questions(split, n, seed=s.seed, phrasing=phrasing)
-    trained = questions("text", s.eval_questions // 2) + questions("memory", s.eval_questions - s.eval_questions // 2)
-    heldout = questions("heldout", s.eval_questions)
+    trained, heldout = demo_questions(world, s)
     settings_eval = {
         "no_memory_model": dict(model=control, mode="none", bank=None),
         "memory": dict(model=model, mode="memory", bank=bank),
