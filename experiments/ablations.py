@@ -8,15 +8,26 @@ same data, seed and step count, changing one knob of the memory design:
                    first, all
   memories_per_chunk 1, 3, 5 (paper), 7  (read at evaluation: with one chunk per sequence, training reads one)
   vq               off, on (evaluation-time only)
+  retrieval_interval 32, 64 (paper), 128 tokens per chunk, each chunk retrieving (and reading) one reference
 
 Variants that are the same training run (the paper's setting appears in five groups) are trained once, and the
 evaluation-time knobs reuse the paper-setting model. For each variant we report the final training loss, the
 held-out LM loss on QA documents about held-out people with memory, and exact match and answer log-likelihood on
 held-out people (memory mode), also every `--eval-every` steps, because reading memory appears as a phase
-transition (experiments/README.md) and the step where it appears is what a knob changes most. The retrieval
-interval (32/64/128-token chunks) is not ablated: it changes the data layout, not a model knob.
+transition (experiments/README.md) and the step where it appears is what a knob changes most.
 
-    python experiments/ablations.py [--quick] [--jobs 2] [--only GROUP,...] [--out experiments/results/ablations.json]
+The retrieval interval changes the data layout, so its group trains on its own layout: the same documents back
+to back (`pack_stream`) in 128-token sequences, batch 16 (the 2,048 tokens per step of the other groups, without
+their padding), cut into chunks of 32, 64 or 128 tokens. Each chunk retrieves one reference from its own text, so
+a short interval retrieves more often, from less text (a chunk may hold only part of a question), and a long one
+leaves several people in a chunk with one memory between them. `chunk_reference_hit` is the fraction of chunks
+whose reference is about a person the chunk's text is about. Evaluation is the same for every group.
+
+With `--merge`, the groups run now replace theirs in an existing `--out` file made with the same settings, and a
+variant already there (same training run and evaluation knobs) is reused instead of trained again.
+
+    python experiments/ablations.py [--quick] [--jobs 2] [--only GROUP,...] [--merge]
+                                    [--out experiments/results/ablations.json]
 """
 
 from __future__ import annotations
@@ -38,9 +49,11 @@ from mini_m3.checkpoint import load_weights, save_weights  # noqa: E402
 from mini_m3.data.world import format_qa  # noqa: E402
 from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
-from mini_m3.train import TrainConfig, evaluate_loss, train  # noqa: E402
+from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss, train  # noqa: E402
 
-PAPER = {"selector": "attention", "tokens_per_head": None}  # the paper's setting: top-8 by attention received
+# the paper's setting: top-8 by attention received, chunks of one document each (the layout of the other groups)
+PAPER = {"selector": "attention", "tokens_per_head": None, "layout": "chunk"}
+STREAM_LENGTH = 128  # sequence length of the retrieval-interval group's layout
 
 
 def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict, dict]]]:
@@ -56,13 +69,64 @@ def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict, dict]]
         "memory_heads": [("1", {"memory_heads": (0,)}, {}, {}), ("all", {}, {}, {})],
         "memories_per_chunk": [(str(n), {}, {}, {"memories_per_chunk": n}) for n in (1, 3, 5, 7)],
         "vq": [("off", {}, {}, {}), ("on", {}, {}, {"quantizer": "default"})],
+        "retrieval_interval": [(str(c), {"chunk_length": c}, {"layout": "stream"}, {}) for c in (32, 64, 128)],
     }
 
 
+def stream_hit_rate(doc_lengths: list[int], doc_people: list, chunk_refs: torch.Tensor, chunk_length: int) -> float:
+    """Fraction of chunks (with a reference) whose reference is about a person with text in the chunk, for
+    `pack_stream` data (each document takes its length + 2 tokens). Reference id == person id in the world."""
+    N, C = chunk_refs.shape
+    starts, pos = [], 0
+    for n in doc_lengths:
+        starts.append(pos)
+        pos += n + 2
+    hits, total, d = 0, 0, 0
+    for s in range(N):
+        for c in range(C):
+            lo = (s * C + c) * chunk_length
+            hi = lo + chunk_length
+            while d + 1 < len(starts) and starts[d + 1] <= lo:
+                d += 1
+            people, j = set(), d
+            while j < len(starts) and starts[j] < hi:
+                people.add(doc_people[j])
+                j += 1
+            r = int(chunk_refs[s, c])
+            if r >= 0:
+                total += 1
+                hits += r in people
+    return hits / max(total, 1)
+
+
 def run_key(cfg_over: dict, knobs: dict) -> str:
-    """Variants with the same key are the same training run."""
+    """Variants with the same key are the same training run. The default layout is left out of the key, so the
+    keys of chunk-layout runs are those of result files written before the layout knob existed (`--merge`)."""
+    run = {k: knobs.get(k, PAPER[k]) for k in PAPER}
+    if run["layout"] == PAPER["layout"]:
+        del run["layout"]
     return json.dumps({"cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(cfg_over.items())},
-                       **{k: knobs.get(k, PAPER[k]) for k in PAPER}}, sort_keys=True)
+                       **run}, sort_keys=True)
+
+
+def eval_key(key: str, ev: dict) -> str:
+    return key + "|" + json.dumps(ev, sort_keys=True)
+
+
+def stored_variants(path: Path, settings: dict, groups: dict) -> tuple[dict, dict]:
+    """(the stored results file, {eval_key: stored entry}) for `--merge`; refuses a file with other settings."""
+    old = json.loads(path.read_text())
+    if old.get("settings") != json.loads(json.dumps(settings)):
+        diff = {k: (old.get("settings", {}).get(k), v) for k, v in json.loads(json.dumps(settings)).items()
+                if old.get("settings", {}).get(k) != v}
+        raise SystemExit(f"--merge: {path} was made with other settings (stored, now): {diff}")
+    found = {}
+    for group, entries in old.get("groups", {}).items():
+        known = {label: (c, k, e) for label, c, k, e in groups.get(group, [])}
+        for label, entry in entries.items():
+            if label in known and run_key(*known[label][:2]) == entry.get("run"):
+                found[eval_key(entry["run"], known[label][2])] = entry
+    return old, found
 
 
 def evaluate(model, tok, refs, items, held, tc, seed, evals: list[dict]) -> list[dict]:
@@ -110,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mix", default="qa=1", help="training documents (qa only: the fastest route to reading)")
     p.add_argument("--questions", type=int, default=200, help="held-out questions per evaluation")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel, one thread each")
+    p.add_argument("--merge", action="store_true", help="update --out in place, reusing the variants it holds")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -120,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     every = a.eval_every if a.eval_every is not None else (0 if a.quick else 500)
     w = setup_world(s)
     world, tok, base_cfg, refs = w.world, w.tokenizer, w.cfg, w.references
-    data = build_world_data(world, tok, s, base_cfg.chunk_length, w.retriever, w.reference_tokens, not a.quiet)
+    docs = world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
+    data = build_world_data(world, tok, s, base_cfg.chunk_length, w.retriever, w.reference_tokens, not a.quiet,
+                            docs=docs)
     # held-out LM data: QA documents (training format) about held-out people, who never appear in training
     heldout_people = world.people_in("heldout")
     held_docs = []
@@ -131,16 +198,40 @@ def main(argv: list[str] | None = None) -> int:
     held = build_world_data(world, tok, s, base_cfg.chunk_length, w.retriever, w.reference_tokens, False,
                             docs=held_docs)
     items = world.eval_questions("heldout", min(s.eval_questions, a.questions), seed=s.seed, phrasing=s.eval_phrasing)
+    settings = {**s.__dict__, "warmup_steps": W, "continual_steps": C, "eval_every": every, "questions": len(items)}
+    groups = variants(base_cfg)
+    if a.only:
+        unknown = set(a.only.split(",")) - set(groups)
+        if unknown:
+            raise SystemExit(f"--only: unknown groups {sorted(unknown)}; known: {sorted(groups)}")
+        groups = {g: v for g, v in groups.items() if g in a.only.split(",")}
+    out = Path(a.out)
+    old, stored = stored_variants(out, settings, variants(base_cfg)) if a.merge and out.exists() else (None, {})
+
+    stream_cache: dict[int, tuple] = {}
+
+    def layout(knobs: dict, chunk_length: int) -> tuple[ChunkedData, ChunkedData, int, dict]:
+        """(training data, held-out LM data, batch size, facts about the layout) of a variant."""
+        if knobs.get("layout", PAPER["layout"]) == "chunk":
+            return data, held, s.batch_size, {}
+        if chunk_length not in stream_cache:
+            kw = dict(stream_length=STREAM_LENGTH)
+            d = build_world_data(world, tok, s, chunk_length, w.retriever, w.reference_tokens, False, docs=docs, **kw)
+            h = build_world_data(world, tok, s, chunk_length, w.retriever, w.reference_tokens, False,
+                                 docs=held_docs, **kw)
+            hit = stream_hit_rate([len(i) for i in tok.encode_batch([x.text for x in docs])],
+                                  [x.person for x in docs], d.chunk_refs, chunk_length)
+            facts = {"layout": "stream", "sequence_length": STREAM_LENGTH, "chunk_length": chunk_length,
+                     "chunk_reference_hit": hit, "chunks_with_reference": float((d.chunk_refs >= 0).float().mean())}
+            stream_cache[chunk_length] = (d, h, s.batch_size * base_cfg.chunk_length // STREAM_LENGTH, facts)
+        return stream_cache[chunk_length]
 
     torch.manual_seed(s.seed)
     warm = Memory3(base_cfg)
-    common = dict(batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet, threads=1)
+    common = dict(lr=s.lr, seed=s.seed, quiet=a.quiet, threads=1)
     total = W + C
     train(warm, data, TrainConfig(stage="warmup", steps=W, warmup_steps=max(1, total // 10), decay_fraction=0.0,
-                                  **common))
-    groups = variants(base_cfg)
-    if a.only:
-        groups = {g: v for g, v in groups.items() if g in a.only.split(",")}
+                                  batch_size=s.batch_size, **common))
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(warm, Path(tmp) / "warm.safetensors")
         tok.save(Path(tmp) / "tokenizer.json")
@@ -148,37 +239,48 @@ def main(argv: list[str] | None = None) -> int:
         for vs in groups.values():
             for _, cfg_over, knobs, ev in vs:
                 key = run_key(cfg_over, knobs)
+                if eval_key(key, ev) in stored:
+                    continue
                 if key not in jobs:
-                    tc = TrainConfig(stage="continual", steps=C, warmup_steps=0, eval_every=every,
+                    cfg = base_cfg.replace(**cfg_over)
+                    d, h, bs, _ = layout(knobs, cfg.chunk_length)
+                    tc = TrainConfig(stage="continual", steps=C, warmup_steps=0, eval_every=every, batch_size=bs,
                                      decay_fraction=min(1.0, 0.1 * total / C), selector=knobs.get("selector", "attention"),
                                      tokens_per_head=knobs.get("tokens_per_head"), **common)
-                    jobs[key] = {"key": key, "cfg": base_cfg.replace(**cfg_over).to_dict(), "tc": tc.__dict__,
+                    jobs[key] = {"key": key, "cfg": cfg.to_dict(), "tc": tc.__dict__,
                                  "warm": str(Path(tmp) / "warm.safetensors"), "tokenizer": str(Path(tmp) / "tokenizer.json"),
-                                 "data": data, "held": held, "refs": refs, "items": items, "evals": []}
+                                 "data": d, "held": h, "refs": refs, "items": items, "evals": []}
                 if ev not in jobs[key]["evals"]:
                     jobs[key]["evals"].append(ev)
         if not a.quiet:
-            print(f"{sum(len(v) for v in groups.values())} variants = {len(jobs)} training runs of {C} steps", flush=True)
+            print(f"{sum(len(v) for v in groups.values())} variants = {len(jobs)} training runs of {C} steps"
+                  f" ({len(stored)} stored variants reusable)", flush=True)
         if a.jobs > 1:
             with torch.multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
                 done = {r["key"]: r for r in pool.imap_unordered(run_variant, jobs.values())}
         else:
             done = {k: run_variant(j) for k, j in jobs.items()}
 
-    results = {"settings": {**s.__dict__, "warmup_steps": W, "continual_steps": C, "eval_every": every,
-                            "questions": len(items)}, "machine": machine(1), "groups": {}}
+    results = old or {"settings": settings, "machine": machine(1), "groups": {}}
+    if old:
+        # which groups this run (re)made, on which machine; "machine" stays that of the first run
+        results.setdefault("merged_runs", []).append({"groups": list(groups), "machine": machine(1),
+                                                      "trained": len(jobs), "reused": len(stored)})
     for group, vs in groups.items():
         results["groups"][group] = {}
         for label, cfg_over, knobs, ev in vs:
             key = run_key(cfg_over, knobs)
-            r = done[key]
-            results["groups"][group][label] = {"final_train_loss": r["final_train_loss"],
-                                               **r["evals"][jobs[key]["evals"].index(ev)],
-                                               "curve": r["curve"], "seconds": r["seconds"], "run": key}
+            if eval_key(key, ev) in stored:
+                results["groups"][group][label] = stored[eval_key(key, ev)]
+            else:
+                r = done[key]
+                results["groups"][group][label] = {"final_train_loss": r["final_train_loss"],
+                                                   **r["evals"][jobs[key]["evals"].index(ev)],
+                                                   "curve": r["curve"], "seconds": r["seconds"], "run": key,
+                                                   **layout(knobs, base_cfg.replace(**cfg_over).chunk_length)[3]}
             if not a.quiet:
                 print(group, label, {k: v for k, v in results["groups"][group][label].items() if k != "curve"},
                       flush=True)
-    out = Path(a.out)
     write_json(out, results)
     plot(results, png_path(out))
     return 0

@@ -28,7 +28,7 @@ from .memory.bank import MemoryBank
 from .memory.retrieve import Retriever
 from .model import Memory3
 from .tokenizer import Tokenizer
-from .train import ChunkedData, TrainConfig, pack_documents, plot_losses, retrieve_for_chunks, train
+from .train import ChunkedData, TrainConfig, pack_documents, pack_stream, plot_losses, retrieve_for_chunks, train
 
 
 @dataclass
@@ -90,11 +90,19 @@ def setup_world(s: DemoSettings) -> WorldSetup:
 
 
 def build_world_data(world: World, tokenizer: Tokenizer, s: DemoSettings, chunk_length: int,
-                     retriever: Retriever, reference_tokens, progress: bool, docs=None) -> ChunkedData:
+                     retriever: Retriever, reference_tokens, progress: bool, docs=None,
+                     stream_length: int | None = None) -> ChunkedData:
+    """The training documents (or `docs`) tokenized, one per chunk (`pack_documents`), or back to back in
+    sequences of `stream_length` tokens (`pack_stream`), each chunk with its retrieved reference."""
     docs = docs if docs is not None else world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
     ids = tokenizer.encode_batch([d.text for d in docs])
-    tokens, targets = pack_documents(ids, chunk_length, s.chunks_per_sequence, bos_id=tokenizer.bos_id,
-                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    if stream_length is None:
+        tokens, targets = pack_documents(ids, chunk_length, s.chunks_per_sequence, bos_id=tokenizer.bos_id,
+                                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    elif stream_length % chunk_length:
+        raise ValueError(f"stream_length={stream_length} is not a multiple of chunk_length={chunk_length}")
+    else:
+        tokens, targets = pack_stream(ids, stream_length, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     refs = retrieve_for_chunks(tokens, chunk_length, tokenizer, retriever, reference_tokens, progress=progress)
     return ChunkedData(tokens, targets, refs, reference_tokens)
 

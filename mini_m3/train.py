@@ -78,6 +78,19 @@ def pack_documents(docs: Sequence[Sequence[int]], chunk_length: int, chunks_per_
     return tokens, targets
 
 
+def pack_stream(docs: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos_id: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Documents back to back (`<s> doc </s> <s> doc </s> ...`) cut into sequences of `seq_len` tokens, with no
+    padding: a chunk boundary can fall anywhere in a document (the layout of ordinary pretraining, where the
+    retrieval interval decides how much text shares one retrieval). The last, partial sequence is dropped."""
+    stream = [t for doc in docs for t in (bos_id, *doc, eos_id)]
+    n_seq = (len(stream) - 1) // seq_len
+    if n_seq == 0:
+        raise ValueError(f"{len(stream)} tokens are fewer than one sequence of {seq_len} (+1 target)")
+    flat = torch.tensor(stream[:n_seq * seq_len + 1], dtype=torch.long)
+    return flat[:-1].view(n_seq, seq_len).clone(), flat[1:].view(n_seq, seq_len).clone()
+
+
 def retrieve_for_chunks(tokens: torch.Tensor, chunk_length: int, tokenizer: Tokenizer, retriever,
                         reference_tokens: Sequence[Sequence[int]], *, candidates: int = 4,
                         leakage_threshold: float = TRAIN_LEAKAGE_THRESHOLD, progress: bool = True) -> torch.Tensor:

@@ -87,6 +87,23 @@ def test_ablations_quick(tmp_path):
     assert heads["all"]["heldout_qa"] == vq["off"]["heldout_qa"]
     assert out.with_suffix(".png").exists()
 
+    # --merge: the retrieval-interval group joins the file; the stored VQ variants are reused, not retrained
+    subprocess.run([sys.executable, str(script), "--quick", "--only", "retrieval_interval,vq", "--merge",
+                    "--out", str(out), "--quiet"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    m = json.loads(out.read_text())
+    assert m["groups"]["memory_heads"] == heads and m["groups"]["vq"] == vq
+    assert m["merged_runs"][0]["trained"] == 3 and m["merged_runs"][0]["reused"] >= 2
+    interval = m["groups"]["retrieval_interval"]
+    assert set(interval) == {"32", "64", "128"} and len({v["run"] for v in interval.values()}) == 3
+    for c, v in interval.items():
+        assert v["layout"] == "stream" and v["chunk_length"] == int(c) and 0 <= v["chunk_reference_hit"] <= 1
+    # a file made with other settings is refused, and left as it was
+    before = out.read_text()
+    bad = subprocess.run([sys.executable, str(script), "--quick", "--only", "vq", "--merge", "--seed", "1",
+                          "--out", str(out), "--quiet"], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert bad.returncode != 0 and "other settings" in bad.stderr and out.read_text() == before
+
 
 @pytest.mark.slow
 def test_effective_size_quick(tmp_path):

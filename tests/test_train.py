@@ -7,7 +7,7 @@ import torch
 from mini_m3 import Memory3, Memory3Config, Retriever, Tokenizer
 from mini_m3.data.world import World
 from mini_m3.train import (ChunkedData, TrainConfig, latest_checkpoint, load_checkpoint, memory_index,
-                           pack_documents, retrieve_for_chunks, train, wsd_lr)
+                           pack_documents, pack_stream, retrieve_for_chunks, train, wsd_lr)
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +39,15 @@ def test_pack_documents_one_document_per_chunk():
     assert targets.tolist() == [[5, 6, 7, -100, 8, 9, 2, -100]]
     with pytest.raises(ValueError):
         pack_documents([[5]], 4, 2, bos_id=1, eos_id=2, pad_id=0)
+
+
+def test_pack_stream_documents_back_to_back():
+    tokens, targets = pack_stream([[5, 6, 7], [8, 9], [10]], 4, bos_id=1, eos_id=2)
+    # stream: 1 5 6 7 2 1 8 9 2 1 10 2 -> two sequences of 4 (+1 target); the rest is dropped
+    assert tokens.tolist() == [[1, 5, 6, 7], [2, 1, 8, 9]]
+    assert targets.tolist() == [[5, 6, 7, 2], [1, 8, 9, 2]]
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        pack_stream([[5]], 4, bos_id=1, eos_id=2)
 
 
 def test_memory_index_reads_own_and_previous_four():
