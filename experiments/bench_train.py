@@ -1,14 +1,16 @@
 """Training step time: warmup stage (no memory) vs continual stage (with live-encoded memory), §3.6 / §5.
 
 One step = `train_step` (forward, + reference encoding through the memory layers in the continual stage)
-+ backward + grad clip + AdamW step, on the demo's `small` config and world data (`build_world_data`),
-batch 8 x 256 tokens (4 chunks of 64). Warmup and continual steps are interleaved on the same model
++ backward + grad clip + AdamW step, on the `small` config with the paper's memory setting (5 memories per
+chunk, top-8 tokens per head by attention) and world data (`build_world_data`), batch 8 x 256 tokens (4 chunks
+of 64, one QA document per chunk). Warmup and continual steps are interleaved on the same model
 (alternating order) and the medians are reported, plus tokens/s and the achieved FLOP/s against the
 machine's measured fp32 matmul rate.
 
 FLOP count per training step (forward + backward = 3 x forward, matmuls only, 2 FLOPs per multiply-add):
     6 * N_nonemb * tokens                          weights of all blocks (Kaplan et al. 2020)
-  + 6 * d_model * vocab * tokens                   the (tied) LM head
+  + 6 * d_model * vocab * target_tokens            the (tied) LM head, on positions with a target only
+                                                   (`target_logits_only`: padding gets no logits)
   + 6 * 2 * sum_layers(S_l) * H * d_h * tokens     attention scores QK^T and AV, S_l = keys per query in layer
                                                    l: prefix + T (the full masked matrix, which SDPA computes
                                                    on CPU), + C*M memory slots in memory layers (continual)
@@ -58,12 +60,13 @@ def step_flops(model: Memory3, data, rows: torch.Tensor, stage: str) -> dict:
     cfg = model.cfg
     B, T = data.tokens[rows].shape
     tokens = B * T
+    target_tokens = int((data.targets[rows] != -100).sum())
     N = model.num_parameters()  # non-embedding (tied head counted separately below)
     hd = cfg.n_heads * cfg.head_dim
     p = cfg.prefix_length
     C, M = T // cfg.chunk_length, cfg.memories_per_chunk * cfg.memory_tokens_per_head
     keys = [p + T + (C * M if (stage == "continual" and l in cfg.memory_layers) else 0) for l in range(cfg.n_layers)]
-    f = {"weights": 6 * N * tokens, "lm_head": 6 * cfg.d_model * cfg.vocab_size * tokens,
+    f = {"weights": 6 * N * tokens, "lm_head": 6 * cfg.d_model * cfg.vocab_size * target_tokens,
          "attention": 6 * 2 * sum(keys) * hd * tokens, "reference_encoding": 0}
     if stage == "continual":
         idx = memory_index(data.chunk_refs[rows], cfg.memories_per_chunk)
@@ -76,7 +79,7 @@ def step_flops(model: Memory3, data, rows: torch.Tensor, stage: str) -> dict:
             f["reference_encoding"] = 6 * per_layer * Lm * rt + 6 * 2 * Lm * (p + R) * hd * rt
             f["reference_tokens"] = rt
     f["total"] = sum(v for k, v in f.items() if k in ("weights", "lm_head", "attention", "reference_encoding"))
-    f["tokens"] = tokens
+    f["tokens"], f["target_tokens"] = tokens, target_tokens
     return f
 
 
@@ -84,11 +87,13 @@ def main(argv=None) -> dict:
     args = parse_args(NAME, argv, __doc__)
     torch.set_num_threads(args.threads)
     seed_all(args.seed)
-    s = DemoSettings.quick(n_docs=400) if args.quick else DemoSettings(n_docs=1200)
+    layout = dict(preset="small", chunks_per_sequence=4, batch_size=8, memories_per_chunk=5)
+    s = DemoSettings.quick(n_docs=400, **layout) if args.quick else DemoSettings(n_docs=1200, **layout)
     warm_steps, reps = (1, 4) if args.quick else (2, 12)
     world = World.generate(s.n_people, seed=s.seed)
     tok = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
-    cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tok.vocab_size))
+    cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tok.vocab_size),
+                                  memories_per_chunk=s.memories_per_chunk)
     refs = world.references()
     ref_tokens = tok.encode_references(refs)
     data = build_world_data(world, tok, s, cfg.chunk_length, Retriever().fit(refs), ref_tokens, progress=False)
@@ -142,7 +147,8 @@ def main(argv=None) -> dict:
         "continual_over_warmup": per["continual"]["step_s"] / per["warmup"]["step_s"],
         "flops_fraction": per["warmup"]["flops_fraction"],
         "flops_fraction_continual": per["continual"]["flops_fraction"],
-        "flop_formula": ("6*N_nonemb*tokens + 6*d*V*tokens + 12*sum_l(S_l)*H*d_h*tokens"
+        "target_tokens_per_step": median([f["target_tokens"] for f in flops["warmup"]]),
+        "flop_formula": ("6*N_nonemb*tokens + 6*d*V*target_tokens + 12*sum_l(S_l)*H*d_h*tokens"
                          " [+ continual: 6*N_layer*L_enc*ref_tokens + 12*L_enc*(p+R)*H*d_h*ref_tokens]"),
     }
     write_json(args.out, result)

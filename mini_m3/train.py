@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_weights, save_weights
 from .config import Memory3Config, atomic_write_text
+from .data.text import training_sequences
 from .memory.encode import encode_reference_tokens
 from .memory.retrieve import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
 from .model import Memory3
@@ -80,15 +81,15 @@ def pack_documents(docs: Sequence[Sequence[int]], chunk_length: int, chunks_per_
 
 def pack_stream(docs: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos_id: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Documents back to back (`<s> doc </s> <s> doc </s> ...`) cut into sequences of `seq_len` tokens, with no
-    padding: a chunk boundary can fall anywhere in a document (the layout of ordinary pretraining, where the
-    retrieval interval decides how much text shares one retrieval). The last, partial sequence is dropped."""
-    stream = [t for doc in docs for t in (bos_id, *doc, eos_id)]
-    n_seq = (len(stream) - 1) // seq_len
-    if n_seq == 0:
-        raise ValueError(f"{len(stream)} tokens are fewer than one sequence of {seq_len} (+1 target)")
-    flat = torch.tensor(stream[:n_seq * seq_len + 1], dtype=torch.long)
-    return flat[:-1].view(n_seq, seq_len).clone(), flat[1:].view(n_seq, seq_len).clone()
+    """Documents back to back (`<s> doc </s> <s> doc </s> ...`, `data.text.training_sequences` cut at
+    `seq_len` + 1 tokens) as (tokens, next-token targets) of `seq_len`, with no padding: a chunk boundary can fall
+    anywhere in a document (the layout of ordinary pretraining, where the retrieval interval decides how much text
+    shares one retrieval). The last, partial sequence is dropped."""
+    rows = list(training_sequences(docs, seq_len + 1, bos_id=bos_id, eos_id=eos_id))
+    if not rows:
+        raise ValueError(f"{sum(len(d) + 2 for d in docs)} tokens are fewer than one sequence of {seq_len} (+1 target)")
+    flat = torch.tensor(rows, dtype=torch.long)
+    return flat[:, :-1].contiguous(), flat[:, 1:].contiguous()
 
 
 def retrieve_for_chunks(tokens: torch.Tensor, chunk_length: int, tokenizer: Tokenizer, retriever,

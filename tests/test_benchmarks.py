@@ -58,6 +58,9 @@ def test_bench_train(tmp_path):
     r = run("bench_train", tmp_path)
     assert {"continual_over_warmup", "flops_fraction", "matmul_flops_per_s"} <= set(r)
     assert 0 < r["flops_fraction"] < 2
+    # the paper's memory setting, and the LM head counted on target positions only (QA documents leave padding)
+    assert r["config"]["memories_per_chunk"] == 5 and r["sequence_tokens"] == 256
+    assert 0 < r["target_tokens_per_step"] < r["batch_size"] * r["sequence_tokens"]
 
 
 def test_bench_bank(tmp_path):

@@ -43,9 +43,9 @@ def test_pack_documents_one_document_per_chunk():
 
 def test_pack_stream_documents_back_to_back():
     tokens, targets = pack_stream([[5, 6, 7], [8, 9], [10]], 4, bos_id=1, eos_id=2)
-    # stream: 1 5 6 7 2 1 8 9 2 1 10 2 -> two sequences of 4 (+1 target); the rest is dropped
-    assert tokens.tolist() == [[1, 5, 6, 7], [2, 1, 8, 9]]
-    assert targets.tolist() == [[5, 6, 7, 2], [1, 8, 9, 2]]
+    # stream: 1 5 6 7 2 | 1 8 9 2 1 | 10 2 -> two rows of 4 + 1 target; the rest is dropped
+    assert tokens.tolist() == [[1, 5, 6, 7], [1, 8, 9, 2]]
+    assert targets.tolist() == [[5, 6, 7, 2], [8, 9, 2, 1]]
     with pytest.raises(ValueError, match="fewer than one sequence"):
         pack_stream([[5]], 4, bos_id=1, eos_id=2)
 
