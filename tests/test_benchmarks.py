@@ -52,6 +52,12 @@ def test_bench_decode(tmp_path):
     assert {"memory_over_none", "memory_over_rag", "tokens_per_s", "profile_top"} <= set(r)
     assert {"memory", "none", "rag", "memory_nocache"} == set(r["tokens_per_s"])
     assert r["profile_top"]["by_own_time"]
+    # the headline bank holds references of the paper's length; the biography bank is reported beside it
+    chunks, bios = r["by_reference_set"]["chunks_128"], r["by_reference_set"]["biographies"]
+    assert 100 < chunks["mean_reference_tokens"] and chunks["max_reference_tokens"] <= 128
+    assert bios["mean_reference_tokens"] < chunks["mean_reference_tokens"]
+    assert r["memory_over_rag"] == chunks["ratios_per_batch"]["batch_4"]["memory_over_rag"]
+    assert r["timing_breakdown"]["rag"]["prompt_tokens_incl_rag_refs"] > 5 * 100
 
 
 def test_bench_train(tmp_path):
