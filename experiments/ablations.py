@@ -75,8 +75,10 @@ def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict, dict]]
 
 def stream_hit_rate(doc_lengths: list[int], doc_people: list, chunk_refs: torch.Tensor, chunk_length: int) -> float:
     """Fraction of chunks (with a reference) whose reference is about a person with text in the chunk, for
-    `pack_stream` data (each document takes its length + 2 tokens). Reference id == person id in the world."""
+    `pack_stream` data: each document takes its length + 2 tokens of the stream, and each sequence of T tokens
+    takes T + 1 (its last target). Reference id == person id in the world."""
     N, C = chunk_refs.shape
+    row = C * chunk_length + 1
     starts, pos = [], 0
     for n in doc_lengths:
         starts.append(pos)
@@ -84,7 +86,7 @@ def stream_hit_rate(doc_lengths: list[int], doc_people: list, chunk_refs: torch.
     hits, total, d = 0, 0, 0
     for s in range(N):
         for c in range(C):
-            lo = (s * C + c) * chunk_length
+            lo = s * row + c * chunk_length
             hi = lo + chunk_length
             while d + 1 < len(starts) and starts[d + 1] <= lo:
                 d += 1
