@@ -26,7 +26,7 @@ whose reference is about a person the chunk's text is about. Evaluation is the s
 With `--merge`, the groups run now replace theirs in an existing `--out` file made with the same settings, and a
 variant already there (same training run and evaluation knobs) is reused instead of trained again.
 
-    python experiments/ablations.py [--quick] [--jobs 2] [--only GROUP,...] [--merge]
+    python experiments/ablations.py [--quick] [--jobs 2] [--only GROUP,...] [--merge] [--replot]
                                     [--out experiments/results/ablations.json]
 """
 
@@ -177,8 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, default=200, help="held-out questions per evaluation")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel, one thread each")
     p.add_argument("--merge", action="store_true", help="update --out in place, reusing the variants it holds")
+    p.add_argument("--replot", action="store_true", help="only redraw the PNG of an existing --out file")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(a.out).read_text()), png_path(Path(a.out)))
+        return 0
     torch.set_num_threads(1)
     mix = tuple((k, float(v)) for k, v in (kv.split("=") for kv in a.mix.split(",")))
     s = DemoSettings.quick(seed=a.seed, mix=mix) if a.quick else DemoSettings(seed=a.seed, mix=mix)
@@ -296,8 +300,9 @@ def plot(results: dict, path: Path) -> None:
         for k, v in res.items():
             if v["curve"]:
                 runs.setdefault(v["run"], ([], v["curve"]))[0].append(f"{g}={k}")
-    # a run that serves several groups is the paper's setting
-    curves = {run: ("paper setting" if len(labels) > 1 else labels[0], curve) for run, (labels, curve) in runs.items()}
+    paper = run_key({}, {})
+    curves = {run: ("paper setting" if run == paper else " = ".join(labels), curve)
+              for run, (labels, curve) in runs.items()}
     rows = 2 if curves else 1
     fig, axes = plt.subplots(rows, len(groups), figsize=(3.0 * len(groups), 3.0 * rows), squeeze=False)
     for ax, (group, res) in zip(axes[0], groups.items()):
@@ -315,7 +320,7 @@ def plot(results: dict, path: Path) -> None:
         for ax in axes[1]:
             ax.remove()
         ax = fig.add_subplot(gs[1, :])
-        for name, curve in sorted(curves.values()):
+        for name, curve in sorted(curves.values(), key=lambda nc: nc[0]):
             ax.plot([c["step"] for c in curve], [c["heldout_qa"] for c in curve], "o-", ms=3, lw=1, label=name)
         ax.set_xlabel("continual step"); ax.set_ylabel("held-out QA, memory"); ax.set_ylim(0, 1); ax.grid(alpha=.3)
         ax.legend(fontsize=6, ncol=4)

@@ -127,6 +127,9 @@ def test_ablations_quick(tmp_path):
                           "--out", str(out), "--quiet"], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert bad.returncode != 0 and "other settings" in bad.stderr and out.read_text() == before
+    # --replot redraws the figure (every group, one curve per training run) from the file alone
+    out.with_suffix(".png").unlink()
+    assert load("ablations").main(["--replot", "--out", str(out)]) == 0 and out.with_suffix(".png").exists()
 
 
 @pytest.mark.slow
