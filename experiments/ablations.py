@@ -21,7 +21,8 @@ to back (`pack_stream`) in 128-token sequences, batch 16 (the 2,048 tokens per s
 their padding), cut into chunks of 32, 64 or 128 tokens. Each chunk retrieves one reference from its own text, so
 a short interval retrieves more often, from less text (a chunk may hold only part of a question), and a long one
 leaves several people in a chunk with one memory between them. `chunk_reference_hit` is the fraction of chunks
-whose reference is about a person the chunk's text is about. Evaluation is the same for every group.
+whose reference is about a person the chunk's text is about. The group continues from the same warmup as the
+others (one document per chunk); evaluation is the same for every group.
 
 With `--merge`, the groups run now replace theirs in an existing `--out` file made with the same settings, and a
 variant already there (same training run and evaluation knobs) is reused instead of trained again.
