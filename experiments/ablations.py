@@ -50,7 +50,7 @@ from mini_m3.checkpoint import load_weights, save_weights  # noqa: E402
 from mini_m3.data.world import format_qa  # noqa: E402
 from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
-from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss, train  # noqa: E402
+from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss, pack_stream, train  # noqa: E402
 
 # the paper's setting: top-8 by attention received, chunks of one document each (the layout of the other groups)
 PAPER = {"selector": "attention", "tokens_per_head": None, "layout": "chunk"}
@@ -74,31 +74,17 @@ def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict, dict]]
     }
 
 
-def stream_hit_rate(doc_lengths: list[int], doc_people: list, chunk_refs: torch.Tensor, chunk_length: int) -> float:
-    """Fraction of chunks (with a reference) whose reference is about a person with text in the chunk, for
-    `pack_stream` data: each document takes its length + 2 tokens of the stream, and each sequence of T tokens
-    takes T + 1 (its last target). Reference id == person id in the world."""
-    N, C = chunk_refs.shape
-    row = C * chunk_length + 1
-    starts, pos = [], 0
-    for n in doc_lengths:
-        starts.append(pos)
-        pos += n + 2
-    hits, total, d = 0, 0, 0
-    for s in range(N):
-        for c in range(C):
-            lo = s * row + c * chunk_length
-            hi = lo + chunk_length
-            while d + 1 < len(starts) and starts[d + 1] <= lo:
-                d += 1
-            people, j = set(), d
-            while j < len(starts) and starts[j] < hi:
-                people.add(doc_people[j])
-                j += 1
+def stream_hit_rate(documents: torch.Tensor, doc_people: list, chunk_refs: torch.Tensor, chunk_length: int) -> float:
+    """Fraction of chunks (with a reference) whose reference is about a person with text in the chunk.
+    documents: (N, T) index of the document of each token (`pack_stream(..., with_documents=True)`);
+    reference id == person id in the world."""
+    hits, total = 0, 0
+    for s, row in enumerate(documents.view(documents.shape[0], -1, chunk_length).tolist()):
+        for c, chunk in enumerate(row):
             r = int(chunk_refs[s, c])
             if r >= 0:
                 total += 1
-                hits += r in people
+                hits += r in {doc_people[d] for d in chunk}
     return hits / max(total, 1)
 
 
@@ -226,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             d = build_world_data(world, tok, s, chunk_length, w.retriever, w.reference_tokens, False, docs=docs, **kw)
             h = build_world_data(world, tok, s, chunk_length, w.retriever, w.reference_tokens, False,
                                  docs=held_docs, **kw)
-            hit = stream_hit_rate([len(i) for i in tok.encode_batch([x.text for x in docs])],
-                                  [x.person for x in docs], d.chunk_refs, chunk_length)
+            tokens, _, documents = pack_stream(tok.encode_batch([x.text for x in docs]), STREAM_LENGTH,
+                                               bos_id=tok.bos_id, eos_id=tok.eos_id, with_documents=True)
+            assert torch.equal(tokens, d.tokens)  # the layout build_world_data made
+            hit = stream_hit_rate(documents, [x.person for x in docs], d.chunk_refs, chunk_length)
             facts = {"layout": "stream", "sequence_length": STREAM_LENGTH, "chunk_length": chunk_length,
                      "chunk_reference_hit": hit, "chunks_with_reference": float((d.chunk_refs >= 0).float().mean())}
             stream_cache[chunk_length] = (d, h, s.batch_size * base_cfg.chunk_length // STREAM_LENGTH, facts)

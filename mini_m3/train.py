@@ -79,17 +79,27 @@ def pack_documents(docs: Sequence[Sequence[int]], chunk_length: int, chunks_per_
     return tokens, targets
 
 
-def pack_stream(docs: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos_id: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_stream(docs: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos_id: int,
+                with_documents: bool = False) -> tuple[torch.Tensor, ...]:
     """Documents back to back (`<s> doc </s> <s> doc </s> ...`, `data.text.training_sequences` cut at
     `seq_len` + 1 tokens) as (tokens, next-token targets) of `seq_len`, with no padding: a chunk boundary can fall
     anywhere in a document (the layout of ordinary pretraining, where the retrieval interval decides how much text
-    shares one retrieval). The last, partial sequence is dropped."""
+    shares one retrieval). The last, partial sequence is dropped. `with_documents` adds a third (N, seq_len)
+    tensor: the index in `docs` of the document each input token belongs to (for analysis)."""
     rows = list(training_sequences(docs, seq_len + 1, bos_id=bos_id, eos_id=eos_id))
     if not rows:
         raise ValueError(f"{sum(len(d) + 2 for d in docs)} tokens are fewer than one sequence of {seq_len} (+1 target)")
     flat = torch.tensor(rows, dtype=torch.long)
-    return flat[:, :-1].contiguous(), flat[:, 1:].contiguous()
+    out = flat[:, :-1].contiguous(), flat[:, 1:].contiguous()
+    if not with_documents:
+        return out
+    # the same stream, one document index per token (<s> and </s> included), cut into the same rows
+    owner = [i for i, d in enumerate(docs) for _ in range(len(d) + 2)]
+    documents = torch.tensor(owner[:flat.numel()], dtype=torch.long).view(flat.shape)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts.view(-1)[1:] = documents.view(-1)[1:] != documents.view(-1)[:-1]
+    assert bool((flat[starts & (documents > 0)] == bos_id).all()), "document index out of step with the stream"
+    return (*out, documents[:, :-1].contiguous())
 
 
 def retrieve_for_chunks(tokens: torch.Tensor, chunk_length: int, tokenizer: Tokenizer, retriever,

@@ -83,13 +83,13 @@ def test_stream_hit_rate_follows_the_packed_stream():
     from mini_m3.train import pack_stream
     hit_rate = load("ablations").stream_hit_rate
     docs, people = [[5] * 6, [6] * 2, [7] * 10, [8] * 3, [9] * 9], [10, 11, 12, 13, 14]
-    tokens, _ = pack_stream(docs, 8, bos_id=1, eos_id=2)  # stream of 40 tokens -> rows of 8 + 1
-    assert tokens.shape == (4, 8)
+    tokens, _, documents = pack_stream(docs, 8, bos_id=1, eos_id=2, with_documents=True)  # rows of 8 + 1
+    assert tokens.shape == documents.shape == (4, 8)
     # documents take [0, 8) [8, 12) [12, 24) [24, 29) [29, 40); rows [0, 9) [9, 18) [18, 27) [27, 36), chunks of 4
     truth = [[10, 10], [11, 12], [12, 13], [13, 14]]
-    assert hit_rate([len(d) for d in docs], people, torch.tensor(truth), 4) == 1.0
+    assert hit_rate(documents, people, torch.tensor(truth), 4) == 1.0
     wrong = torch.tensor([[11, 11], [10, 13], [14, 10], [12, -1]])  # e.g. doc 1 starts at 8, after chunk (0, 1)
-    assert hit_rate([len(d) for d in docs], people, wrong, 4) == 0.0
+    assert hit_rate(documents, people, wrong, 4) == 0.0
 
 
 @pytest.mark.slow

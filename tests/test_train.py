@@ -48,6 +48,8 @@ def test_pack_stream_documents_back_to_back():
     assert targets.tolist() == [[5, 6, 7, 2], [8, 9, 2, 1]]
     with pytest.raises(ValueError, match="fewer than one sequence"):
         pack_stream([[5]], 4, bos_id=1, eos_id=2)
+    _, _, documents = pack_stream([[5, 6, 7], [8, 9], [10]], 4, bos_id=1, eos_id=2, with_documents=True)
+    assert documents.tolist() == [[0, 0, 0, 0], [1, 1, 1, 1]]  # row 1 starts at doc 1's <s>; its </s> (doc 0) was a target
 
 
 def test_memory_index_reads_own_and_previous_four():
