@@ -230,32 +230,50 @@ def _clip_grad_norm_(params: Sequence[torch.nn.Parameter], max_norm: float) -> f
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata only: dataclasses of torch.distributed.checkpoint, torch.Size, dtypes, builtins
-    containers. Anything else (os.system, ...) is refused."""
+    """Unpickles DCP metadata only, by an allow-list of exact (module, name) pairs: the dataclasses of
+    torch.distributed.checkpoint that a tensors-only checkpoint's metadata holds, torch.Size, dtypes, the layout
+    lookup, paths and plain containers. Everything else is refused, and so is any dotted name: pickle protocol 4
+    resolves `("allowed.module", "os.system")` attribute by attribute, so a prefix rule would let through any
+    object reachable from an allowed module (os.system, pickle.loads, ...)."""
 
-    _MODULES = ("torch.distributed.checkpoint.", "collections")
-    _TORCH = {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8",
-              "bool", "strided", "contiguous_format", "channels_last", "preserve_format", "device"}
-    _BUILTINS = {"set", "frozenset", "slice", "tuple", "list", "dict", "int", "float", "str", "bytes"}
-    _OTHER = {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-              ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+    _DCP = "torch.distributed.checkpoint.metadata"
+    _ALLOWED = frozenset({
+        (_DCP, "Metadata"), (_DCP, "MetadataIndex"), (_DCP, "StorageMeta"), (_DCP, "TensorProperties"),
+        (_DCP, "TensorStorageMetadata"), (_DCP, "ChunkStorageMetadata"), (_DCP, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),  # a dict lookup of torch.layout objects by their string name
+        ("torch", "Size"),
+        *(("torch", dt) for dt in ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16",
+                                   "int8", "uint8", "bool")),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+        *(("builtins", b) for b in ("set", "frozenset", "tuple", "list", "dict", "int", "float", "str", "bytes")),
+    })
 
     def find_class(self, module: str, name: str):
-        if (module.startswith(self._MODULES) or (module == "torch" and name in self._TORCH)
-                or (module == "builtins" and name in self._BUILTINS) or (module, name) in self._OTHER):
+        if "." not in name and (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata "
+                                     f"(only the exact classes of DCP tensor metadata are allowed)")
 
 
 def _safe_reader(path: Path):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
             rank = kwargs.get("rank")
-            with open(self._get_metadata_path(rank), "rb") as f:
-                metadata = _SafeUnpickler(f).load()
+            meta_path = self._get_metadata_path(rank)
+            try:
+                with open(meta_path, "rb") as f:
+                    metadata = _SafeUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError,
+                    IndexError, OSError) as e:
+                raise ValueError(f"{meta_path}: not a readable mini_m3 checkpoint metadata file: {e}") from None
+            if type(metadata) is not Metadata or not isinstance(metadata.state_dict_metadata, dict):
+                raise ValueError(f"{meta_path}: holds a {type(metadata).__name__}, not DCP checkpoint metadata")
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

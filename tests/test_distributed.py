@@ -15,9 +15,11 @@ from safetensors.torch import load_file
 from conftest import load_experiment
 from mini_m3 import Retriever, Tokenizer
 from mini_m3.data.world import World
-from mini_m3.distributed import (build_model, build_parser, export_model, load_chunked_data, model_config,
-                                 rank_rows, save_chunked_data, stage_configs)
-from mini_m3.train import ChunkedData, batch_order, pack_documents, retrieve_for_chunks, train
+from mini_m3 import Memory3Config
+from mini_m3.distributed import (build_model, build_parser, export_model, load_chunked_data, load_dist_checkpoint,
+                                 model_config, rank_rows, save_chunked_data, stage_configs)
+from mini_m3.train import (ChunkedData, TrainConfig, batch_order, make_optimizer, pack_documents,
+                           retrieve_for_chunks, train)
 
 pytestmark = pytest.mark.xdist_group("distributed")
 
@@ -142,19 +144,67 @@ def test_export_gathers_a_checkpoint_into_a_model_directory(runs, tmp_path):
     assert m.cfg.name == "tiny" and tok.vocab_size == 512
 
 
+def _stack_global_call(module: str, name: str, arg: str | bytes) -> bytes:
+    """A protocol-4 pickle that calls `module`.`name`(arg): STACK_GLOBAL resolves a dotted `name` attribute by
+    attribute, so ("torch.distributed.checkpoint.filesystem", "os.system") is os.system."""
+    def u(x: str) -> bytes:
+        b = x.encode()
+        return b"\x8c" + bytes([len(b)]) + b  # SHORT_BINUNICODE
+    a = u(arg) if isinstance(arg, str) else b"B" + len(arg).to_bytes(4, "little") + arg  # BINBYTES
+    return (b"\x80\x04" + u(module) + u(name) + b"\x93"  # PROTO 4, STACK_GLOBAL
+            + a + b"\x85" + b"R" + b".")                  # TUPLE1, REDUCE, STOP
+
+
 class _Evil:
+    def __init__(self, cmd):
+        self.cmd = cmd
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (self.cmd,))
 
 
-def test_a_checkpoint_cannot_run_code(runs, tmp_path):
+def _payloads(marker: Path) -> dict[str, bytes]:
+    cmd = f"touch {marker}"
+    inner = _stack_global_call("os", "system", cmd)
+    return {
+        "plain os.system": pickle.dumps(_Evil(cmd)),
+        "dotted name under an allowed module": _stack_global_call(
+            "torch.distributed.checkpoint.filesystem", "os.system", cmd),
+        "pickle.loads reached through a module": _stack_global_call(
+            "torch.distributed.checkpoint.filesystem", "pickle.loads", inner),
+        "an allowed module's other names": _stack_global_call("torch.serialization", "load", str(marker)),
+        "not DCP metadata at all": pickle.dumps({"state_dict_metadata": {}}),
+    }
+
+
+@pytest.mark.parametrize("kind", ["plain os.system", "dotted name under an allowed module",
+                                  "pickle.loads reached through a module",
+                                  "an allowed module's other names", "not DCP metadata at all"])
+def test_a_checkpoint_cannot_run_code(runs, tmp_path, kind):
+    """Crafted `.metadata` pickles are refused by every loader (export, load for resume) before any code runs."""
     root, *_ = runs
     import shutil
+    marker = tmp_path / "pwned"
     bad = tmp_path / "bad"
     shutil.copytree(root / "full" / "continual" / "step-0000004", bad)
-    (bad / ".metadata").write_bytes(pickle.dumps(_Evil()))
-    with pytest.raises(ValueError, match="refusing to load posix.system"):
+    (bad / ".metadata").write_bytes(_payloads(marker)[kind])
+    with pytest.raises(ValueError, match="refusing to load|not DCP checkpoint metadata"):
         export_model(bad, tmp_path / "model")
+    model = build_model(Memory3Config.from_json(bad / "config.json"), 0)
+    with pytest.raises(ValueError, match="refusing to load|not DCP checkpoint metadata"):
+        load_dist_checkpoint(bad, model, make_optimizer(model, TrainConfig(stage="warmup")))
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "model").exists()
+
+
+def test_the_payloads_would_run_without_the_allow_list(tmp_path):
+    """The crafted pickles are real exploits: plain pickle runs them (so the test above can fail)."""
+    marker = tmp_path / "pwned"
+    for kind in ("plain os.system", "dotted name under an allowed module", "pickle.loads reached through a module"):
+        import torch.distributed.checkpoint.filesystem  # noqa: F401  (the module the dotted names start from)
+        pickle.loads(_payloads(marker)[kind])
+        assert marker.exists(), kind
+        marker.unlink()
 
 
 def test_module_entry_point_parses():
