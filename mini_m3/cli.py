@@ -4,16 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 
+def _number(kind: type, low: float, strict: bool):
+    """argparse `type=` for an int/float that must be finite and > low (strict) or >= low: a bad value is one usage
+    line (`argument --temperature: must be a finite number >= 0, got 'nan'`), not a traceback deep in a command."""
+    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}"
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = math.nan
+        if not (math.isfinite(v) and (v > low if strict else v >= low)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+    return parse
+
+
+positive_int, non_negative_int = _number(int, 0, strict=True), _number(int, 0, strict=False)
+positive_float, non_negative_float = _number(float, 0, strict=True), _number(float, 0, strict=False)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
 
 
 def cmd_demo(a) -> int:
@@ -115,7 +137,7 @@ def cmd_build_bank(a) -> int:
         raise ValueError(f"{a.model} has no tokenizer.json")
     if a.text_dir:
         from .data.pipeline import read_references, run_pipeline
-        data_dir = Path(a.out).with_suffix(".data")
+        data_dir = _pipeline_dir(a.out)
         # same seed as `train` -> the same knowledge-base subset of the documents
         report = run_pipeline(a.text_dir, data_dir, tokenizer=tok, seed=a.seed, progress=not a.quiet)
         for s in report.skipped_files:
@@ -143,11 +165,39 @@ def cmd_build_bank(a) -> int:
             print(f"{len(refs)} references -> {len(texts)} bank texts (over-long decoded texts split to fit "
                   f"{limit} tokens)")
     else:
-        texts = [json.loads(l)["text"] for l in Path(a.references).read_text(encoding="utf-8").splitlines() if l]
+        texts = _read_references_jsonl(a.references)
     bank = MemoryBank.build(a.out, model, tok, texts, quantizer=a.vq, overwrite=a.overwrite,
                             progress=not a.quiet, seed=a.seed)
     print(f"bank of {len(bank)} references at {a.out}: {bank.bytes_per_memory()} bytes per memory")
     return 0
+
+
+def _pipeline_dir(out) -> Path:
+    """Where `build-bank --text-dir` puts the §4 pipeline's outputs: OUT.data beside the bank (appended, never
+    substituted: `--out X.data` must not make the bank its own pipeline folder)."""
+    out = Path(os.path.abspath(out))  # "bank/", "." and ".." name a folder too
+    return out.with_name(out.name + ".data")
+
+
+def _read_references_jsonl(path) -> list[str]:
+    """The 'text' of every non-empty line of a JSONL file; a bad line is a ValueError naming file:line."""
+    from .config import parse_json
+    texts = []
+    with open(path, "rb") as f:  # OSError (missing, a directory, no permission) names the path
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid UTF-8: {e}") from None
+            if not line.strip():
+                continue
+            obj = parse_json(line, f"{path}:{n}")
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'text'")
+            texts.append(obj["text"])
+    if not texts:
+        raise ValueError(f"{path} holds no references (one JSON object with a 'text' field per line)")
+    return texts
 
 
 def cmd_generate(a) -> int:
@@ -261,10 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a short run of the same pipeline (CI)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--preset", default=None)
-    d.add_argument("--warmup-steps", type=int, default=None)
-    d.add_argument("--continual-steps", type=int, default=None)
+    d.add_argument("--warmup-steps", type=non_negative_int, default=None)
+    d.add_argument("--continual-steps", type=non_negative_int, default=None)
     d.add_argument("--selector", default=None, choices=["attention", "exp", "random", "first", "all"])
-    d.add_argument("--tokens-per-head", type=int, default=None)
+    d.add_argument("--tokens-per-head", type=positive_int, default=None)
     d.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("smoke", help="build tiny, encode two references, generate a few tokens")
@@ -276,13 +326,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-dir", required=True)
     t.add_argument("--out", default="runs/train")
     t.add_argument("--preset", default="small")
-    t.add_argument("--vocab-size", type=int, default=2048)
-    t.add_argument("--chunks-per-sequence", type=int, default=4)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--warmup-steps", type=int, default=200)
-    t.add_argument("--continual-steps", type=int, default=200)
-    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--vocab-size", type=positive_int, default=2048)
+    t.add_argument("--chunks-per-sequence", type=positive_int, default=4)
+    t.add_argument("--batch-size", type=positive_int, default=16)
+    t.add_argument("--lr", type=positive_float, default=2e-3)
+    t.add_argument("--warmup-steps", type=non_negative_int, default=200, help="0 skips the stage")
+    t.add_argument("--continual-steps", type=non_negative_int, default=200, help="0 skips the stage")
+    t.add_argument("--checkpoint-every", type=positive_int, default=100)
     t.add_argument("--no-resume", action="store_true")
     t.set_defaults(fn=cmd_train)
 
@@ -292,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = b.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-dir", help="folder of .txt files (runs the §4 pipeline)")
     src.add_argument("--references", help="JSONL file with a 'text' field per line")
-    b.add_argument("--out", required=True)
+    b.add_argument("--out", required=True, help="bank folder (with --text-dir, the pipeline writes to OUT.data)")
     b.add_argument("--vq", default=None, help="faiss factory string, or 'default'")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(fn=cmd_build_bank)
@@ -302,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True)
     g.add_argument("--bank")
     g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--max-new-tokens", type=positive_int, default=32)
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
     g.add_argument("prompt")
     g.set_defaults(fn=cmd_generate)
 
@@ -313,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bank")
     e.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
     e.add_argument("--split", default="heldout", choices=["text", "memory", "heldout"])
-    e.add_argument("--n", type=int, default=300)
-    e.add_argument("--n-people", type=int, default=2000)
+    e.add_argument("--n", type=positive_int, default=300)
+    e.add_argument("--n-people", type=positive_int, default=2000)
     e.set_defaults(fn=cmd_evaluate)
 
     for name, helptext in (("sft", "supervised fine-tuning on world conversations, with explicit memory (§6.1)"),
@@ -324,20 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--model", required=True, help="model directory (e.g. runs/demo/memory3_model, or an "
                                                       "sft OUT/model)")
         f.add_argument("--bank", help="memory bank built by --model (runs/demo/bank_raw, or an sft OUT/bank)")
-        f.add_argument("--n-people", type=int, default=2000, help="world size used by the demo (--seed is the "
-                                                                  "world's seed, as in the demo)")
+        f.add_argument("--n-people", type=positive_int, default=2000,
+                       help="world size used by the demo (--seed is the world's seed, as in the demo)")
         f.add_argument("--data-seed", type=int, default=0, help="seed of the generated data and batch order")
-        f.add_argument("--steps", type=int, default=300 if name == "sft" else 100)
-        f.add_argument("--batch-size", type=int, default=16)
-        f.add_argument("--lr", type=float, default=None, help="peak LR (default: SFTConfig / DPOConfig)")
+        f.add_argument("--steps", type=positive_int, default=300 if name == "sft" else 100)
+        f.add_argument("--batch-size", type=positive_int, default=16)
+        f.add_argument("--lr", type=positive_float, default=None, help="peak LR (default: SFTConfig / DPOConfig)")
         if name == "sft":
-            f.add_argument("--n-examples", type=int, default=3000)
+            f.add_argument("--n-examples", type=positive_int, default=3000)
         else:
-            f.add_argument("--n-pairs", type=int, default=2000)
-            f.add_argument("--beta", type=float, default=0.01)
+            f.add_argument("--n-pairs", type=positive_int, default=2000)
+            f.add_argument("--beta", type=positive_float, default=0.01)
         f.add_argument("--no-memory", action="store_true", help="fine-tune without explicit memory")
-        f.add_argument("--probe-questions", type=int, default=60, help="factuality probe size (0 = skip)")
-        f.add_argument("--checkpoint-every", type=int, default=100)
+        f.add_argument("--probe-questions", type=non_negative_int, default=60,
+                       help="factuality probe size (0 = skip)")
+        f.add_argument("--checkpoint-every", type=positive_int, default=100)
         f.add_argument("--no-resume", action="store_true")
         f.add_argument("--out", default=f"runs/{name}")
         f.set_defaults(fn=cmd_sft if name == "sft" else cmd_dpo)
@@ -347,12 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
-        import os
         os.environ["TQDM_DISABLE"] = "1"
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"mini-m3 {args.command}: error: {e}", file=sys.stderr)
+    # What bad input raises: ValueError (BankError, JSON and UTF-8 errors are ValueErrors too), OSError (a missing
+    # file, a folder where a file should be, no permission, a full disk) and RecursionError (deeply nested JSON
+    # that a module parsed with `json` directly). Other exceptions are bugs: they keep their traceback.
+    except (ValueError, OSError, RecursionError) as e:
+        message = " ".join(str(e).split("\n")) or type(e).__name__
+        if isinstance(e, RecursionError):
+            message += " (input nested too deeply?)"
+        print(f"mini-m3 {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,32 @@ from typing import Any
 from .utils import atomic_write_text
 
 CONFIG_FORMAT_VERSION = 1
+MAX_JSON_DEPTH = 64  # our files nest 5 levels deep at most; the json module recurses once per level
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def parse_json(text: str, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """`json.loads` for files a user hands us: errors are ValueErrors that name `what` (a file, or file:line),
+    and nesting deeper than `max_depth` is refused BEFORE parsing (hostile "[[[[..." would otherwise raise
+    RecursionError from inside the json module)."""
+    if text.count("[") + text.count("{") > max_depth:  # only then can it be too deep: count, strings excluded
+        depth = 0
+        for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+            depth += 1 if m.group() in "[{" else -1
+            if depth > max_depth:
+                raise ValueError(f"{what}: JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON (corrupt or truncated?): {e}") from None
+
+
+def _int_tuple(value: Any, fld: str) -> tuple:
+    """A JSON list (or a preset's tuple) as a tuple; anything else names the field, e.g. `memory_layers: 1`."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"Memory3Config.{fld}={value!r}: must be a list of integers")
+    return tuple(value)
 
 
 @dataclass
@@ -59,9 +87,8 @@ class Memory3Config:
             self.memory_layers = tuple(range(self.n_layers // 2)) if isinstance(self.n_layers, int) else ()
         if self.memory_heads is None:
             self.memory_heads = tuple(range(self.n_kv_heads)) if isinstance(self.n_kv_heads, int) else ()
-        self.memory_layers = tuple(self.memory_layers)
-        self.memory_heads = tuple(self.memory_heads)
-        self.reference_prefix_ids = tuple(self.reference_prefix_ids)
+        for f in ("memory_layers", "memory_heads", "reference_prefix_ids"):
+            setattr(self, f, _int_tuple(getattr(self, f), f))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -69,28 +96,31 @@ class Memory3Config:
         def fail(fld: str, rule: str) -> None:
             raise ValueError(f"Memory3Config.{fld}={getattr(self, fld)!r}: {rule}")
 
+        def is_int(i) -> bool:  # JSON `true` is not a layer index
+            return isinstance(i, int) and not isinstance(i, bool)
+
         positive_ints = ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model",
                          "mlp_width", "max_seq_len", "memory_tokens_per_head", "reference_length",
                          "chunk_length", "memories_per_chunk")
         for f in positive_ints:
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not is_int(v) or v <= 0:
                 fail(f, "must be a positive integer")
         for f in ("rope_base", "norm_eps", "init_std"):
             v = getattr(self, f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                fail(f, "must be a positive number")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                fail(f, "must be a positive number (finite)")
         if not isinstance(self.tie_embeddings, bool):
             fail("tie_embeddings", "must be True or False")
         if self.n_heads % self.n_kv_heads:
             fail("n_heads", f"must be divisible by n_kv_heads={self.n_kv_heads} (grouped-query attention)")
         if self.head_dim % 2:
             fail("head_dim", "must be even (RoPE rotates pairs of dimensions)")
-        if not all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.memory_layers):
+        if not all(is_int(i) and 0 <= i < self.n_layers for i in self.memory_layers):
             fail("memory_layers", f"every memory layer must be an integer in [0, n_layers={self.n_layers})")
         if len(set(self.memory_layers)) != len(self.memory_layers) or list(self.memory_layers) != sorted(self.memory_layers):
             fail("memory_layers", "must be strictly increasing (no duplicates)")
-        if not all(isinstance(h, int) and 0 <= h < self.n_kv_heads for h in self.memory_heads):
+        if not all(is_int(h) and 0 <= h < self.n_kv_heads for h in self.memory_heads):
             fail("memory_heads", f"every memory head must be a KV-head index in [0, n_kv_heads={self.n_kv_heads})")
         if len(set(self.memory_heads)) != len(self.memory_heads) or list(self.memory_heads) != sorted(self.memory_heads):
             fail("memory_heads", "must be strictly increasing (no duplicates)")
@@ -99,7 +129,7 @@ class Memory3Config:
         if self.memory_tokens_per_head > self.reference_length:
             fail("memory_tokens_per_head", f"cannot exceed reference_length={self.reference_length}")
         if not self.reference_prefix_ids or not all(
-                isinstance(i, int) and 0 <= i < self.vocab_size for i in self.reference_prefix_ids):
+                is_int(i) and 0 <= i < self.vocab_size for i in self.reference_prefix_ids):
             fail("reference_prefix_ids", f"must be non-empty token ids in [0, vocab_size={self.vocab_size})")
         if not isinstance(self.name, str):
             fail("name", "must be a string")
@@ -182,13 +212,15 @@ class Memory3Config:
 
     @classmethod
     def from_json(cls, text_or_path: str | os.PathLike) -> "Memory3Config":
-        """Accepts a JSON string or a path to a JSON file."""
-        s = str(text_or_path)
-        text = s if s.lstrip().startswith("{") else Path(s).read_text(encoding="utf-8")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config is not valid JSON: {e}") from None
+        """Accepts a JSON string or a path to a JSON file (`checkpoint.read_config` adds the path to errors)."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            raw = Path(text).read_bytes()  # OSError (missing, a directory, no permission) names the path itself
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"config is not UTF-8: {e}") from None
+        d = parse_json(text, "config")
         if not isinstance(d, dict):
             raise ValueError("config JSON must be an object")
         return cls.from_dict(d)

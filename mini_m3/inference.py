@@ -11,6 +11,7 @@ Prompts in a batch are left-padded; positions and a padding mask keep each row e
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -66,6 +67,10 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
         raise ValueError(f"mode={mode!r} needs a memory bank (bank=...)")
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
+    if not 0 <= temperature < math.inf:  # NaN fails too (it would reach torch.multinomial)
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     cfg = model.cfg
     n_mem = memories_per_chunk or cfg.memories_per_chunk
     dev = model.tok_emb.weight.device

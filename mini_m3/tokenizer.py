@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .config import parse_json
 from .utils import atomic_write_text
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -171,10 +172,7 @@ class Tokenizer:
 
     @classmethod
     def from_json_str(cls, s: str) -> "Tokenizer":
-        try:
-            obj = json.loads(s)
-        except json.JSONDecodeError as e:  # also catches truncated files
-            raise ValueError(f"tokenizer file is not valid JSON (corrupt or truncated?): {e}") from None
+        obj = parse_json(s, "tokenizer file")  # a ValueError for truncated, corrupt or hostile (deep) JSON
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} file (format={obj.get('format') if isinstance(obj, dict) else None!r})")
         if obj.get("version") != VERSION:

@@ -52,6 +52,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         raise
 
 
+def new_file_mode(directory: str | os.PathLike) -> int:
+    """The mode a new file in `directory` gets under this process's umask (and default ACL), for writers that
+    create their temporary files with `tempfile.mkstemp` (always 0o600) and must `chmod` them before the rename."""
+    tmp, mode = _new_temp(Path(directory) / "mode-probe")
+    os.unlink(tmp)
+    return mode
+
+
 def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
     """Delete the temporary files (".NAME.RANDOM.tmp") that writers killed inside `atomic_path` left in
     `directory` (not in its subdirectories); returns the deleted paths. Only call it while no other writer can

@@ -13,6 +13,8 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+    torch.set_num_threads(1)  # a test that runs the CLI (default --threads 2) must not change the next test's
 
 
 # ---- shared fixtures (module scope: built once per test file) ----------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 import string
 import warnings
 from pathlib import Path
@@ -375,9 +377,15 @@ def _write_corpus(folder: Path, seed: int = 0):
 def test_run_pipeline_end_to_end(tmp_path):
     planted = _write_corpus(tmp_path / "text")
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="latin1.txt"):
-        report = run_pipeline(tmp_path / "text", out, vocab_size=512, seq_len=64, reference_fraction=0.5,
-                              progress=False)
+    old_umask = os.umask(0o022)
+    try:
+        with pytest.warns(UserWarning, match="latin1.txt"):
+            report = run_pipeline(tmp_path / "text", out, vocab_size=512, seq_len=64, reference_fraction=0.5,
+                                  progress=False)
+    finally:
+        os.umask(old_umask)
+    # every output is readable by others under umask 022 (mkstemp's temp files were 0o600)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
     assert report.documents_in == 69
     assert len(report.skipped_files) == 1 and "latin1.txt" in report.skipped_files[0]["path"]
     assert report.dropped_dedup == 5

@@ -12,7 +12,10 @@ sequence from simply reading its own text from memory is the §4.4 leakage rule,
 
 Memory stays bounded: documents that pass dedup and rules are spilled to a
 temporary JSONL in `out_dir`, and every later pass (quality scores, tokenizer
-training, tokenization) streams from it. Outputs, each written atomically:
+training, tokenization) streams from it. Long documents are tokenized in pieces
+(`text_pieces`) that give exactly the tokens of the whole, so one 10 MB file
+never holds the HF tokenizer's per-character working memory for all of it at
+once. Outputs, each written atomically:
 
 * `references.jsonl` - one reference per line: id, doc_id, text, n_tokens, token_ids (exact;
   `text` is the decoded chunk, where a character cut by a chunk boundary shows as U+FFFD);
@@ -28,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,10 +43,10 @@ from tqdm.auto import tqdm
 
 from mini_m3.data.dedup import MinHashDeduplicator
 from mini_m3.data.filters import DEFAULT_RULES, Rule, RuleFilter
-from mini_m3.utils import atomic_write_text
+from mini_m3.utils import atomic_write_text, new_file_mode
 from mini_m3.data.quality import (LogisticQualityScorer, QualityScorer, heuristic_grade,
                                   select_by_quality)
-from mini_m3.data.text import SkippedFile, batched, chunk_references, iter_documents
+from mini_m3.data.text import SkippedFile, batched, iter_documents, printable_path
 from mini_m3.memory.retrieve import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
 from mini_m3.tokenizer import Tokenizer
 
@@ -161,7 +165,7 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").unlink(missing_ok=True)  # a report marks a complete run: not this one yet
     report = PipelineReport(settings=dict(
-        text_dir=str(text_dir), vocab_size=vocab_size, dedup_threshold=dedup_threshold,
+        text_dir=printable_path(text_dir), vocab_size=vocab_size, dedup_threshold=dedup_threshold,
         rules={r.name: r.threshold for r in rules}, quality_keep_fraction=quality_keep_fraction,
         reference_length=reference_length, seq_len=seq_len, reference_fraction=reference_fraction,
         references_in_training=references_in_training, split_paragraphs=split_paragraphs, seed=seed))
@@ -211,8 +215,11 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
         report.dropped_quality = int(n_survivors - keep.sum())
         report.kept = int(keep.sum())
         seconds["quality"] = time.perf_counter() - t
-        if report.kept == 0:
-            raise ValueError(f"no document of {text_dir} survived filtering:\n{report.table()}")
+        if report.kept == 0:  # one line: the CLI prints it as `mini-m3 train: error: ...`
+            raise ValueError(
+                f"no document of {printable_path(text_dir)} survived filtering: {report.documents_in} read "
+                f"({len(skipped)} files skipped), {report.dropped_dedup} near-duplicates, dropped by rule "
+                f"{report.dropped_by_rule}, {report.dropped_quality} by quality")
 
         def kept_documents() -> Iterator[dict]:
             return (d for d, k in zip(_read_jsonl(stage_path), keep) if k)
@@ -220,7 +227,8 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
         # pass 3 (optional): tokenizer on the kept documents
         t = time.perf_counter()
         if tokenizer is None:
-            tokenizer = Tokenizer.train((d["text"] for d in kept_documents()), vocab_size)
+            tokenizer = Tokenizer.train((piece for d in kept_documents() for piece in text_pieces(d["text"])),
+                                        vocab_size)  # the same word counts, hence the same tokenizer
         tokenizer.save(out_dir / "tokenizer.json")
         seconds["tokenizer"] = time.perf_counter() - t
 
@@ -253,24 +261,27 @@ def _write_outputs(documents: Iterable[dict], tokenizer: Tokenizer, out_dir: Pat
     try:
         with os.fdopen(ref_fd, "w", encoding="utf-8") as refs, os.fdopen(raw_fd, "wb") as raw:
             bar = tqdm(total=report.kept, desc="tokenize", unit="doc", disable=not progress)
-            for batch in batched(documents, batch_size):
-                for doc, ids in zip(batch, tokenizer.encode_batch([d["text"] for d in batch])):
+            for batch in _batches_by_chars(documents, lambda d: len(d["text"]), batch_size):
+                texts = [d["text"] for d in batch]
+                for doc, ids in zip(batch, encode_in_pieces(tokenizer.encode_batch, texts, dtype)):
                     is_reference = is_reference_document(doc["doc_id"], reference_fraction, seed)
                     if is_reference:
                         report.reference_documents += 1
                         # tokenized as memories read it (Tokenizer.encode_reference), not as training text
-                        chunks = chunk_references(tokenizer.encode_reference(doc["text"]), reference_length)
-                        for chunk, text in zip(chunks, tokenizer.decode_batch(chunks)):
-                            refs.write(json.dumps({"id": report.references, "doc_id": doc["doc_id"], "text": text,
-                                                   "n_tokens": len(chunk), "token_ids": chunk},
-                                                  ensure_ascii=False) + "\n")
-                            report.references += 1
-                            report.reference_tokens += len(chunk)
+                        ref = encode_in_pieces(tokenizer.encode_references, [doc["text"]], dtype)[0]
+                        for starts in batched(range(0, len(ref), reference_length), 1024):
+                            chunks = [ref[i:i + reference_length].tolist() for i in starts]  # as chunk_references
+                            for chunk, text in zip(chunks, tokenizer.decode_batch(chunks)):
+                                refs.write(json.dumps({"id": report.references, "doc_id": doc["doc_id"],
+                                                       "text": text, "n_tokens": len(chunk), "token_ids": chunk},
+                                                      ensure_ascii=False) + "\n")
+                                report.references += 1
+                                report.reference_tokens += len(chunk)
                     if references_in_training or not is_reference:
                         report.training_documents += 1
-                        tokens = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=dtype)
-                        raw.write(tokens.tobytes())
-                        report.tokens_train += len(tokens)
+                        raw.write(np.asarray([tokenizer.bos_id], dtype=dtype).tobytes() + ids.tobytes()
+                                  + np.asarray([tokenizer.eos_id], dtype=dtype).tobytes())
+                        report.tokens_train += len(ids) + 2
                 bar.update(len(batch))
             bar.close()
         # raw bytes -> .npy (header + data) without loading the stream into memory
@@ -284,6 +295,9 @@ def _write_outputs(documents: Iterable[dict], tokenizer: Tokenizer, out_dir: Pat
             del src
         out.flush()
         del out
+        mode = new_file_mode(out_dir)  # mkstemp's files are 0o600: give them the umask's mode, as atomic_path does
+        os.chmod(ref_tmp, mode)
+        os.chmod(npy_tmp, mode)
         os.replace(ref_tmp, out_dir / "references.jsonl")
         os.replace(npy_tmp, out_dir / "train_tokens.npy")
     finally:
@@ -316,6 +330,50 @@ def load_train_sequences(out_dir, seq_len: int | None = None) -> np.ndarray:
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+PIECE_CHARS = 1 << 16  # long texts are tokenized in pieces of about this many characters
+BATCH_CHARS = 1 << 20  # and at most this many characters go to the HF tokenizer at once (~60 bytes each there)
+_CUT = re.compile(r"(?<=\S) (?=\S)")
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """Cut `text` into pieces of about `size` characters whose tokens, concatenated, are exactly the tokens of
+    the whole. Each cut is just before a space with a non-space on both sides: the byte-level pre-tokenizer
+    (GPT-2's regex) splits there too (" word" starts a piece, and no piece runs across a space into it), and BPE
+    never merges across its splits. A text with no such space after `size` characters stays in one piece."""
+    start = 0
+    while len(text) - start > size and (m := _CUT.search(text, start + size)) is not None:
+        yield text[start:m.start()]
+        start = m.start()
+    yield text[start:]
+
+
+def encode_in_pieces(encode, texts: Sequence[str], dtype) -> list[np.ndarray]:
+    """`encode(texts)` (e.g. `tokenizer.encode_batch` or `.encode_references`) as arrays, calling `encode` on
+    `text_pieces` of at most BATCH_CHARS characters at a time: memory is bounded by that, not by the longest
+    text. `encode_references` adds its space before the first piece only, as later pieces start with one."""
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    pieces = ((i, piece) for i, text in enumerate(texts) for piece in text_pieces(text))
+    for group in _batches_by_chars(pieces, lambda item: len(item[1]), max_items=256):
+        for (i, _), ids in zip(group, encode([piece for _, piece in group])):
+            parts[i].append(np.asarray(ids, dtype=dtype))
+    return [np.concatenate(p) for p in parts]
+
+
+def _batches_by_chars(items: Iterable, n_chars, max_items: int, max_chars: int = BATCH_CHARS) -> Iterator[list]:
+    """Lists of consecutive items, each list at most `max_items` long and, unless it holds a single item, at most
+    `max_chars` characters (`n_chars(item)`) in all."""
+    batch, chars = [], 0
+    for item in items:
+        n = n_chars(item)
+        if batch and (len(batch) == max_items or chars + n > max_chars):
+            yield batch
+            batch, chars = [], 0
+        batch.append(item)
+        chars += n
+    if batch:
+        yield batch
+
 
 
 def _read_jsonl(path) -> Iterator[dict]:

@@ -6,8 +6,8 @@ This module is the plain-text front end for both:
 
 * `iter_documents` streams `Document`s from any folder of UTF-8 `.txt` files
   (one document per file, or one per blank-line-separated paragraph). Files that
-  are unreadable or not valid UTF-8 are reported (with the reason) and skipped,
-  never fatal.
+  are unreadable, not valid UTF-8, or whose NAME is not valid UTF-8 are reported
+  (with the reason) and skipped, never fatal.
 * `chunk_references` cuts a document's tokens into consecutive <=128-token
   references; `training_sequences` concatenates documents as `<s> ... </s>` and
   cuts the stream into fixed-length sequences.
@@ -19,6 +19,7 @@ This module is the plain-text front end for both:
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import warnings
@@ -86,16 +87,23 @@ class Document:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    path: str
+    path: str  # printable: see `printable_path`
     reason: str
+
+
+def printable_path(path) -> str:
+    """A path as text that can be printed and written to UTF-8 files: bytes of a name that are not UTF-8
+    (Python keeps them as lone surrogates) show as `\\xff`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def iter_documents(text_dir, *, recursive: bool = True, split_paragraphs: bool = False,
                    errors: list[SkippedFile] | None = None) -> Iterator[Document]:
     """Stream the documents of every `.txt` file under `text_dir`, files in sorted order.
 
-    A file that cannot be read or is not valid UTF-8 is appended to `errors` (if given)
-    as `SkippedFile(path, reason)`, warned about, and skipped. Empty files yield nothing.
+    A file that cannot be read, is not valid UTF-8, or whose name (below `text_dir`) is not
+    valid UTF-8 is appended to `errors` (if given) as `SkippedFile(path, reason)`, warned
+    about, and skipped. Empty files yield nothing.
     Raises FileNotFoundError for a missing folder and ValueError for a folder with no
     .txt files; both checks run at call time, before the first document is read.
     """
@@ -114,16 +122,22 @@ def iter_documents(text_dir, *, recursive: bool = True, split_paragraphs: bool =
 def _read_files(root: Path, files: list[Path], split_paragraphs: bool,
                 errors: list[SkippedFile] | None) -> Iterator[Document]:
     for path in files:
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            reason = f"not valid UTF-8: {e}" if isinstance(e, UnicodeDecodeError) else f"unreadable: {e}"
-            warnings.warn(f"skipping {path}: {reason}", stacklevel=2)
+        rel, reason = path.relative_to(root).as_posix(), None
+        if printable_path(rel) != rel:  # its doc id could be neither printed nor written to a UTF-8 file
+            reason = "file name is not valid UTF-8"
+        else:
+            try:
+                text = path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                reason = f"not valid UTF-8: {e}"
+            except OSError as e:
+                reason = f"unreadable: {e}"
+        if reason is not None:
+            warnings.warn(f"skipping {printable_path(path)}: {reason}", stacklevel=2)
             if errors is not None:
-                errors.append(SkippedFile(str(path), reason))
+                errors.append(SkippedFile(printable_path(path), reason))
             continue
         text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-        rel = path.relative_to(root).as_posix()
         if not split_paragraphs:
             if text.strip():
                 yield Document(rel, text.strip(), str(path))

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import weights_fingerprint
+from ..config import parse_json
 from ..utils import atomic_path, atomic_write_text, remove_stale_temps
 from ..model import Memory3
 from .encode import SELECTORS, ExplicitMemory, encode_references
@@ -255,8 +256,8 @@ def _read_manifest(path: Path) -> dict:
     if not mpath.exists():
         raise FileNotFoundError(f"no memory bank at {path} (manifest.json missing)")
     try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = parse_json(mpath.read_text(encoding="utf-8"), str(mpath))  # refuses hostile nesting too
+    except (ValueError, UnicodeDecodeError) as e:
         raise BankError(f"{mpath} is damaged: {e}") from None
     return _check_manifest(manifest, mpath)
 
