@@ -18,7 +18,8 @@ With WORLD_SIZE > 1 this module
 - checkpoints with `torch.distributed.checkpoint` (DCP): weights and AdamW state, each rank writing its own
   shards, plus JSON for the step, the configs and the optimizer's hyperparameters and one small safetensors
   file of RNG state per rank. The layout mirrors `train.save_checkpoint`: `step-0000100/`, a `latest` pointer,
-  written under a temporary name and renamed. Resume is exact (the data order is a function of the step).
+  written under a temporary name, verified against its manifest and renamed. Resume is exact (the data order is a
+  function of the step) and checked as in `train.train` (same run config, data and tokenizer).
   Loading is tensors-only: DCP's `.metadata` pickle is read with an allow-list unpickler and any non-tensor
   item is refused, so a checkpoint cannot run code (our rule: no pickles).
 
@@ -45,18 +46,20 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import save_pretrained
+from .checkpoint import read_config, save_pretrained
 from .config import Memory3Config
 from .model import Memory3, rope_tables
 from .tokenizer import Tokenizer
-from .train import (ChunkedData, TrainConfig, batch_order, continual_memory, latest_checkpoint, make_optimizer,
-                    memory_index, train, wsd_lr)
-from .utils import atomic_write_text
+from .train import (ChunkedData, TrainConfig, batch_order, check_finite_step, checkpoint_to_resume, continual_memory,
+                    data_fingerprint, file_manifest, make_optimizer, memory_index, prepare_log, publish_checkpoint,
+                    read_train_state, train, verify_checkpoint, wsd_lr)
+from .utils import atomic_path, atomic_write_text
 
 DIST_STATE_FORMAT = "mini_m3.dist_train_state"
-DIST_STATE_VERSION = 1
+DIST_STATE_VERSION = 2  # 2: file manifest, data and tokenizer fingerprints
 DATA_FORMAT = "mini_m3.chunked_data"
 
 
@@ -316,9 +319,10 @@ def _json_groups(groups: list) -> list:
 
 
 def save_dist_checkpoint(out_dir: str | os.PathLike, model: Memory3, opt, step: int, cfg: TrainConfig,
-                         tokenizer: Tokenizer | None = None) -> Path:
-    """Collective: every rank writes its shards to `out_dir/.tmp-step-N/`; rank 0 adds JSON and renames it to
-    `step-N/`, then points `latest` at it and prunes old checkpoints (keep `cfg.keep_checkpoints`)."""
+                         tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
+    """Collective: every rank writes its shards to `out_dir/.tmp-step-N/`; rank 0 adds JSON (with a manifest of
+    every file), verifies it and renames it to `step-N/`, then points `latest` at it and prunes old checkpoints
+    (keep `cfg.keep_checkpoints`), as `train.save_checkpoint` does."""
     import torch.distributed.checkpoint as dcp
     rank, world, _ = world_info()
     out = Path(out_dir)
@@ -331,29 +335,36 @@ def save_dist_checkpoint(out_dir: str | os.PathLike, model: Memory3, opt, step: 
     _barrier()
     state, groups = _state_for_dcp(model, opt)
     dcp.save(state, checkpoint_id=str(tmp))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-rank{rank:05d}.safetensors"))
+    with atomic_path(tmp / f"rng-rank{rank:05d}.safetensors") as f:
+        save_file({"torch": torch.get_rng_state()}, f)
     _barrier()
+    error = None
     if rank == 0:
-        model.cfg.to_json(tmp / "config.json")
-        if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
-        meta = {"format": DIST_STATE_FORMAT, "version": DIST_STATE_VERSION, "step": step, "world_size": world,
-                "train_config": dataclasses.asdict(cfg), "param_groups": _json_groups(groups)}
-        atomic_write_text(tmp / "train_state.json", json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        atomic_write_text(out / "latest", final.name)
-        old = sorted(p for p in out.glob("step-*") if p.is_dir() and p != final)
-        for p in old[:max(0, len(old) - (cfg.keep_checkpoints - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
-    _barrier()
+        try:
+            model.cfg.to_json(tmp / "config.json")
+            if tokenizer is not None:
+                tokenizer.save(tmp / "tokenizer.json")
+            meta = {"format": DIST_STATE_FORMAT, "version": DIST_STATE_VERSION, "step": step, "world_size": world,
+                    "train_config": dataclasses.asdict(cfg), "param_groups": _json_groups(groups),
+                    "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer is not None else None,
+                    **(extra or {}), "files": file_manifest(tmp)}
+            atomic_write_text(tmp / "train_state.json", json.dumps(meta, indent=1))
+            publish_checkpoint(tmp, final, cfg.keep_checkpoints)
+        except (OSError, ValueError) as e:  # every rank must hear of it, or the others wait forever
+            error = e
+    failed = torch.tensor([float(error is not None)], device=model.rope_cos.device)
+    if dist.is_initialized():
+        dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    if float(failed):
+        raise ValueError(f"rank 0 could not write the checkpoint {final} (its error says why)")
     return final
 
 
 def _read_state(path: Path) -> dict:
-    state = json.loads((path / "train_state.json").read_text())
-    if state.get("format") != DIST_STATE_FORMAT or state.get("version") != DIST_STATE_VERSION:
+    state = read_train_state(path)
+    if state["format"] != DIST_STATE_FORMAT:
         raise ValueError(f"{path}: not a mini_m3 distributed checkpoint (format {state.get('format')!r} "
                          f"v{state.get('version')})")
     return state
@@ -362,11 +373,13 @@ def _read_state(path: Path) -> dict:
 def load_dist_checkpoint(path: str | os.PathLike, model: Memory3, opt) -> dict:
     """Collective: restore weights, AdamW state, param groups and this rank's RNG; returns train_state.json.
     DCP reshards on load, so the world size may differ from the one that saved (the RNG of a new rank is then
-    rank 0's)."""
+    rank 0's). Every file but `.metadata` is checked against the manifest first (`.metadata`, whatever it holds,
+    is only ever read by the allow-list unpickler)."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
     path = Path(path)
     state = _read_state(path)
-    ck_cfg = Memory3Config.from_json(path / "config.json")
+    verify_checkpoint(path, state, skip=(".metadata",))
+    ck_cfg = read_config(path / "config.json")
     if ck_cfg.replace(name=model.cfg.name) != model.cfg:
         raise ValueError(f"checkpoint {path} was written for a different model config ({ck_cfg.name}) than "
                          f"this model ({model.cfg.name})")
@@ -378,7 +391,11 @@ def load_dist_checkpoint(path: str | os.PathLike, model: Memory3, opt) -> dict:
                                                                                "param_groups": groups})
     rank, _, _ = world_info()
     rng = path / f"rng-rank{rank:05d}.safetensors"
-    torch.set_rng_state(load_file(str(rng if rng.exists() else path / "rng-rank00000.safetensors"))["torch"])
+    rng = rng if rng.exists() else path / "rng-rank00000.safetensors"
+    try:
+        torch.set_rng_state(load_file(str(rng))["torch"])
+    except (SafetensorError, OSError, KeyError) as e:
+        raise ValueError(f"{rng} is not a readable RNG state file (truncated or corrupt?): {e}") from None
     model._prefix_cache = None
     return state
 
@@ -437,17 +454,13 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
     out = Path(out_dir) if out_dir is not None else None
     log_path = out / (log_name or f"{cfg.stage}.jsonl") if out is not None else None
     start = 0
-    ck = latest_checkpoint(out) if out is not None and resume else None
-    if ck is not None and _read_state(ck)["train_config"]["stage"] == cfg.stage:
+    data_fp = data_fingerprint(data) if out is not None else None
+    ck = checkpoint_to_resume(out, cfg, data_fp, tokenizer, resume)
+    if ck is not None:
         start = load_dist_checkpoint(ck, model, opt)["step"]
         model.train()
     if log_path is not None and rank == 0:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        if start == 0 and log_path.exists():
-            log_path.unlink()
-        elif start > 0 and log_path.exists():
-            lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start]
-            log_path.write_text("".join(l + "\n" for l in lines))
+        prepare_log(log_path, start)
     _barrier()
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     losses, times = [], []
@@ -465,12 +478,14 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
             loss.backward()
             summed += float(part)
         gnorm = _clip_grad_norm_(params, cfg.grad_clip)
+        check_finite_step(cfg.stage, step, lr, grad_norm=gnorm)  # the global norm: every rank stops together
         opt.step()
         total = summed.reshape(1).to(device)
         dist.all_reduce(total)
         n_tok = int((data.targets[rows] != -100).sum())
         dt = time.perf_counter() - t0
         losses.append(float(total) / max(n_tok, 1))
+        check_finite_step(cfg.stage, step, lr, loss=losses[-1])
         times.append(dt)
         if rank == 0:
             if not cfg.quiet and step % cfg.log_every == 0:
@@ -481,7 +496,7 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
         if out is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_dist_checkpoint(out, model, opt, step + 1, cfg, tokenizer)
+            save_dist_checkpoint(out, model, opt, step + 1, cfg, tokenizer, extra={"data_fingerprint": data_fp})
     model.eval()
     steady = times[min(len(times) - 1, 3):] if times else []
     return {"losses": losses, "final_loss": losses[-1] if losses else None, "steps_run": len(losses),

@@ -51,7 +51,8 @@ from .inference import generate_batch, memory_for
 from .memory.encode import encode_reference_tokens
 from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
 from .model import Memory3
-from .train import batch_order, latest_checkpoint, load_checkpoint, make_optimizer, save_checkpoint
+from .train import (batch_order, latest_checkpoint, load_checkpoint, make_optimizer, prepare_log, read_train_state,
+                    save_checkpoint)
 
 MEMORY_SOURCES = ("live", "bank")
 # config fields that do not change the result: they may differ between a run and its resumption
@@ -263,7 +264,7 @@ def _resume_step(out: Path | None, kind: str, cfg, model, opt, resume: bool, ext
     ck = latest_checkpoint(out)
     if ck is None:
         return 0
-    state = json.loads((ck / "train_state.json").read_text())
+    state = read_train_state(ck)
     if state.get("kind") != kind:
         raise ValueError(f"{out} holds a {state.get('kind') or 'pretraining'} checkpoint ({ck.name}), not a {kind} "
                          f"one; use another out_dir or resume=False")
@@ -285,12 +286,7 @@ def _prepare_log(out: Path | None, name: str, start: int) -> Path | None:
     if out is None:
         return None
     path = out / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if start == 0 and path.exists():
-        path.unlink()
-    elif start > 0 and path.exists():  # drop lines after the checkpoint we resume from
-        lines = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start]
-        path.write_text("".join(l + "\n" for l in lines))
+    prepare_log(path, start)  # as pretraining: a torn last line is dropped with a warning, the rewrite is atomic
     return path
 
 

@@ -9,35 +9,47 @@ that encoding (our reading of §3.6: the writer and the reader are the same weig
 itself is not differentiable). Optimiser: AdamW with a warmup-stable-decay (WSD) schedule (MiniCPM, §5).
 
 Checkpoints are directories `step-0000100/` (zero-padded step) with safetensors (model, optimizer) and JSON (config, train
-config, tokenizer, step, RNG), written to a temporary name and renamed, plus a `latest` pointer file.
+config, tokenizer, step, RNG), written to a temporary name, verified and renamed, plus a `latest` pointer file.
+`train_state.json` holds a manifest (size and sha256 of every other file) and fingerprints of the training data and
+tokenizer: a damaged latest checkpoint, or a resume with other data or another run config, is a clear error, never
+a silent restart. A NaN/inf loss or gradient norm stops training at that step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import load_weights, save_weights
-from .config import Memory3Config, atomic_write_text
+from .checkpoint import fsync_dir, load_weights, read_config, save_weights
+from .utils import atomic_path, atomic_write_text
 from .data.text import training_sequences
 from .memory.encode import encode_reference_tokens
 from .memory.retrieve import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
 from .model import Memory3
 from .tokenizer import Tokenizer
 
-TRAIN_STATE_VERSION = 1
+TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "mini_m3.train_state", 2  # 2: file manifest, data/tokenizer fingerprints
+STATE_FORMATS = (TRAIN_STATE_FORMAT, "mini_m3.dist_train_state")
+STATE_FILE = "train_state.json"
+# TrainConfig fields a resume may change: they set how a run is watched or stored, not what it computes
+RESUME_FREE_FIELDS = ("quiet", "log_every", "threads", "eval_every", "checkpoint_every", "keep_checkpoints")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -179,6 +191,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.decay_fraction={self.decay_fraction}: must be in [0, 1]")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive")
+        k = self.keep_checkpoints
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"TrainConfig.keep_checkpoints={self.keep_checkpoints!r}: must be an integer >= 1")
 
 
 def wsd_lr(step: int, cfg: TrainConfig) -> float:
@@ -253,9 +268,117 @@ def evaluate_loss(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, max_ba
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_manifest(directory: Path) -> dict:
+    """{name: {"bytes", "sha256"}} of every file of a checkpoint directory but train_state.json (which holds it)."""
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.iterdir()) if p.is_file() and p.name != STATE_FILE}
+
+
+def data_fingerprint(data: ChunkedData) -> str:
+    """sha256 of the training data (tokens, targets, retrieved ids, reference tokens): checkpoints record it,
+    and a resume on other data is refused."""
+    h = hashlib.sha256()
+    for t in (data.tokens, data.targets, data.chunk_refs):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    h.update(np.array([len(r) for r in data.references], dtype=np.int64).tobytes())
+    h.update(np.fromiter(itertools.chain.from_iterable(data.references), dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    """train_state.json of a checkpoint directory (single-process or distributed), checked; errors name the file."""
+    path = Path(path)
+    state_file = path / STATE_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a training checkpoint ({STATE_FILE} missing)")
+    try:
+        state = json.loads(state_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{state_file} is not valid JSON (truncated or corrupt?): {e}") from None
+    if not isinstance(state, dict) or state.get("format") not in STATE_FORMATS or state.get("version") not in (1, 2):
+        fmt, ver = (state.get("format"), state.get("version")) if isinstance(state, dict) else (None, None)
+        raise ValueError(f"{path}: unsupported checkpoint format {fmt!r} v{ver}")
+    if not isinstance(state.get("step"), int) or not isinstance(state.get("train_config"), dict):
+        raise ValueError(f"{state_file}: no integer 'step' or no 'train_config'")
+    return state
+
+
+def verify_checkpoint(path: Path, state: dict, *, hashes: bool = True, skip: Sequence[str] = ()) -> None:
+    """Check every file against the manifest written with the checkpoint: present, of its size and (hashes)
+    of its sha256. Raises ValueError naming the first damaged file. Version-1 checkpoints have no manifest."""
+    for name, rec in (state.get("files") or {}).items():
+        if name in skip:
+            continue
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"checkpoint {path} is damaged: {name} is missing")
+        if f.stat().st_size != rec["bytes"]:
+            raise ValueError(f"checkpoint {path} is damaged: {f} has {f.stat().st_size} bytes, {rec['bytes']} were "
+                             f"written (truncated?)")
+        if hashes and _sha256(f) != rec["sha256"]:
+            raise ValueError(f"checkpoint {path} is damaged: {f} does not match the sha256 recorded when it was "
+                             f"written (corrupt?)")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not an intact checkpoint (cheap: files present and of their sizes), or None."""
+    try:
+        verify_checkpoint(path, read_train_state(path), hashes=False)
+    except (OSError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """The `step-N` directories of `out_dir`, by step."""
+    found = [p for p in out_dir.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(out_dir: Path, newest: Path, keep: int) -> None:
+    """Remove the checkpoints older than `newest` but the `keep` - 1 newest intact ones (damaged ones go too),
+    and the temporary directories of killed writes. Call it only once `newest` is written and verified."""
+    older = [p for p in checkpoint_dirs(out_dir) if int(p.name[5:]) < int(newest.name[5:])]
+    intact = [p for p in older if checkpoint_problem(p) is None]
+    kept = set(intact[-(keep - 1):]) if keep > 1 else set()
+    leftovers = list(out_dir.glob(".tmp-step-*")) + list(out_dir.glob(".old-step-*"))
+    for p in [p for p in older if p not in kept] + leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def publish_checkpoint(tmp: Path, final: Path, keep: int) -> None:
+    """Verify the fully written checkpoint `tmp` (as a resume will read it), rename it to `final`, point `latest`
+    at it, and only then prune the older ones. A kill at any point leaves `latest` naming an intact checkpoint."""
+    out_dir = final.parent
+    verify_checkpoint(tmp, read_train_state(tmp), hashes=True)
+    fsync_dir(tmp)
+    if final.exists():  # rewriting a step after resuming from an earlier checkpoint: swap, keep `latest` valid
+        aside = out_dir / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(out_dir)
+    atomic_write_text(out_dir / "latest", final.name)
+    prune_checkpoints(out_dir, final, keep)
+
+
 def save_checkpoint(out_dir: str | os.PathLike, model: Memory3, optimizer, step: int, cfg: TrainConfig,
                     tokenizer: Tokenizer | None = None, extra: dict | None = None) -> Path:
-    """Write `out_dir/step-<7-digit step>/` atomically and point `out_dir/latest` at it."""
+    """Write `out_dir/step-<7-digit step>/` (weights, optimizer + RNG, configs, tokenizer, and a train_state.json
+    with a manifest of the other files), verify it, point `out_dir/latest` at it, prune old ones."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"step-{step:07d}"
@@ -263,7 +386,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Memory3, optimizer, step:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
+    save_weights(model, tmp / "model.safetensors", tokenizer=tokenizer)
     model.cfg.to_json(tmp / "config.json")
     if tokenizer is not None:
         tokenizer.save(tmp / "tokenizer.json")
@@ -276,46 +399,73 @@ def save_checkpoint(out_dir: str | os.PathLike, model: Memory3, optimizer, step:
     for g in optimizer.param_groups:
         groups.append({k: v for k, v in g.items() if k != "params"} | {"params": [pid[id(p)] for p in g["params"]]})
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    state = {"format": "mini_m3.train_state", "version": TRAIN_STATE_VERSION, "step": step,
-             "train_config": dataclasses.asdict(cfg), "param_groups": groups, **(extra or {})}
-    atomic_write_text(tmp / "train_state.json", json.dumps(state, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(out_dir / "latest", final.name)
-    old = sorted(p for p in out_dir.glob("step-*") if p.is_dir() and p != final)
-    for p in old[:max(0, len(old) - (cfg.keep_checkpoints - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+    with atomic_path(tmp / "optimizer.safetensors") as f:
+        save_file(tensors, f)
+    state = {"format": TRAIN_STATE_FORMAT, "version": TRAIN_STATE_VERSION, "step": step,
+             "train_config": dataclasses.asdict(cfg), "param_groups": groups,
+             "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer is not None else None, **(extra or {}),
+             "files": file_manifest(tmp)}
+    atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
+    publish_checkpoint(tmp, final, cfg.keep_checkpoints)
     return final
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: the one `out_dir/latest` names, which must be intact (a damaged one is an
+    error naming it and the newest intact one, never a silent restart). Without a `latest` pointer (a kill between
+    the first checkpoint's rename and the pointer's write): the newest intact `step-N`, with a warning. None when
+    `out_dir` holds no checkpoint."""
     out_dir = Path(out_dir)
     pointer = out_dir / "latest"
-    if not pointer.exists():
-        return None
-    path = out_dir / pointer.read_text().strip()
-    return path if (path / "train_state.json").exists() else None
+    found = checkpoint_dirs(out_dir) if out_dir.is_dir() else []
+    if pointer.exists():
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            name, problem = "", f"{pointer} is unreadable: {e}"
+        else:
+            problem = (checkpoint_problem(out_dir / name) if re.fullmatch(r"step-\d+", name)
+                       else f"{pointer} does not name a step-N directory")
+        if problem is None:
+            return out_dir / name
+        intact = [p for p in reversed(found) if checkpoint_problem(p) is None]
+        hint = (f"the newest intact checkpoint is {intact[0]}: to resume from it, write {intact[0].name!r} into "
+                f"{pointer}" if intact else f"no intact checkpoint is left in {out_dir}")
+        raise ValueError(f"the latest checkpoint ({pointer} -> {name!r}) is damaged: {problem}; {hint}")
+    for p in reversed(found):
+        if checkpoint_problem(p) is None:
+            warnings.warn(f"{out_dir} has no 'latest' pointer (killed while writing its first checkpoint?); "
+                          f"using the newest intact checkpoint, {p.name}")
+            return p
+    if found:
+        raise ValueError(f"{out_dir} holds checkpoints but none is intact: {checkpoint_problem(found[-1])}")
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, model: Memory3, optimizer=None) -> dict:
     """Restore weights (and optimizer + RNG state if an optimizer is given); returns the train state dict.
-    Refuses a checkpoint written for another model config."""
+    Refuses a damaged checkpoint (every file is checked against its manifest) and one written for another
+    model config."""
     path = Path(path)
-    state_file = path / "train_state.json"
-    if not state_file.exists():
-        raise FileNotFoundError(f"{path} is not a training checkpoint (train_state.json missing)")
-    state = json.loads(state_file.read_text())
-    if state.get("format") != "mini_m3.train_state" or state.get("version") != TRAIN_STATE_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint format {state.get('format')!r} v{state.get('version')}")
-    ck_cfg = Memory3Config.from_json(path / "config.json")
+    state = read_train_state(path)
+    if state["format"] != TRAIN_STATE_FORMAT:
+        raise ValueError(f"{path} is a distributed checkpoint: load it with mini_m3.distributed.load_dist_checkpoint")
+    verify_checkpoint(path, state)
+    ck_cfg = read_config(path / "config.json")
     if ck_cfg.replace(name=model.cfg.name) != model.cfg:
         raise ValueError(f"checkpoint {path} was written for a different model config "
                          f"({ck_cfg.name}: {ck_cfg.to_dict()}) than this model ({model.cfg.name})")
+    tensors = None
+    if optimizer is not None:  # read before touching the model: a bad file changes nothing
+        opt_file = path / "optimizer.safetensors"
+        try:
+            tensors = load_file(str(opt_file))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{opt_file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        if "rng.torch" not in tensors:
+            raise ValueError(f"{opt_file} holds no RNG state: not a mini_m3 optimizer file")
     load_weights(model, path / "model.safetensors")
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
         params = list(model.parameters())
         optimizer.state.clear()
         for key, v in tensors.items():
@@ -328,6 +478,90 @@ def load_checkpoint(path: str | os.PathLike, model: Memory3, optimizer=None) -> 
                     g[k] = tuple(v) if isinstance(v, list) else v
         torch.set_rng_state(tensors["rng.torch"])
     return state
+
+
+def check_resume(ck: Path, state: dict, cfg: TrainConfig, data_fp: str, tokenizer: Tokenizer | None) -> None:
+    """Refuse to continue checkpoint `ck` as another run. Fields that only change how a run is watched or stored
+    (RESUME_FREE_FIELDS) may change; `steps` may change when the LR schedule of the steps already taken stays
+    the same (a WSD run extended or shortened); every other field, the data and the tokenizer must be the
+    checkpoint's."""
+    saved, now = state["train_config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
+    problems = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
+                if k not in RESUME_FREE_FIELDS + ("steps",) and saved.get(k) != now[k]]
+    step = state["step"]
+    if not problems and saved.get("steps") != cfg.steps:
+        if step > cfg.steps:
+            problems.append(f"it is at step {step}, past steps={cfg.steps}")
+        elif any(wsd_lr(s, dataclasses.replace(cfg, steps=saved["steps"])) != wsd_lr(s, cfg) for s in range(step)):
+            problems.append(f"steps={saved['steps']} there, {cfg.steps} now, which changes the learning rate of "
+                            f"the {step} steps already taken")
+    if state.get("data_fingerprint") not in (None, data_fp):
+        problems.append("the training data differ from those it was trained on")
+    saved_tok, tok_fp = state.get("tokenizer_fingerprint"), tokenizer.fingerprint() if tokenizer is not None else None
+    if saved_tok and tok_fp and saved_tok != tok_fp:
+        problems.append("the tokenizer differs from the one it was trained with")
+    if problems:
+        raise ValueError(f"cannot resume from {ck}: {'; '.join(problems)}. Resume with the settings and data it "
+                         f"was written with, or train into another out_dir")
+    if state.get("data_fingerprint") is None:
+        warnings.warn(f"{ck} records no fingerprint of its training data (an older mini_m3 wrote it): "
+                      f"the data cannot be checked")
+
+
+def checkpoint_to_resume(out: Path | None, cfg: TrainConfig, data_fp: str | None, tokenizer: Tokenizer | None,
+                         resume: bool) -> Path | None:
+    """The checkpoint of this stage that a run in `out` continues from (checked by `check_resume`), or None
+    for a fresh start. With resume=False, a directory that holds this stage's checkpoints is refused rather
+    than overwritten. A checkpoint of another stage (both stages in one directory) is not resumed."""
+    ck = latest_checkpoint(out) if out is not None else None
+    if ck is None:
+        return None
+    state = read_train_state(ck)
+    if state["train_config"].get("stage") != cfg.stage:
+        return None
+    if not resume:
+        raise ValueError(f"{out} holds checkpoints of an earlier {cfg.stage} run (latest: {ck.name}); resume=False "
+                         f"would overwrite them and their log: train into another out_dir, or remove {out}")
+    check_resume(ck, state, cfg, data_fp, tokenizer)
+    return ck
+
+
+def prepare_log(log_path: Path, start: int) -> None:
+    """Make the JSONL log hold exactly the steps before `start`: a fresh run (no checkpoint of this stage, so
+    start 0) starts a new log; a resumed one drops the lines of the steps it will redo. A torn last line (a kill
+    mid-write) is dropped with a warning; any other unreadable line is an error naming the file and line."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    if not log_path.exists():
+        return
+    if start == 0:
+        log_path.unlink()
+        return
+    rows = log_path.read_bytes().decode("utf-8", "replace").split("\n")
+    keep = []
+    for i, line in enumerate(rows):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+            ok = isinstance(step, int)
+        except (json.JSONDecodeError, TypeError, KeyError):
+            ok = False
+        if not ok and i == len(rows) - 1:  # the last line has no newline: it was being written when killed
+            warnings.warn(f"{log_path}: dropped its torn last line {line[:60]!r} (killed while writing it)")
+        elif not ok:
+            raise ValueError(f"{log_path}, line {i + 1}: not a log record ({line[:60]!r}); fix or remove the line")
+        elif step < start:
+            keep.append(line)
+    atomic_write_text(log_path, "".join(l + "\n" for l in keep))
+
+
+def check_finite_step(stage: str, step: int, lr: float, **values: float) -> None:
+    """Stop a diverged run at once: a ValueError naming the step when the loss or gradient norm is NaN or inf."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"training diverged at {stage} step {step}: {', '.join(f'{k} = {v}' for k, v in bad.items())}"
+                         f" (lr {lr:.3g}); stopped, nothing after the last checkpoint was saved: lower the learning "
+                         f"rate")
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -346,17 +580,13 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
     start = 0
     out = Path(out_dir) if out_dir is not None else None
     log_path = out / (log_name or f"{cfg.stage}.jsonl") if out is not None else None
-    ck = latest_checkpoint(out) if out is not None and resume else None
-    if ck is not None and json.loads((ck / "train_state.json").read_text())["train_config"]["stage"] == cfg.stage:
+    data_fp = data_fingerprint(data) if out is not None else None
+    ck = checkpoint_to_resume(out, cfg, data_fp, tokenizer, resume)
+    if ck is not None:
         start = load_checkpoint(ck, model, opt)["step"]  # exact resume: weights, optimizer, RNG, data order
         model.train()
     if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        if start == 0 and log_path.exists():
-            log_path.unlink()
-        elif start > 0 and log_path.exists():  # drop log lines after the checkpoint we resume from
-            lines = [l for l in log_path.read_text().splitlines() if l and json.loads(l).get("step", 0) < start]
-            log_path.write_text("".join(l + "\n" for l in lines))
+        prepare_log(log_path, start)
     losses, times = [], []
     bar = tqdm(range(start, cfg.steps), disable=cfg.quiet, desc=f"{cfg.stage}", unit="step", initial=start,
                total=cfg.steps)
@@ -369,12 +599,13 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
         loss = train_step(model, data, rows, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        check_finite_step(cfg.stage, step, lr, loss=loss.item(), grad_norm=gnorm)
         opt.step()
         dt = time.perf_counter() - t0
         losses.append(loss.item())
         times.append(dt)
-        record = {"step": step, "stage": cfg.stage, "loss": losses[-1], "lr": lr, "grad_norm": float(gnorm),
+        record = {"step": step, "stage": cfg.stage, "loss": losses[-1], "lr": lr, "grad_norm": gnorm,
                   "step_time": dt, "tokens": int((data.targets[rows] != -100).sum())}
         if eval_data is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             record["eval_loss"] = evaluate_loss(model, eval_data, cfg)
@@ -387,7 +618,7 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if out is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(out, model, opt, step + 1, cfg, tokenizer)
+            save_checkpoint(out, model, opt, step + 1, cfg, tokenizer, extra={"data_fingerprint": data_fp})
     model.eval()
     steady = times[min(len(times) - 1, 3):] if times else []
     return {"losses": losses, "final_loss": losses[-1] if losses else None, "steps_run": len(losses),
