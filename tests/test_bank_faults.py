@@ -84,8 +84,13 @@ def committed_files(path):
     return keep | {f"{sh['name']}.{kind}.npy" for sh in m["shards"] for kind in sh["files"]}
 
 
+def _one_thread(target, *args):
+    torch.set_num_threads(1)  # OpenMP with a pool inherited across fork() can hang: run the child on one thread
+    target(*args)
+
+
 def fork(target, *args):
-    p = mp.get_context("fork").Process(target=target, args=args)
+    p = mp.get_context("fork").Process(target=_one_thread, args=(target, *args))
     p.start()
     return p
 

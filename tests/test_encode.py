@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from _literal import literal_selection
+from conftest import tiny_model
 from mini_m3 import Memory3, Memory3Config, MemoryKV
 from mini_m3.memory.encode import (ExplicitMemory, encode_reference_tokens, encode_references,
                                    select_top_tokens, selection_scores)
@@ -98,13 +100,77 @@ def test_to_memory_kv_layout_and_missing_memories(tiny):
     assert kv.mask[0, 1, ..., :k].all()
 
 
+@pytest.mark.parametrize("selector", ["attention", "exp"])
+def test_selection_matches_the_literal_rule(selector):
+    """§3.3 written out in tests/_literal.py (loops, float64, no RoPE and no causal mask in the score, prefix and
+    padding excluded): the batched encoder keeps a top-k set of the literal scores, and stores the keys (after
+    RoPE, at p + j) and values of those tokens. Weights at std 0.1 give attention with clear winners."""
+    model = tiny_model(0, init_std=0.1)
+    cfg, k = model.cfg, model.cfg.memory_tokens_per_head
+    g = torch.Generator().manual_seed(1)
+    refs = [torch.randint(4, cfg.vocab_size, (n,), generator=g).tolist() for n in (37, 5, 128, 90)]
+    mem = encode_reference_tokens(model, refs, selector=selector)  # one padded batch
+    for r, ref in enumerate(refs):
+        lit = literal_selection(model, ref, softmax=selector == "attention")
+        n = min(k, len(ref))
+        kept = mem.mask[r]
+        assert kept.sum(-1).eq(n).all()
+        for li in range(len(cfg.memory_layers)):
+            for hi in range(len(cfg.memory_heads)):
+                w = lit["scores"][li, hi]
+                got = mem.positions[r, li, hi][kept[li, hi]] - cfg.prefix_length
+                kth = w.sort(descending=True).values[n - 1]
+                tol = 1e-6 * kth.abs()  # the encoder's float32 q/k against float64 here
+                rest = torch.ones(len(ref), dtype=torch.bool)
+                rest[got] = False
+                where = (r, li, hi, got.tolist(), lit["index"][li, hi, :n].tolist())
+                assert (w[got] >= kth - tol).all() and (w[rest] <= kth + tol).all(), where  # a top-k set
+                torch.testing.assert_close(mem.keys[r, li, hi][kept[li, hi]].double(), lit["all_keys"][li, hi, got],
+                                           atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(mem.values[r, li, hi][kept[li, hi]].double(),
+                                           lit["all_values"][li, hi, got], atol=1e-5, rtol=1e-5)
+
+
+def test_equal_tokens_tie_and_the_earlier_ones_are_kept_whatever_the_batch():
+    """In the first layer a token's key, and so the attention it receives, depends on the token alone: repeats of
+    a word tie exactly, and the earlier ones must be kept. Float rounding that depends on the batch shape must
+    not break those ties (it did: a reference encoded alone and in a batch kept different tokens, and the
+    2-rank micro-batch run diverged from the single process on some machines)."""
+    model = tiny_model(0)
+    cfg = model.cfg
+    assert cfg.memory_layers[0] == 0
+    g = torch.Generator().manual_seed(0)
+    refs = []
+    for _ in range(40):  # few distinct tokens: many ties
+        n, distinct = int(torch.randint(60, 128, (1,), generator=g)), int(torch.randint(8, 60, (1,), generator=g))
+        refs.append(torch.randint(4, 4 + distinct, (n,), generator=g).tolist())
+    batched = encode_reference_tokens(model, refs).positions
+    for r, ref in enumerate(refs):
+        alone = encode_reference_tokens(model, [ref]).positions[0]
+        assert torch.equal(alone, batched[r]), f"reference {r}: kept tokens depend on the batch"
+        for h in range(len(cfg.memory_heads)):
+            kept = set((alone[0, h] - cfg.prefix_length).tolist())
+            for t in set(ref):
+                flags = [j in kept for j, u in enumerate(ref) if u == t]
+                assert flags == sorted(flags, reverse=True), f"reference {r}, head {h}: a later {t} kept first"
+
+
 def test_gradients_flow_into_live_encoded_memories():
-    model = Memory3(Memory3Config.from_name("tiny")).train()
-    mem = encode_reference_tokens(model, [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
-    out = model(torch.tensor([[1, 20, 21, 22]]), memory=mem.to_memory_kv(torch.tensor([[[0]]])),
-                targets=torch.tensor([[20, 21, 22, 23]]))
-    out.loss.backward()
-    assert model.blocks[0].attn.wk.weight.grad.abs().sum() > 0
+    """Continual training backpropagates through the encoding. With untied embeddings, tokens that occur only in
+    the reference can get a gradient through nothing but the memory: zero if the memory were detached."""
+    model = Memory3(Memory3Config.from_name("tiny", tie_embeddings=False)).train()
+    ref, ctx = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [1, 20, 21, 22, 23]
+    grads = {}
+    for detached in (False, True):
+        model.zero_grad()
+        mem = encode_reference_tokens(model, [ref])
+        mem = mem.detach() if detached else mem
+        out = model(torch.tensor([ctx[:-1]]), memory=mem.to_memory_kv(torch.tensor([[[0]]])),
+                    targets=torch.tensor([ctx[1:]]))
+        out.loss.backward()
+        grads[detached] = model.tok_emb.weight.grad[ref].abs().sum(-1)
+    assert grads[False].sum() > 0  # through the kept keys and values
+    assert (grads[True] == 0).all()  # (the control: no other path reaches these rows)
 
 
 def test_encode_references_text_api_and_errors(tiny):

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from _literal import literal_forward
 from mini_m3 import Memory3, Memory3Config, MemoryKV
 from mini_m3.model import prefill_chunk_loop, zero_attention_edge, zero_mlp_neuron
 
@@ -21,48 +21,6 @@ def tiny_version(name: str) -> Memory3Config:
 FAMILIES = ["tiny", "small", "paper-0.92b", "paper-2.4b"] + [n for n in Memory3Config.available() if n.startswith("fig10")]
 
 
-def naive_logits(model: Memory3, idx: torch.Tensor) -> torch.Tensor:
-    """Textbook causal Llama over [prefix ; context] with the design.md positions, written independently:
-    explicit per-head loops, complex-number RoPE, no masks but the causal one."""
-    cfg = model.cfg
-    prefix = torch.tensor(cfg.reference_prefix_ids)
-    B, T = idx.shape
-    seq = torch.cat([prefix.expand(B, -1), idx], 1)
-    pos = torch.cat([torch.arange(cfg.prefix_length), cfg.context_offset + torch.arange(T)])
-    inv = 1.0 / cfg.rope_base ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
-    rot = torch.polar(torch.ones(len(pos), cfg.head_dim // 2), pos[:, None].float() * inv)  # (S, d_h/2)
-
-    def rope(x):  # (S, d_h)
-        xc = torch.view_as_complex(x.float().reshape(x.shape[0], -1, 2))
-        return torch.view_as_real(xc * rot).flatten(1)
-
-    def rms(x, w):
-        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + cfg.norm_eps) * w
-
-    x = model.tok_emb.weight[seq]
-    S = seq.shape[1]
-    for blk in model.blocks:
-        h = rms(x, blk.attn_norm.weight)
-        out = torch.zeros_like(x)
-        for b in range(B):
-            heads = []
-            for hq in range(cfg.n_heads):
-                hk = hq // cfg.n_query_groups
-                dh = cfg.head_dim
-                q = rope(h[b] @ blk.attn.wq.weight[hq * dh:(hq + 1) * dh].T)
-                k = rope(h[b] @ blk.attn.wk.weight[hk * dh:(hk + 1) * dh].T)
-                v = h[b] @ blk.attn.wv.weight[hk * dh:(hk + 1) * dh].T
-                s = q @ k.T / math.sqrt(dh)
-                s = s.masked_fill(torch.ones(S, S).triu(1).bool(), float("-inf"))
-                heads.append(torch.softmax(s, -1) @ v)
-            out[b] = torch.cat(heads, -1) @ blk.attn.wo.weight.T
-        x = x + out
-        h = rms(x, blk.mlp_norm.weight)
-        x = x + (F.silu(h @ blk.mlp.w_gate.weight.T) * (h @ blk.mlp.w_up.weight.T)) @ blk.mlp.w_down.weight.T
-    x = rms(x, model.norm.weight)
-    return (x @ model.lm_head.weight.T)[:, cfg.prefix_length:]
-
-
 def random_memory(cfg, B, C, M, p_valid=0.7, seed=0):
     g = torch.Generator().manual_seed(seed)
     shape = (B, C, len(cfg.memory_layers), len(cfg.memory_heads), M, cfg.head_dim)
@@ -75,9 +33,36 @@ def random_memory(cfg, B, C, M, p_valid=0.7, seed=0):
 def test_no_memory_equals_textbook_causal_attention(family):
     model = Memory3(tiny_version(family)).eval()
     idx = torch.randint(0, 97, (2, 37))
-    ref = naive_logits(model, idx)
+    ref = literal_forward(model, idx).float()  # textbook causal Llama over [prefix ; context], tests/_literal.py
     for impl in ("sdpa", "plain"):
         torch.testing.assert_close(model(idx, impl=impl).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("memory_heads", [None, (1,)])
+@torch.no_grad()
+def test_memory_attention_equals_the_literal_eq4(memory_heads):
+    """Eq. 4 written out (tests/_literal.py: per query, softmax over [this chunk's valid memory K ; context K[:i]]
+    in the memory heads of the memory layers) against the fused prefill, the dense reference path and decoding."""
+    cfg = Memory3Config.from_name("tiny", memory_heads=memory_heads, init_std=0.1)
+    model = Memory3(cfg).eval()
+    mem = holey_memory(cfg, 2, 3, 16)  # 3 chunks, empty slots, row 0's last chunk all empty
+    idx = torch.randint(4, cfg.vocab_size, (2, 150))
+    shifted = torch.stack([torch.arange(150) // 64, ((torch.arange(150) + 20) // 64).clamp(max=2)])  # per row
+    want = {}
+    for name, qc in (("own chunk", None), ("shifted", shifted)):
+        want[name] = literal_forward(model, idx, mem, qc).float()
+        for impl in ("sdpa", "plain"):
+            torch.testing.assert_close(model(idx, memory=mem, query_chunks=qc, impl=impl).logits, want[name],
+                                       atol=2e-5, rtol=1e-5, msg=lambda m: f"{name}, {impl}: {m}")
+    # decoding: the last 10 tokens one at a time, each reading chunk 2, through the KV cache
+    out = model(idx[:, :140], memory=mem, use_cache=True)
+    steps, cache = [out.logits], out.cache
+    for t in range(140, 150):
+        o = model(idx[:, t:t + 1], memory=mem, cache=cache, use_cache=True, query_chunks=torch.full((1,), 2))
+        steps.append(o.logits)
+        cache = o.cache
+    torch.testing.assert_close(torch.cat(steps, 1), want["own chunk"], atol=2e-5, rtol=1e-5)
+    assert (want["own chunk"] - literal_forward(model, idx).float()).abs().max() > 0.1  # the memories matter here
 
 
 @pytest.mark.parametrize("family", FAMILIES)

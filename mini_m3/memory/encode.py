@@ -96,7 +96,7 @@ def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tens
     "exp":       log Σ_{i, h} exp(q_i·k_j/√d_h)   (the paper's approximation; the log keeps the ranking)
     """
     N, H, R, dh = q_raw.shape
-    # float64 so that equal tokens get bit-equal scores whatever the batch shape (ties -> lower index)
+    # float64: its rounding noise (which depends on the batch shape) stays far below select_top_tokens' float32 ranking
     k_rep = k_raw.double().repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
     logits = q_raw.double() @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
     key_ok = valid[:, None, None, :]
@@ -119,7 +119,9 @@ def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selecto
     "first"); valid: (N, R). Returns (index (N, H_kv, k) long, kept (N, H_kv, k) bool)."""
     N, Hkv, R = scores.shape
     if selector in ("attention", "exp"):
-        s = scores
+        # equal tokens (e.g. a repeated word in the first layer) have equal scores only up to float64 rounding,
+        # which varies with the batch shape and the CPU: ranked in float32 they tie, and ties go to the earlier token
+        s = scores.float()
     elif selector == "random":
         s = torch.rand(N, Hkv, R, generator=generator, dtype=torch.float64).to(scores.device)
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
