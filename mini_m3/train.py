@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import fsync_dir, load_weights, read_config, save_weights
-from .utils import atomic_path, atomic_write_text
+from .utils import atomic_path, atomic_write_text, sha256_file
 from .data.text import training_sequences
 from .memory.encode import encode_reference_tokens
 from .memory.retrieve import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
@@ -268,17 +268,9 @@ def evaluate_loss(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, max_ba
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def file_manifest(directory: Path) -> dict:
     """{name: {"bytes", "sha256"}} of every file of a checkpoint directory but train_state.json (which holds it)."""
-    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(directory.iterdir()) if p.is_file() and p.name != STATE_FILE}
 
 
@@ -326,7 +318,7 @@ def verify_checkpoint(path: Path, state: dict, *, hashes: bool = True, skip: Seq
         if f.stat().st_size != rec["bytes"]:
             raise ValueError(f"checkpoint {path} is damaged: {f} has {f.stat().st_size} bytes, {rec['bytes']} were "
                              f"written (truncated?)")
-        if hashes and _sha256(f) != rec["sha256"]:
+        if hashes and sha256_file(f) != rec["sha256"]:
             raise ValueError(f"checkpoint {path} is damaged: {f} does not match the sha256 recorded when it was "
                              f"written (corrupt?)")
 

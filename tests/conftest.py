@@ -25,6 +25,12 @@ def world():
 
 
 @pytest.fixture(scope="module")
+def refs(world):
+    """The world's reference texts (a test file may define its own `refs`)."""
+    return world.references()
+
+
+@pytest.fixture(scope="module")
 def tok(world):
     from mini_m3 import Tokenizer
     return Tokenizer.train(world.tokenizer_corpus(), 512)

@@ -30,11 +30,6 @@ TEMP = re.compile(r"\..+\.[a-z0-9_]{8,}\.tmp")
 
 
 @pytest.fixture(scope="module")
-def refs(world):
-    return world.references()
-
-
-@pytest.fixture(scope="module")
 def model(tiny):
     return tiny
 

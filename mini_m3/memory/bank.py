@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import mmap
 import os
@@ -47,7 +46,7 @@ import torch
 
 from ..checkpoint import weights_fingerprint
 from ..config import parse_json
-from ..utils import atomic_path, atomic_write_text, remove_stale_temps
+from ..utils import atomic_path, atomic_write_text, remove_stale_temps, sha256_file
 from ..model import Memory3
 from .encode import SELECTORS, ExplicitMemory, encode_references
 from .quantize import GroupedQuantizer, VectorQuantizer, default_factory, load_quantizer
@@ -61,16 +60,8 @@ VERIFY_MODES = ("auto", "full", "size", "none")
 FULL_VERIFY_BYTES = 512 * 2 ** 20  # verify="auto" checks shards by sha256 below this many bytes of shards
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_meta(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> dict:
@@ -289,7 +280,7 @@ def _verify(path: Path, files: list[tuple[str, dict, bool]], verify: str) -> Non
         if (whole or verify != "none") and p.stat().st_size != meta["bytes"]:
             raise BankError(f"memory bank file {p} has {p.stat().st_size} bytes, the manifest says "
                             f"{meta['bytes']}: it is truncated or was altered; rebuild the bank")
-        if (whole or full) and _sha256(p) != meta["sha256"]:
+        if (whole or full) and sha256_file(p) != meta["sha256"]:
             raise BankError(f"memory bank file {p} does not match its checksum in the manifest: it was "
                             f"altered or damaged; rebuild the bank")
 
