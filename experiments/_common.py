@@ -6,15 +6,14 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
+from mini_m3.provenance import provenance, seed_everything
 from mini_m3.utils import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,9 +32,7 @@ def parse_args(name: str, argv: Sequence[str] | None, doc: str, extra: Callable 
 
 
 def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_everything(seed)
 
 
 def machine(threads: int | None = None) -> dict:
@@ -56,7 +53,10 @@ def timeit(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def write_json(out: str | os.PathLike, obj: dict) -> Path:
+def write_json(out: str | os.PathLike, obj: dict, *, seed: int) -> Path:
+    """Write `obj` with its provenance (versions, argv, commit, seed, threads, CPU kernels; added to `obj` itself,
+    so what the script returns is what it wrote)."""
+    obj["provenance"] = provenance(seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(obj, indent=1, default=float))

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             if not a.quiet:
                 print(group, label, {k: v for k, v in results["groups"][group][label].items() if k != "curve"},
                       flush=True)
-    write_json(out, results)
+    write_json(out, results, seed=s.seed)
     plot(results, png_path(out))
     return 0
 

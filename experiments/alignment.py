@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         "sft_config": dataclasses.asdict(sft_cfg), "dpo_config": dataclasses.asdict(dpo_cfg),
         "table": table, "arms": arms, "machine": machine(a.threads), "wall_seconds": time.perf_counter() - t_start,
     }
-    write_json(out, results)
+    write_json(out, results, seed=a.seed)
     plot(results, png_path(out))
     print(format_table(results))
     print(f"written {out} and {png_path(out)}")

@@ -201,7 +201,7 @@ def main(argv=None) -> dict:
               "not_run": "10^6 references (4 GB of float32 vectors at d=1024; HNSW/IVF-PQ build beyond the time budget)",
               "retrieval": rows, "bank": bank, "bytes_per_memory": bank["bytes_per_memory"],
               "wall_s": time.perf_counter() - t0}
-    write_json(args.out, result)
+    write_json(args.out, result, seed=args.seed)
     p = plt()
     fig, (ax, ax2) = p.subplots(1, 2, figsize=(10, 3.6))
     for name in dict.fromkeys(r["label"] for r in rows):

@@ -337,7 +337,7 @@ def main(argv=None) -> dict:
               "model": "small (random weights: shape and fingerprint only)", "shard_size": SHARD, "k": K,
               "n_queries": n_queries, "get_calls": calls, "sizes": sizes, "rows": rows, "extrapolation": ext,
               "wall_s": time.perf_counter() - t0}
-    write_json(args.out, result)
+    write_json(args.out, result, seed=args.seed)
     plot(rows, ext, args.out)
     print(f"{'n':>9} {'GB':>7} {'build s':>8} {'open s':>7} {'search ms':>9} {'recall@5':>8} "
           f"{'get5 cold ms':>12} {'get160 cold ms':>14} {'get160 page ms':>14}")

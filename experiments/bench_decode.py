@@ -175,7 +175,7 @@ def main(argv=None) -> dict:
         "timing_breakdown_batch": B, "timing_breakdown": breakdown,
         "profile_batch": B, "profile_top": prof,
     }
-    write_json(args.out, result)
+    write_json(args.out, result, seed=args.seed)
     p = plt()
     fig, ax = p.subplots(figsize=(7.5, 3.6))
     w = 0.8 / len(runs)

@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
         "fused_over_loop_length": last["context"],
         "target": ">= 3x at 2048", "target_met": bool(last["context"] >= 2048 and last["loop_s"] / last["fused_s"] >= 3),
     }
-    write_json(args.out, result)
+    write_json(args.out, result, seed=args.seed)
     p = plt()
     fig, (ax, ax2) = p.subplots(1, 2, figsize=(9, 3.4))
     x = [r["context"] for r in rows]

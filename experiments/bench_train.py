@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
         "flop_formula": ("6*N_nonemb*tokens + 6*d*V*target_tokens + 12*sum_l(S_l)*H*d_h*tokens"
                          " [+ continual: 6*N_layer*L_enc*ref_tokens + 12*L_enc*(p+R)*H*d_h*ref_tokens]"),
     }
-    write_json(args.out, result)
+    write_json(args.out, result, seed=s.seed)
     p = plt()
     fig, (ax, ax2) = p.subplots(1, 2, figsize=(8, 3.2))
     ax.boxplot([times["warmup"], times["continual"]]); ax.set_xticks([1, 2], ["warmup", "continual"])

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         "no_memory": rungs, "settings": asdict(s), "train_config": asdict(tc), "seed": s.seed,
         "machine": machine(1),
     }
-    write_json(out, results)
+    write_json(out, results, seed=s.seed)
     plot(results, png_path(out))
     return 0
 

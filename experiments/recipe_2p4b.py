@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     r = recipe(act)
     result = {"benchmark": NAME, "quick": args.quick, "machine": machine(args.threads), "activations": act, **r,
               "wall_s": time.perf_counter() - t0}
-    write_json(args.out, result)
+    write_json(args.out, result, seed=args.seed)
     print(f"paper-2.4b: {r['parameters']:,} parameters; activations per 2048-token sequence "
           f"{r['activation_gib_per_sequence']['warmup']:.1f} GiB (warmup), "
           f"{r['activation_gib_per_sequence']['continual']:.1f} GiB (continual); "

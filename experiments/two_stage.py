@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         results["arms"][arm] = {"loss": r1["losses"] + r2["losses"], "qa": qa, "seconds": time.perf_counter() - t0}
         if not a.quiet:
             print(arm, qa, f"final loss {r2['final_loss']:.3f}", flush=True)
-    write_json(out, results)
+    write_json(out, results, seed=s.seed)
     plot(results, png_path(out))
     return 0
 

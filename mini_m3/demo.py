@@ -6,6 +6,9 @@ vector-quantized); and report QA exact match on people seen in training and on h
 biographies live only in the bank, plus decoding throughput, for five settings:
 (a) the no-memory model, (b) Memory³ reading memory, (c) Memory³ with memory off, (d) Memory³ reading VQ
 memory, (e) Memory³ in RAG mode. Results go to `OUT/results.json` and `OUT/results.png`.
+
+The numbers depend only on the settings (seed, threads) and on what `results.json` records under "provenance":
+package versions and PyTorch's CPU kernels (`cpu_capability`, AVX512 or AVX2 on x86, which round differently).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .evaluate import decode_throughput, qa_eval, retrieval_hit_rate
 from .memory.bank import MemoryBank
 from .memory.retrieve import Retriever
 from .model import Memory3
+from .provenance import fixed_numerics, provenance
 from .tokenizer import Tokenizer
 from .train import ChunkedData, TrainConfig, pack_documents, pack_stream, plot_losses, retrieve_for_chunks, train
 
@@ -55,8 +59,13 @@ class DemoSettings:
     vq_factory: str = "default"
     throughput_batch: int = 4
     throughput_new_tokens: int = 64
-    threads: int = 2
+    threads: int = 2  # torch and faiss threads outside training (data, banks, evaluation), whatever the machine
     parallel: bool = True  # train the no-memory control in a second process (needs >= 2 cores to pay)
+
+    @property
+    def train_threads(self) -> int:
+        """Threads of each training run: 1 when the control trains beside Memory³, else `threads`."""
+        return 1 if self.parallel else self.threads
 
     @classmethod
     def quick(cls, **kw) -> "DemoSettings":
@@ -109,9 +118,9 @@ def build_world_data(world: World, tokenizer: Tokenizer, s: DemoSettings, chunk_
 
 def _train_control(cfg_dict: dict, data: ChunkedData, tc: TrainConfig, out_dir: str, seed: int) -> None:
     """Body of the control process: train a fresh no-memory model and save its weights."""
-    torch.manual_seed(seed)
-    model = Memory3(Memory3Config.from_dict(cfg_dict))
-    res = train(model, data, tc, out_dir=out_dir, resume=False)
+    with fixed_numerics(seed, tc.threads):
+        model = Memory3(Memory3Config.from_dict(cfg_dict))
+        res = train(model, data, tc, out_dir=out_dir, resume=False)
     save_weights(model, Path(out_dir) / "final.safetensors")
     atomic_write_text(Path(out_dir) / "summary.json", json.dumps({k: v for k, v in res.items() if k != "losses"}))
 
@@ -141,7 +150,7 @@ class ControlJob:
         return model.eval(), json.loads((self.out_dir / "summary.json").read_text())
 
 
-def control_train_config(s: DemoSettings, *, quiet: bool, threads: int | None) -> TrainConfig:
+def control_train_config(s: DemoSettings, *, quiet: bool, threads: int) -> TrainConfig:
     """The no-memory control's schedule: all warmup + continual steps as one no-memory stage (WSD over all of it)."""
     total = s.warmup_steps + s.continual_steps
     return TrainConfig(stage="warmup", steps=total, batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=quiet,
@@ -165,12 +174,15 @@ def _reading_accuracy(items, r: dict) -> float:
 
 def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *, progress: bool = True) -> dict:
     s = settings or DemoSettings()
-    out = Path(out_dir)
+    with fixed_numerics(s.seed, s.threads):  # seeds, threads, deterministic algorithms; restored after
+        return _run_demo(Path(out_dir), s, progress)
+
+
+def _run_demo(out: Path, s: DemoSettings, progress: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
     say = print if progress else (lambda *a, **k: None)
     t_start = time.perf_counter()
+    prov = provenance(s.seed)  # at the start: the code this run imported, even if a commit lands meanwhile
 
     # 1. the world, the tokenizer, the retriever, the training data
     w = setup_world(s)
@@ -187,14 +199,14 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
     def stage(name, steps, stage_, model, **kw):
         tc = TrainConfig(stage=stage_, steps=steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
                          selector=s.selector, tokens_per_head=s.tokens_per_head, quiet=not progress,
-                         threads=1 if s.parallel else None,
+                         threads=s.train_threads,
                          warmup_steps=kw.pop("warmup_steps", max(1, steps // 10)), **kw)
         return train(model, data, tc, out_dir=out / name, tokenizer=tokenizer, resume=False)
 
     total = s.warmup_steps + s.continual_steps
     # 2. the control: no memory, same shape, same tokens, same schedule (warmup + stable + decay over all steps).
     # With parallel=True it trains in a second process (one thread each), so both models train at once.
-    control_tc = control_train_config(s, quiet=not progress, threads=1 if s.parallel else None)
+    control_tc = control_train_config(s, quiet=not progress, threads=s.train_threads)
     control_job = ControlJob(cfg, data, control_tc, out / "no_memory_model", s.seed)
     if s.parallel:
         control_job.start()
@@ -282,6 +294,8 @@ def run_demo(out_dir: str | os.PathLike, settings: DemoSettings | None = None, *
         "world": world.summary(),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "threads": {"train": s.train_threads, "other": s.threads},
+        "provenance": prov,
         "wall_seconds": time.perf_counter() - t_start,
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
@@ -312,6 +326,11 @@ def format_table(r: dict) -> str:
     lines.append(f"step time: warmup {st['warmup']:.3f}s, continual {st['continual']:.3f}s "
                  f"({st['continual'] / st['warmup']:.2f}x)")
     lines.append(f"wall time {r['wall_seconds']:.0f}s, seed {r['seed']}")
+    if "provenance" in r:  # what the numbers depend on besides the settings
+        p, v = r["provenance"], r["provenance"]["versions"]
+        lines.append(f"torch {v['torch']} ({p['cpu_capability']} kernels, {r['threads']['train']} training thread(s)), "
+                     f"numpy {v['numpy']}, faiss {v['faiss']}, tokenizers {v['tokenizers']}, commit {p['commit'][:7]}"
+                     f"{'+changes' if p['dirty'] else ''}")
     return "\n".join(lines)
 
 
