@@ -33,9 +33,50 @@ positive_float, non_negative_float = _number(float, 0, strict=True), _number(flo
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (also picks the knowledge-base and held-out "
+                                                         "documents of a --text-dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for torch")
+
+
+def fraction(text: str) -> float:
+    """argparse `type=` for a share in [0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    return v
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    """The document splits of a --text-dir: `train`, `build-bank` and `evaluate` must be given the same values."""
+    p.add_argument("--reference-fraction", type=fraction, default=0.5,
+                   help="share of the kept (not held-out) documents that form the knowledge base (by a hash of "
+                        "the document id and --seed)")
+    p.add_argument("--heldout-fraction", type=fraction, default=0.1,
+                   help="share of the kept documents held out for evaluation (by a hash of the document id and "
+                        "--seed): never seen by the tokenizer or the training text")
+
+
+SHOW_DROPPED = 50  # dropped documents printed by name; report.json names all of them
+
+
+def _print_pipeline(report) -> None:
+    """The §4 pipeline's table, then every file it skipped and every document it dropped, by name."""
+    print(report.table())
+    for s in report.skipped_files:  # bad files are skipped, not fatal; name them, not just count them
+        print(f"skipped {s['path']}: {s['reason']}")
+    for d in report.dropped_documents[:SHOW_DROPPED]:
+        print(f"dropped {d['doc_id']}: {d['reason']}")
+    if len(report.dropped_documents) > SHOW_DROPPED:
+        print(f"... and {len(report.dropped_documents) - SHOW_DROPPED} more dropped documents: all of them are "
+              f"named in {report.files.get('report', 'report.json')}")
+    st = report.settings
+    print(f"knowledge base: {report.reference_documents} documents (--reference-fraction "
+          f"{st['reference_fraction']}); held out: {report.heldout_documents} documents (--heldout-fraction "
+          f"{st['heldout_fraction']}), {report.heldout_references} of their references in the knowledge base")
 
 
 def cmd_demo(a) -> int:
@@ -68,14 +109,14 @@ def cmd_smoke(a) -> int:
     return 0
 
 
-def _load_text_corpus(text_dir, out: Path, vocab_size: int, seed: int, progress: bool):
+def _load_text_corpus(a, out: Path):
     from .data.pipeline import read_references, run_pipeline, load_train_tokens
     from .tokenizer import Tokenizer
     data_dir = out / "data"
-    report = run_pipeline(text_dir, data_dir, vocab_size=vocab_size, seed=seed, progress=progress)
-    print(report.table())
-    for s in report.skipped_files:  # bad files are skipped, not fatal; name them, not just count them
-        print(f"skipped {s['path']}: {s['reason']}")
+    report = run_pipeline(a.text_dir, data_dir, vocab_size=a.vocab_size, seed=a.seed, progress=not a.quiet,
+                          reference_fraction=a.reference_fraction, heldout_fraction=a.heldout_fraction)
+    _print_pipeline(report)
+    text_dir = a.text_dir
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     refs = list(read_references(data_dir))
     if not refs:
@@ -100,32 +141,79 @@ def cmd_train(a) -> int:
         raise ValueError(f"--chunks-per-sequence {a.chunks_per_sequence} x {cfg.chunk_length} tokens = {T} does not "
                          f"fit preset {a.preset!r} (max_seq_len={cfg.max_seq_len}); use at most "
                          f"{cfg.max_seq_len // cfg.chunk_length}")
-    tok, ref_texts, ref_tokens, stream = _load_text_corpus(a.text_dir, out, a.vocab_size, a.seed, not a.quiet)
+    tok, ref_texts, ref_tokens, stream = _load_text_corpus(a, out)
     if tok.vocab_size > cfg.vocab_size:  # cannot happen with a tokenizer trained here, but never index past the table
         cfg = cfg.replace(vocab_size=tok.vocab_size)
-    n = (len(stream) - 1) // T
-    if n < 1:
-        raise ValueError(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
-    s = torch.as_tensor(stream[:n * T + 1].astype("int64"))
-    tokens, targets = s[:-1].view(n, T), s[1:].view(n, T)
     retriever = Retriever().fit(ref_texts)
-    refs = retrieve_for_chunks(tokens, cfg.chunk_length, tok, retriever, ref_tokens, progress=not a.quiet)
-    data = ChunkedData(tokens, targets, refs, ref_tokens)
+
+    def chunked(stream) -> ChunkedData | None:
+        """A token stream as (n, T) sequences with each chunk's retrieved reference; None if under one sequence."""
+        n = (len(stream) - 1) // T
+        if n < 1:
+            return None
+        s = torch.as_tensor(stream[:n * T + 1].astype("int64"))
+        tokens = s[:-1].view(n, T)
+        refs = retrieve_for_chunks(tokens, cfg.chunk_length, tok, retriever, ref_tokens, progress=not a.quiet)
+        return ChunkedData(tokens, s[1:].view(n, T), refs, ref_tokens)
+
+    data = chunked(stream)
+    if data is None:
+        raise ValueError(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
+    eval_fn = _heldout_logger(a, out, tok, chunked, T)
+
+    def run_stages(model, stages, log_dir: Path) -> None:
+        for stage, steps, tc_kw in stages:
+            if steps:
+                tc = TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                                 checkpoint_every=a.checkpoint_every, quiet=a.quiet, eval_every=a.eval_every, **tc_kw)
+                r = train(model, data, tc, out_dir=log_dir / stage, tokenizer=tok, resume=not a.no_resume,
+                          eval_fn=eval_fn)
+                label = stage if log_dir == out else f"{log_dir.name}/{stage}"
+                print(f"{label}: final loss {r['final_loss']}, median step {r['step_time']}s")
+
     torch.manual_seed(a.seed)
     model = Memory3(cfg)
-    for stage, steps in (("warmup", a.warmup_steps), ("continual", a.continual_steps)):
-        if steps:
-            tc = TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                             checkpoint_every=a.checkpoint_every, quiet=a.quiet,
-                             warmup_steps=max(1, steps // 10) if stage == "warmup" else 0,
-                             decay_fraction=0.0 if stage == "warmup" and a.continual_steps else 0.1)
-            r = train(model, data, tc, out_dir=out / stage, tokenizer=tok, resume=not a.no_resume)
-            print(f"{stage}: final loss {r['final_loss']}, median step {r['step_time']}s")
+    run_stages(model, [("warmup", a.warmup_steps, dict(warmup_steps=max(1, a.warmup_steps // 10),
+                                                       decay_fraction=0.0 if a.continual_steps else 0.1)),
+                       ("continual", a.continual_steps, dict(warmup_steps=0))], out)
     save_pretrained(model, out / "model", tok)
     logs = [p for p in (out / "warmup/warmup.jsonl", out / "continual/continual.jsonl") if p.exists()]
-    plot_losses(logs, out / "loss.png")
-    print(f"model saved to {out / 'model'}")
+    if a.control:  # the no-memory control: the same tokens and steps, all of them without memory
+        total = a.warmup_steps + a.continual_steps
+        torch.manual_seed(a.seed)
+        control = Memory3(cfg)
+        run_stages(control, [("warmup", total, dict(warmup_steps=max(1, total // 10)))], out / "control")
+        save_pretrained(control, out / "control_model", tok)
+        logs += [p for p in (out / "control/warmup/warmup.jsonl",) if p.exists()]
+        print(f"no-memory control saved to {out / 'control_model'}")
+    plot_losses(logs, out / "loss.png", labels=[str(p.relative_to(out).parent) for p in logs])
+    print(f"model saved to {out / 'model'}; held-out documents in {out / 'data' / 'heldout.jsonl'} "
+          f"(mini-m3 evaluate --model {out / 'model'} --bank BANK --text-dir {out / 'data'})")
     return 0
+
+
+def _heldout_logger(a, out: Path, tok, chunked, T: int):
+    """`train --eval-every N`: a `train` eval_fn giving the held-out loss with and without memory (the held-out
+    documents laid out as the training text), or None when not asked for or the held-out text is too short."""
+    import numpy as np
+
+    from .data.pipeline import read_heldout
+    from .train import TrainConfig, evaluate_loss
+    if not a.eval_every:
+        return None
+    docs = read_heldout(out / "data")
+    stream = np.asarray([t for d in docs for t in [tok.bos_id] + tok.encode(d["text"]) + [tok.eos_id]], np.int64)
+    eval_data = chunked(stream)
+    if eval_data is None:
+        print(f"--eval-every: the {len(docs)} held-out documents hold {len(stream)} tokens, fewer than one "
+              f"sequence of {T}: no held-out loss is logged (raise --heldout-fraction)")
+        return None
+    cfg = TrainConfig(batch_size=a.batch_size)
+
+    def losses(model, step: int) -> dict:
+        return {f"heldout_loss_{name}": evaluate_loss(model, eval_data, cfg, with_memory=name == "memory")
+                for name in ("memory", "none")}
+    return losses
 
 
 def cmd_build_bank(a) -> int:
@@ -139,9 +227,10 @@ def cmd_build_bank(a) -> int:
         from .data.pipeline import read_references, run_pipeline
         data_dir = _pipeline_dir(a.out)
         # same seed as `train` -> the same knowledge-base subset of the documents
-        report = run_pipeline(a.text_dir, data_dir, tokenizer=tok, seed=a.seed, progress=not a.quiet)
-        for s in report.skipped_files:
-            print(f"skipped {s['path']}: {s['reason']}")
+        report = run_pipeline(a.text_dir, data_dir, tokenizer=tok, seed=a.seed, progress=not a.quiet,
+                              reference_fraction=a.reference_fraction, heldout_fraction=a.heldout_fraction,
+                              heldout_references=a.heldout_references)
+        _print_pipeline(report)
         limit = model.cfg.reference_length
 
         def fit(text: str) -> list[str]:
@@ -204,6 +293,7 @@ def cmd_generate(a) -> int:
     from .checkpoint import load_pretrained
     from .inference import generate
     from .memory.bank import MemoryBank
+    torch.set_num_threads(a.threads)
     model, tok = load_pretrained(a.model)
     bank = MemoryBank.open(a.bank, model, tok) if a.bank else None
     r = generate(model, tok, a.prompt, bank=bank, mode=a.mode, max_new_tokens=a.max_new_tokens,
@@ -219,12 +309,111 @@ def cmd_evaluate(a) -> int:
     from .data.world import World
     from .evaluate import qa_eval
     from .memory.bank import MemoryBank
+    torch.set_num_threads(a.threads)
     model, tok = load_pretrained(a.model)
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer.json")
     bank = MemoryBank.open(a.bank, model, tok) if a.bank else None
+    if a.text_dir:
+        return _evaluate_heldout(a, model, tok, bank)
     world = World.generate(a.n_people, seed=a.seed)
+    _refuse_foreign_tokenizer(a.model, tok, world)
     items = world.eval_questions(a.split, a.n, seed=a.seed)
     r = qa_eval(model, tok, items, mode=a.mode, bank=bank, progress=not a.quiet)
     print(json.dumps({k: v for k, v in r.items() if k not in ("correct", "retrieved")}, indent=1))
+    return 0
+
+
+WORLD_TOKENS_PER_WORD = 3.0  # a world tokenizer needs ~1.2 per word at the demo's vocabulary; an English one ~3.9
+
+
+def _refuse_foreign_tokenizer(model_dir, tok, world) -> None:
+    """World QA on a model that never saw the world would print accuracy 0.0 as if it were a result. Refuse a model
+    that `train --text-dir` made (its OUT/data/report.json records the model's tokenizer); warn when the tokenizer
+    cuts the world's biographies into more than WORLD_TOKENS_PER_WORD tokens per word (a sign, not a proof: a world
+    tokenizer with a very small vocabulary does too)."""
+    report = Path(model_dir).parent / "data" / "report.json"
+    if report.is_file():
+        try:
+            fp = json.loads(report.read_text(encoding="utf-8"))["settings"]["tokenizer_fingerprint"]
+        except (ValueError, KeyError, TypeError):
+            fp = None
+        if fp == tok.fingerprint():
+            raise ValueError(f"{model_dir} was trained by `train --text-dir` ({report}), not on the knowledge "
+                             f"world: its world QA accuracy would mean nothing; for one's own corpus use "
+                             f"--text-dir (held-out documents)")
+    words = [w for t in world.references()[:200] for w in t.split()]
+    per_word = sum(len(tok.encode(" " + w)) for w in words) / max(1, len(words))
+    if per_word > WORLD_TOKENS_PER_WORD:
+        print(f"warning: the tokenizer of {model_dir} needs {per_word:.1f} tokens per word of the world's "
+              f"biographies (> {WORLD_TOKENS_PER_WORD}): was the model trained on the knowledge world "
+              f"(--n-people/--seed as in the demo)?", file=sys.stderr)
+
+
+def _heldout_documents(a, tok) -> tuple[list[dict], Path]:
+    """The held-out documents of --text-dir: a pipeline folder (heldout.jsonl), a `train` OUT folder
+    (OUT/data/heldout.jsonl), or a folder of .txt files split again with --seed/--heldout-fraction."""
+    import tempfile
+
+    from .data.pipeline import read_heldout, run_pipeline
+    root = Path(a.text_dir)
+    for d in (root, root / "data"):
+        if (d / "report.json").is_file() and (d / "tokenizer.json").is_file():  # a pipeline folder
+            return read_heldout(d), d
+    with tempfile.TemporaryDirectory() as tmp:
+        report = run_pipeline(root, tmp, tokenizer=tok, seed=a.seed, progress=not a.quiet,
+                              reference_fraction=a.reference_fraction, heldout_fraction=a.heldout_fraction)
+        print(f"{report.heldout_documents} of the {report.kept} kept documents of {root} held out "
+              f"(--heldout-fraction {a.heldout_fraction}, --seed {a.seed})")
+        return read_heldout(tmp), root
+
+
+def _evaluate_heldout(a, model, tok, bank) -> int:
+    """`evaluate --text-dir`: held-out loss and perplexity with memory, without, RAG and the control (JSON + PNG)."""
+    from .checkpoint import load_pretrained
+    from .config import atomic_write_text
+    from .evaluate import heldout_lm_eval, plot_heldout
+    from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
+    if bank is None:
+        raise ValueError("evaluate --text-dir needs --bank (a bank built by --model, e.g. build-bank --text-dir)")
+    docs, source = _heldout_documents(a, tok)
+    if not docs:
+        raise ValueError(f"no held-out documents in {source}: train with --heldout-fraction > 0")
+    bank_holds_heldout = None  # unknown for a bank built from --references
+    bank_report = _pipeline_dir(a.bank) / "report.json"
+    if bank_report.is_file():
+        from .data.pipeline import read_heldout
+        from .config import parse_json
+        settings = parse_json(bank_report.read_text(encoding="utf-8"), str(bank_report))
+        if not isinstance(settings, dict) or not isinstance(settings.get("settings"), dict):
+            raise ValueError(f"{bank_report}: not a pipeline report (no 'settings' object)")
+        bank_holds_heldout = bool(settings["settings"].get("heldout_references"))
+        bank_heldout = {d["doc_id"] for d in read_heldout(_pipeline_dir(a.bank))}
+        if bank_heldout != {d["doc_id"] for d in docs}:
+            raise ValueError(f"the bank at {a.bank} was built with another held-out split ({len(bank_heldout)} "
+                             f"documents, {len(docs)} here): pass build-bank the same --seed and --heldout-fraction")
+    control = None
+    if a.control_model:
+        control, ctok = load_pretrained(a.control_model)
+        if ctok is None or ctok.fingerprint() != tok.fingerprint():
+            raise ValueError(f"the control model {a.control_model} does not use the tokenizer of {a.model}: "
+                             f"their losses would not be comparable")
+    r = heldout_lm_eval(model, tok, docs, bank=bank, control=control,
+                        leakage_threshold=None if a.no_leakage_filter else EVAL_LEAKAGE_THRESHOLD,
+                        progress=not a.quiet)
+    result = {"model": str(a.model), "bank": str(a.bank), "control_model": a.control_model,
+              "heldout_source": str(source), "heldout_documents": len(docs),
+              "bank_holds_heldout_references": bank_holds_heldout, **r}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1))
+    plot_heldout(r, out.with_suffix(".png"))
+    for mode, v in r["overall"].items():
+        print(f"{mode:>8}: loss {v['loss']:.4f}, perplexity {v['perplexity']:.2f} ({v['tokens']} tokens)")
+    rt = r["retrieval"]
+    print(f"{len(docs)} held-out documents; bank holds their references: {bank_holds_heldout}; leakage filter "
+          f"{rt['leakage_threshold']} removed {rt['references_removed_by_leakage_filter']} references; "
+          f"results in {out} and {out.with_suffix('.png')}")
     return 0
 
 
@@ -321,22 +510,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(s)
     s.set_defaults(fn=cmd_smoke)
 
-    t = sub.add_parser("train", help="two-stage pretraining on a folder of .txt files")
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
+    t = sub.add_parser("train", help="two-stage pretraining on a folder of .txt files", **fmt)
     _add_common(t)
-    t.add_argument("--text-dir", required=True)
-    t.add_argument("--out", default="runs/train")
-    t.add_argument("--preset", default="small")
-    t.add_argument("--vocab-size", type=positive_int, default=2048)
-    t.add_argument("--chunks-per-sequence", type=positive_int, default=4)
-    t.add_argument("--batch-size", type=positive_int, default=16)
-    t.add_argument("--lr", type=positive_float, default=2e-3)
-    t.add_argument("--warmup-steps", type=non_negative_int, default=200, help="0 skips the stage")
-    t.add_argument("--continual-steps", type=non_negative_int, default=200, help="0 skips the stage")
-    t.add_argument("--checkpoint-every", type=positive_int, default=100)
-    t.add_argument("--no-resume", action="store_true")
+    t.add_argument("--text-dir", required=True, help="folder of UTF-8 .txt files (runs the §4 pipeline)")
+    t.add_argument("--out", default="runs/train", help="output folder: data/, warmup/, continual/, model/")
+    t.add_argument("--preset", default="small", help="model shape (tiny, small, ...; see Memory3Config)")
+    t.add_argument("--vocab-size", type=positive_int, default=2048, help="tokenizer vocabulary size")
+    t.add_argument("--chunks-per-sequence", type=positive_int, default=4,
+                   help="training sequence length in 64-token chunks")
+    t.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
+    t.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
+    t.add_argument("--warmup-steps", type=non_negative_int, default=200,
+                   help="steps of the warmup stage (no memory); 0 skips the stage")
+    t.add_argument("--continual-steps", type=non_negative_int, default=200,
+                   help="steps of the continual stage (with memory); 0 skips the stage")
+    t.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+    t.add_argument("--no-resume", action="store_true", help="start afresh instead of resuming OUT's checkpoints")
+    t.add_argument("--eval-every", type=non_negative_int, default=0,
+                   help="log the held-out loss with and without memory every N steps (0 = never)")
+    t.add_argument("--control", action="store_true",
+                   help="also train the no-memory control on the same tokens and steps into OUT/control_model")
+    _add_split_flags(t)
     t.set_defaults(fn=cmd_train)
 
-    b = sub.add_parser("build-bank", help="encode references into a memory bank")
+    b = sub.add_parser("build-bank", help="encode references into a memory bank", **fmt)
     _add_common(b)
     b.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json)")
     src = b.add_mutually_exclusive_group(required=True)
@@ -344,27 +542,40 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--references", help="JSONL file with a 'text' field per line")
     b.add_argument("--out", required=True, help="bank folder (with --text-dir, the pipeline writes to OUT.data)")
     b.add_argument("--vq", default=None, help="faiss factory string, or 'default'")
-    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing bank at --out")
+    _add_split_flags(b)
+    b.add_argument("--heldout-references", action="store_true",
+                   help="with --text-dir: put the held-out documents' references in the bank too (knowledge added "
+                        "after training; evaluation's leakage filter keeps a chunk from reading its own sentences)")
     b.set_defaults(fn=cmd_build_bank)
 
-    g = sub.add_parser("generate", help="generate text with memory, RAG or neither")
+    g = sub.add_parser("generate", help="generate text with memory, RAG or neither", **fmt)
     _add_common(g)
-    g.add_argument("--model", required=True)
-    g.add_argument("--bank")
-    g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
-    g.add_argument("--max-new-tokens", type=positive_int, default=32)
-    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
-    g.add_argument("prompt")
+    g.add_argument("--model", required=True, help="model directory")
+    g.add_argument("--bank", help="memory bank built by --model (needed by --mode memory and rag)")
+    g.add_argument("--mode", default="memory", choices=["memory", "rag", "none"],
+                   help="explicit memory, reference texts in the prompt, or the plain model")
+    g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate")
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature, 0 = greedy")
+    g.add_argument("prompt", help="the text to continue")
     g.set_defaults(fn=cmd_generate)
 
-    e = sub.add_parser("evaluate", help="QA exact match on the knowledge world")
+    e = sub.add_parser("evaluate", help="QA exact match on the knowledge world, or held-out loss of one's own "
+                                        "corpus (--text-dir)", **fmt)
     _add_common(e)
-    e.add_argument("--model", required=True)
-    e.add_argument("--bank")
-    e.add_argument("--mode", default="memory", choices=["memory", "rag", "none"])
-    e.add_argument("--split", default="heldout", choices=["text", "memory", "heldout"])
-    e.add_argument("--n", type=positive_int, default=300)
-    e.add_argument("--n-people", type=positive_int, default=2000)
+    e.add_argument("--model", required=True, help="model directory")
+    e.add_argument("--bank", help="memory bank built by --model")
+    e.add_argument("--mode", default="memory", choices=["memory", "rag", "none"], help="world QA: how to read --bank")
+    e.add_argument("--split", default="heldout", choices=["text", "memory", "heldout"], help="world QA split")
+    e.add_argument("--n", type=positive_int, default=300, help="world QA: number of questions")
+    e.add_argument("--n-people", type=positive_int, default=2000, help="world QA: world size used by the demo")
+    e.add_argument("--text-dir", help="held-out loss instead of world QA: a `train` OUT folder, its data/ folder, "
+                                      "or the folder of .txt files (split again with --seed/--heldout-fraction)")
+    e.add_argument("--control-model", help="--text-dir: a no-memory model trained on the same tokens, to compare")
+    e.add_argument("--no-leakage-filter", action="store_true",
+                   help="--text-dir: switch off the 2/3 evaluation leakage filter (§4.3)")
+    e.add_argument("--out", default="heldout_eval.json", help="--text-dir: result JSON (and a PNG beside it)")
+    _add_split_flags(e)
     e.set_defaults(fn=cmd_evaluate)
 
     for name, helptext in (("sft", "supervised fine-tuning on world conversations, with explicit memory (§6.1)"),

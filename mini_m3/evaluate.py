@@ -1,14 +1,18 @@
-"""§7 evaluation at mini scale: QA exact match and answer log-likelihood, LM loss, and Table 21's throughput.
+"""§7 evaluation at mini scale: QA exact match and log-likelihood, LM loss (also held-out text), Table 21 throughput.
 
 QA exact match is computed by teacher forcing, which gives exactly what greedy decoding would: an answer is
 correct iff, fed the prompt, the model's argmax reproduces every answer token and then ends the answer
 (a newline or `</s>`). One forward pass per batch instead of one per token. Memory mode retrieves with the
 prompt alone (the answer never reaches the retriever), drops references overlapping the prompt by more than
 2/3 (§4.3), and reads the 5 memories in every answer position, as the first decoded chunk does (§7.5).
+
+`heldout_lm_eval` measures next-token loss on held-out documents of one's own corpus (`train --text-dir`): every
+64-token chunk reads 5 memories retrieved with the chunk before it (§3.4), under the same 2/3 filter.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
@@ -126,3 +130,154 @@ def lm_loss(model: Memory3, data, *, with_memory: bool, batch_size: int = 16, ma
     from .train import TrainConfig, evaluate_loss
     cfg = TrainConfig(stage="continual" if with_memory else "warmup", batch_size=batch_size)
     return evaluate_loss(model, data, cfg, max_batches=max_batches)
+
+
+# ---- held-out next-token loss on one's own corpus ---------------------------------------------------------------
+
+
+def _chunk_retrieval(bank, tokenizer, x: list[int], targets: list[int], chunk_length: int, k: int,
+                     leakage_threshold: float | None, ref_ids: dict) -> tuple[list[list[int]], int]:
+    """References for every chunk of a document (input ids `x`, next-token `targets`), retrieved as in §3.4 from
+    the text before the chunk: chunk c's query is chunk c-1 (chunk 0 reads none). The evaluation leakage filter
+    (§4.3) drops a candidate holding more than `leakage_threshold` of the query or of the chunk's own target
+    tokens (a bank that holds this very document must not hand a chunk its own sentences).
+    `ref_ids` caches the references' token ids. Returns the ids per chunk and how many candidates the filter removed."""
+    from .memory.retrieve import exceeds_overlap
+    n_chunks = -(-len(x) // chunk_length)
+    plain = lambda ids: [t for t in ids if t > 3]  # special tokens are not text
+    queries = [tokenizer.decode(plain(x[(c - 1) * chunk_length:c * chunk_length])) for c in range(1, n_chunks)]
+    out, removed = [[]], 0
+    if not queries or k == 0:
+        return out + [[] for _ in queries], 0
+    fetch = min(len(bank), k if leakage_threshold is None else 4 * k)
+    found = bank.search(queries, fetch)
+    for c, cand in enumerate(found.tolist(), start=1):
+        query = plain(x[(c - 1) * chunk_length:c * chunk_length])
+        own = plain(targets[c * chunk_length:(c + 1) * chunk_length])
+        kept = []
+        for r in cand:
+            if r < 0 or len(kept) == k:
+                continue
+            if r not in ref_ids:
+                ref_ids[r] = tokenizer.encode(bank.texts[r])
+            ref = ref_ids[r]
+            if leakage_threshold is not None and any(
+                    s and exceeds_overlap(ref, s, leakage_threshold) for s in (query, own)):
+                removed += 1
+                continue
+            kept.append(r)
+        out.append(kept)
+    return out, removed
+
+
+def _token_nll(model: Memory3, row: list[int], targets: list[int], memory=None, query_chunks=None) -> torch.Tensor:
+    """Per-token negative log-likelihood of `targets` (same length as `row`) given the context `row`."""
+    dev = model.tok_emb.weight.device
+    logits = model(torch.tensor([row], device=dev), memory=memory,
+                   query_chunks=None if memory is None else query_chunks.to(dev)).logits[0].float()
+    return F.cross_entropy(logits, torch.tensor(targets, device=dev), reduction="none").cpu()
+
+
+def _document_nll(model: Memory3, tokenizer, x: list[int], y: list[int], mode: str, bank, refs: list[list[int]],
+                  k: int) -> torch.Tensor:
+    """Per-token NLL of one document. "memory"/"none": windows of whole chunks up to max_seq_len, each read on
+    its own. "rag": one forward per chunk, the chunk's reference texts put before as much preceding text as fits."""
+    cfg = model.cfg
+    cl = cfg.chunk_length
+    if mode == "rag":
+        parts = []
+        for c in range(len(refs)):
+            s, e = c * cl, min(len(x), (c + 1) * cl)
+            used = list(refs[c])
+            while True:
+                prefix = tokenizer.encode("".join(bank.texts[i] + "\n" for i in used)) if used else []
+                room = cfg.max_seq_len - 1 - len(prefix) - (e - s)
+                if room >= 0 or not used:
+                    break
+                used.pop()  # the lowest-ranked reference goes first when the context is full
+            start = max(1 if prefix else 0, s - max(room, 0))
+            row = ([tokenizer.bos_id] + prefix if prefix else []) + x[start:e]
+            nll = _token_nll(model, row, [-100] * (len(row) - (e - start)) + y[start:e])
+            parts.append(nll[len(row) - (e - s):])
+        return torch.cat(parts)
+    W = (cfg.max_seq_len // cl) * cl
+    parts = []
+    for w in range(0, len(x), W):
+        row, tgt = x[w:w + W], y[w:w + W]
+        memory = query_chunks = None
+        if mode == "memory":
+            chunks = refs[w // cl:w // cl + -(-len(row) // cl)]
+            table = torch.full((1, len(chunks), max(k, 1)), -1, dtype=torch.long)
+            for c, ids in enumerate(chunks):
+                table[0, c, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            memory = memory_for(bank, table)
+            query_chunks = torch.arange(len(row)) // cl
+        parts.append(_token_nll(model, row, tgt, memory, query_chunks))
+    return torch.cat(parts)
+
+
+def _loss_entry(total_nll: float, n_tokens: int) -> dict:
+    loss = total_nll / n_tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": n_tokens}
+
+
+@torch.inference_mode()
+def heldout_lm_eval(model: Memory3, tokenizer, documents: Sequence[dict], *, bank=None, control: Memory3 | None = None,
+                    memories_per_chunk: int | None = None, leakage_threshold: float | None = EVAL_LEAKAGE_THRESHOLD,
+                    progress: bool = False) -> dict:
+    """Next-token loss and perplexity on held-out documents (dicts with doc_id and text), per document and overall
+    (token-weighted), for Memory³ with memory (5 memories per 64-token chunk, retrieved with the previous chunk,
+    §3.4), Memory³ without memory ("none"), RAG with the same references as text, and a `control` model."""
+    cfg = model.cfg
+    k = min(memories_per_chunk or cfg.memories_per_chunk, len(bank)) if bank is not None else 0
+    runs = [("memory", model), ("none", model), ("rag", model)] if bank is not None else [("none", model)]
+    if control is not None:
+        runs.append(("control", control))
+    model.eval()
+    if control is not None:
+        control.eval()
+    per_doc, totals, removed, chunks_with_memory, n_chunks, ref_ids = [], {}, 0, 0, 0, {}
+    for doc in tqdm(documents, disable=not progress, desc="held-out documents", unit="doc"):
+        ids = [tokenizer.bos_id] + tokenizer.encode(doc["text"]) + [tokenizer.eos_id]
+        x, y = ids[:-1], ids[1:]
+        refs = [[] for _ in range(-(-len(x) // cfg.chunk_length))]
+        if bank is not None:
+            refs, r = _chunk_retrieval(bank, tokenizer, x, y, cfg.chunk_length, k, leakage_threshold, ref_ids)
+            removed += r
+        n_chunks += len(refs)
+        chunks_with_memory += sum(1 for ids_ in refs if ids_)
+        entry = {"doc_id": doc["doc_id"], "references_per_chunk": refs}
+        for name, m in runs:
+            nll = _document_nll(m, tokenizer, x, y, "none" if name == "control" else name, bank, refs, k)
+            entry[name] = _loss_entry(float(nll.sum()), len(y))
+            t = totals.setdefault(name, [0.0, 0])
+            t[0] += float(nll.sum())
+            t[1] += len(y)
+        per_doc.append(entry)
+    return {"overall": {name: _loss_entry(*totals[name]) for name, _ in runs} if per_doc else {},
+            "documents": per_doc,
+            "retrieval": {"query": "previous chunk (chunk 0 reads no memory)", "chunk_length": cfg.chunk_length,
+                          "memories_per_chunk": k, "leakage_threshold": leakage_threshold,
+                          "references_removed_by_leakage_filter": removed, "chunks": n_chunks,
+                          "chunks_with_memory": chunks_with_memory}}
+
+
+def plot_heldout(result: dict, out_png) -> None:
+    """Per-document held-out loss of each mode (bars) with the overall loss in the legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = list(result["overall"])
+    docs = result["documents"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(docs) * len(modes) / 2), 4))
+    width = 0.8 / max(1, len(modes))
+    for j, m in enumerate(modes):
+        ax.bar([i + j * width for i in range(len(docs))], [d[m]["loss"] for d in docs], width,
+               label=f"{m} (overall {result['overall'][m]['loss']:.3f})")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(docs))])
+    ax.set_xticklabels([str(d["doc_id"])[-24:] for d in docs], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("held-out next-token loss (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)

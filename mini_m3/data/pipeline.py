@@ -21,6 +21,7 @@ once. Outputs, each written atomically:
   `text` is the decoded chunk, where a character cut by a chunk boundary shows as U+FFFD);
 * `train_tokens.npy` - flat uint16/uint32 token stream `<s> doc </s> <s> doc </s> ...`,
   the stream `training_sequences` cuts; `load_train_sequences` gives (n, seq_len);
+* `heldout.jsonl` - the held-out documents (doc_id, text), only when `heldout_fraction` > 0;
 * `tokenizer.json`, `quality_scorer.json` (only if a scorer was trained), and
   `report.json` (written last: its presence marks a complete run).
 """
@@ -88,6 +89,12 @@ def is_reference_document(doc_id: str, reference_fraction: float, seed: int = 0)
     return int.from_bytes(digest, "big") / 2 ** 64 < reference_fraction
 
 
+def is_heldout_document(doc_id: str, heldout_fraction: float, seed: int = 0) -> bool:
+    """The held-out split (evaluation of one's own corpus): like `is_reference_document`, with its own salt, so
+    which documents are held out does not depend on which are in the knowledge base."""
+    return is_reference_document(f"heldout:{doc_id}", heldout_fraction, seed)
+
+
 # ---- report -----------------------------------------------------------------------------
 
 
@@ -99,9 +106,12 @@ class PipelineReport:
     dedup_pairs: list[tuple[str, str, float]] = field(default_factory=list)  # (dropped, kept, est. Jaccard)
     dropped_by_rule: dict[str, int] = field(default_factory=dict)
     dropped_quality: int = 0
+    dropped_documents: list[dict] = field(default_factory=list)  # {doc_id, reason}: every dropped document, named
     kept: int = 0  # documents_in == dropped_dedup + sum(dropped_by_rule) + dropped_quality + kept
     reference_documents: int = 0
     training_documents: int = 0
+    heldout_documents: int = 0  # kept documents held out: never seen by the tokenizer or the training text
+    heldout_references: int = 0  # references cut from held-out documents (only with heldout_references=True)
     references: int = 0
     reference_tokens: int = 0
     tokens_train: int = 0
@@ -122,6 +132,7 @@ class PipelineReport:
         rows += [("dropped: quality", self.dropped_quality), ("kept", self.kept),
                  ("  knowledge-base documents", self.reference_documents),
                  ("  training documents", self.training_documents),
+                 ("  held-out documents", self.heldout_documents),
                  ("references", self.references), ("reference tokens", self.reference_tokens),
                  ("training tokens", self.tokens_train), ("training sequences", self.train_sequences)]
         rows += [(f"seconds: {stage}", f"{s:.2f}") for stage, s in self.seconds.items()]
@@ -142,6 +153,7 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
                  quality_keep_fraction: float = 1.0, quality_scorer: QualityScorer | None = None,
                  quality_sample_size: int = 2000, reference_length: int = 128, seq_len: int = 256,
                  reference_fraction: float = 0.5, references_in_training: bool = True,
+                 heldout_fraction: float = 0.0, heldout_references: bool = False,
                  recursive: bool = True, split_paragraphs: bool = False, seed: int = 0,
                  progress: bool = True) -> PipelineReport:
     """Filter the .txt files of `text_dir` and write the knowledge base and training tokens to `out_dir`.
@@ -154,10 +166,17 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
     * `reference_fraction` of the kept documents (chosen by doc-id hash) become the knowledge
       base; `references_in_training=True` (the paper's setting) keeps them in the training
       text as well, False makes knowledge base and training text disjoint.
-    * A tokenizer is trained on the kept documents unless one is given.
+    * `heldout_fraction` of the kept documents (by doc-id hash, `is_heldout_document`) are held out for
+      evaluation: written to `heldout.jsonl` (only when > 0), never in the tokenizer's training text nor the
+      training tokens.
+      `heldout_references=True` cuts every held-out document into references too ("knowledge added after
+      training"); by default they are not in the knowledge base.
+    * A tokenizer is trained on the kept, not held-out documents unless one is given.
     """
-    if not 0.0 <= quality_keep_fraction <= 1.0 or not 0.0 <= reference_fraction <= 1.0:
-        raise ValueError("quality_keep_fraction and reference_fraction must be in [0, 1]")
+    for name, v in (("quality_keep_fraction", quality_keep_fraction), ("reference_fraction", reference_fraction),
+                    ("heldout_fraction", heldout_fraction)):
+        if not 0.0 <= v <= 1.0:  # NaN fails too
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
     t_start = time.perf_counter()
     skipped: list[SkippedFile] = []
     documents = iter_documents(text_dir, recursive=recursive, split_paragraphs=split_paragraphs, errors=skipped)
@@ -168,7 +187,8 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
         text_dir=printable_path(text_dir), vocab_size=vocab_size, dedup_threshold=dedup_threshold,
         rules={r.name: r.threshold for r in rules}, quality_keep_fraction=quality_keep_fraction,
         reference_length=reference_length, seq_len=seq_len, reference_fraction=reference_fraction,
-        references_in_training=references_in_training, split_paragraphs=split_paragraphs, seed=seed))
+        references_in_training=references_in_training, heldout_fraction=heldout_fraction,
+        heldout_references=heldout_references, split_paragraphs=split_paragraphs, seed=seed))
     seconds = {stage: 0.0 for stage in ("read", "dedup", "rules", "quality", "tokenizer", "write")}
     stage_fd, stage_path = tempfile.mkstemp(dir=out_dir, prefix=".tmp-stage-", suffix=".jsonl")
     try:
@@ -184,11 +204,13 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
                 duplicate_of = dedup.add(doc.doc_id, doc.text)
                 seconds["dedup"] += time.perf_counter() - t
                 if duplicate_of is not None:
+                    report.dropped_documents.append({"doc_id": doc.doc_id, "reason": f"near-duplicate of {duplicate_of}"})
                     continue
                 t = time.perf_counter()
                 failed = rule_filter.check(doc.text)
                 seconds["rules"] += time.perf_counter() - t
                 if failed is not None:
+                    report.dropped_documents.append({"doc_id": doc.doc_id, "reason": f"rule {failed}"})
                     continue
                 stage.write(json.dumps({"doc_id": doc.doc_id, "text": doc.text}, ensure_ascii=False) + "\n")
                 n_survivors += 1
@@ -213,6 +235,9 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
             keep = select_by_quality((d["text"] for d in _read_jsonl(stage_path)), quality_scorer,
                                      quality_keep_fraction, progress=progress).keep
         report.dropped_quality = int(n_survivors - keep.sum())
+        if report.dropped_quality:
+            report.dropped_documents += [{"doc_id": d["doc_id"], "reason": "quality"}
+                                         for d, k in zip(_read_jsonl(stage_path), keep) if not k]
         report.kept = int(keep.sum())
         seconds["quality"] = time.perf_counter() - t
         if report.kept == 0:  # one line: the CLI prints it as `mini-m3 train: error: ...`
@@ -227,7 +252,9 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
         # pass 3 (optional): tokenizer on the kept documents
         t = time.perf_counter()
         if tokenizer is None:
-            tokenizer = Tokenizer.train((piece for d in kept_documents() for piece in text_pieces(d["text"])),
+            tokenizer = Tokenizer.train((piece for d in kept_documents()
+                                         if not is_heldout_document(d["doc_id"], heldout_fraction, seed)
+                                         for piece in text_pieces(d["text"])),
                                         vocab_size)  # the same word counts, hence the same tokenizer
         tokenizer.save(out_dir / "tokenizer.json")
         seconds["tokenizer"] = time.perf_counter() - t
@@ -236,6 +263,7 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
         t = time.perf_counter()
         _write_outputs(kept_documents(), tokenizer, out_dir, report, reference_length=reference_length,
                        reference_fraction=reference_fraction, references_in_training=references_in_training,
+                       heldout_fraction=heldout_fraction, heldout_references=heldout_references,
                        seed=seed, progress=progress)
         report.train_sequences = report.tokens_train // seq_len
         seconds["write"] = time.perf_counter() - t
@@ -246,6 +274,8 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
                       "total": round(time.perf_counter() - t_start, 4)}
     report.files.update(references=str(out_dir / "references.jsonl"), train_tokens=str(out_dir / "train_tokens.npy"),
                         tokenizer=str(out_dir / "tokenizer.json"), report=str(out_dir / "report.json"))
+    if heldout_fraction > 0:
+        report.files["heldout"] = str(out_dir / "heldout.jsonl")
     report.settings["tokenizer_fingerprint"] = tokenizer.fingerprint()
     atomic_write_text(out_dir / "report.json", report.to_json())
     return report
@@ -253,20 +283,31 @@ def run_pipeline(text_dir, out_dir, *, tokenizer: Tokenizer | None = None, vocab
 
 def _write_outputs(documents: Iterable[dict], tokenizer: Tokenizer, out_dir: Path, report: PipelineReport, *,
                    reference_length: int, reference_fraction: float, references_in_training: bool, seed: int,
-                   progress: bool, batch_size: int = 256) -> None:
+                   progress: bool, heldout_fraction: float = 0.0, heldout_references: bool = False,
+                   batch_size: int = 256) -> None:
     dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
     ref_fd, ref_tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-references-")
     raw_fd, raw_tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-train-raw-")
+    held_fd, held_tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-heldout-")
     npy_tmp = None
     try:
-        with os.fdopen(ref_fd, "w", encoding="utf-8") as refs, os.fdopen(raw_fd, "wb") as raw:
+        with os.fdopen(ref_fd, "w", encoding="utf-8") as refs, os.fdopen(raw_fd, "wb") as raw, \
+                os.fdopen(held_fd, "w", encoding="utf-8") as held:
             bar = tqdm(total=report.kept, desc="tokenize", unit="doc", disable=not progress)
             for batch in _batches_by_chars(documents, lambda d: len(d["text"]), batch_size):
                 texts = [d["text"] for d in batch]
                 for doc, ids in zip(batch, encode_in_pieces(tokenizer.encode_batch, texts, dtype)):
-                    is_reference = is_reference_document(doc["doc_id"], reference_fraction, seed)
+                    heldout = is_heldout_document(doc["doc_id"], heldout_fraction, seed)
+                    if heldout:
+                        report.heldout_documents += 1
+                        held.write(json.dumps({"doc_id": doc["doc_id"], "text": doc["text"]}, ensure_ascii=False)
+                                   + "\n")
+                        is_reference = heldout_references
+                    else:
+                        is_reference = is_reference_document(doc["doc_id"], reference_fraction, seed)
                     if is_reference:
                         report.reference_documents += 1
+                        before = report.references
                         # tokenized as memories read it (Tokenizer.encode_reference), not as training text
                         ref = encode_in_pieces(tokenizer.encode_references, [doc["text"]], dtype)[0]
                         for starts in batched(range(0, len(ref), reference_length), 1024):
@@ -277,7 +318,9 @@ def _write_outputs(documents: Iterable[dict], tokenizer: Tokenizer, out_dir: Pat
                                                       ensure_ascii=False) + "\n")
                                 report.references += 1
                                 report.reference_tokens += len(chunk)
-                    if references_in_training or not is_reference:
+                        if heldout:
+                            report.heldout_references += report.references - before
+                    if not heldout and (references_in_training or not is_reference):
                         report.training_documents += 1
                         raw.write(np.asarray([tokenizer.bos_id], dtype=dtype).tobytes() + ids.tobytes()
                                   + np.asarray([tokenizer.eos_id], dtype=dtype).tobytes())
@@ -298,10 +341,15 @@ def _write_outputs(documents: Iterable[dict], tokenizer: Tokenizer, out_dir: Pat
         mode = new_file_mode(out_dir)  # mkstemp's files are 0o600: give them the umask's mode, as atomic_path does
         os.chmod(ref_tmp, mode)
         os.chmod(npy_tmp, mode)
+        os.chmod(held_tmp, mode)
         os.replace(ref_tmp, out_dir / "references.jsonl")
+        if heldout_fraction > 0:  # no split asked for, no file (and none left from an earlier run)
+            os.replace(held_tmp, out_dir / "heldout.jsonl")
+        else:
+            (out_dir / "heldout.jsonl").unlink(missing_ok=True)
         os.replace(npy_tmp, out_dir / "train_tokens.npy")
     finally:
-        for tmp in (ref_tmp, raw_tmp, npy_tmp):
+        for tmp in (ref_tmp, raw_tmp, held_tmp, npy_tmp):
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
 
@@ -312,6 +360,12 @@ def _write_outputs(documents: Iterable[dict], tokenizer: Tokenizer, out_dir: Pat
 def read_references(out_dir) -> Iterator[dict]:
     """Stream the references of a pipeline run: dicts with id, doc_id, text, n_tokens, token_ids."""
     return _read_jsonl(Path(out_dir) / "references.jsonl")
+
+
+def read_heldout(out_dir) -> list[dict]:
+    """The held-out documents of a pipeline run: dicts with doc_id and text ([] for a run with no held-out split)."""
+    path = Path(out_dir) / "heldout.jsonl"
+    return list(_read_jsonl(path)) if path.exists() else []
 
 
 def load_train_tokens(out_dir, mmap: bool = True) -> np.ndarray:
