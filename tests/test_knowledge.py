@@ -1,16 +1,18 @@
-"""§2 Defs 6–7: teacher-forced output probabilities (checked against a direct softmax), the prefix and memory
-paths, the threshold logic on hand-set numbers, and a copy model for which the verdicts are known."""
+"""§2 Defs 4, 6–7: teacher-forced output probabilities (checked against a direct softmax), the prefix and memory
+paths, the threshold logic on hand-set numbers, a copy model for which the verdicts are known, and Def 4
+(specific vs abstract) on two tiny models trained here: one on a bigram table, one on a copy task."""
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from mini_m3 import Tokenizer
 from mini_m3.memory.encode import encode_reference_tokens
 from mini_m3.model import ModelOutput
-from mini_m3.theory.knowledge import (HAS_THRESHOLD, LACKS_THRESHOLD, imitability, imitability_verdict,
-                                      knowledge_report, knowledge_verdicts, lacks, output_probabilities, produces)
+from mini_m3 import Memory3, Memory3Config, Tokenizer
+from mini_m3.theory.knowledge import (FOLLOW_THRESHOLD, HAS_THRESHOLD, LACKS_THRESHOLD, STAY_THRESHOLD, imitability,
+                                      imitability_verdict, kind_verdict, knowledge_kind, knowledge_report,
+                                      knowledge_verdicts, lacks, output_probabilities, produces)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +171,117 @@ def test_copy_model_imitates_realizations_of_one_fact_only():
     assert (r["min_probs"][2] < 0.01).all() and not r["imitable"] and r["lacks"]
     with pytest.raises(ValueError, match="no memory layers"):
         imitability(m, wt, reals, probes, via="memory")
+
+
+# ----------------------------------------------------------------------------------------------- Def 4
+def test_kind_verdict_on_hand_set_numbers():
+    assert FOLLOW_THRESHOLD == 0.5 and STAY_THRESHOLD == 0.5
+    assert kind_verdict(0.99, 0.98, 0.0) == "specific"
+    assert kind_verdict(0.99, 0.0, 0.97) == "abstract"
+    assert kind_verdict(0.99, 0.3, 0.3) == "neither"      # the swap leaves the model undecided
+    assert kind_verdict(0.5, 0.99, 0.0) == "neither"      # Def 6 (i): it lacks the behaviour to begin with
+    assert kind_verdict(0.51, 0.49, 0.5) == "abstract" and kind_verdict(0.51, 0.5, 0.49) == "specific"
+
+
+def test_knowledge_kind_on_the_ideal_copy_model_with_text_probes():
+    m, wt = CopyModel(), WordTokenizer()
+    probe = ("the capital of france is paris . the capital of france is", "paris")
+    r = knowledge_kind(m, wt, [probe], substitutes=["rome", "paris", "oslo"], n_substitutes=5)
+    assert r["verdict"] == "abstract" and r["counts"] == {"specific": 0, "abstract": 1, "neither": 0}
+    assert r["original"] > 0.99 and r["follow"] > 0.99 and r["stay"] < 0.01  # "paris" itself is never swapped in
+    assert r["thresholds"] == {"lacks": 0.5, "follow": 0.5, "stay": 0.5}
+    with pytest.raises(ValueError, match="probe 0: the output does not occur"):
+        knowledge_kind(m, wt, [("the capital of france is", "paris")], substitutes=["rome"])
+    with pytest.raises(ValueError, match="probe 0: no substitute"):
+        knowledge_kind(m, wt, [probe])  # the only other answer would be its own
+    with pytest.raises(ValueError, match="probe 0: with a tokenizer, input and output must be strings"):
+        knowledge_kind(m, wt, [([1, 2, 1], [2])], substitutes=[[3]])
+    with pytest.raises(ValueError, match="probes is empty"):
+        knowledge_kind(m, wt, [])
+
+
+V, A, B = 64, range(4, 34), range(34, 64)  # bigram inputs A, outputs B (disjoint, so the table is a function)
+
+
+def _tiny_trained(batches, steps: int) -> Memory3:
+    """A 2-layer, 2-head, d=32 model trained with AdamW (lr 3e-3, batch 32) on ``batches()`` -> (ids, targets)."""
+    torch.manual_seed(0)
+    m = Memory3(Memory3Config(vocab_size=V, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=16, d_model=32,
+                              mlp_width=64, max_seq_len=64))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(steps):
+        x, y = batches()
+        loss = m(x, targets=y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def bigram_table():
+    g = torch.Generator().manual_seed(0)
+    return dict(zip(A, (B[int(i)] for i in torch.randperm(len(B), generator=g))))
+
+
+@pytest.fixture(scope="module")
+def bigram_model(bigram_table):
+    """Trained on "<s> a1 f(a1) a2 f(a2) …" with random a's: the output f(a) is fixed by the input a."""
+    g, lut = torch.Generator().manual_seed(1), torch.zeros(V, dtype=torch.long)
+    lut[list(A)] = torch.tensor([bigram_table[a] for a in A])
+
+    def batches(n=32, pairs=12):
+        a = torch.randint(A.start, A.stop, (n, pairs), generator=g)
+        seq = torch.cat([torch.ones(n, 1, dtype=torch.long), torch.stack([a, lut[a]], -1).view(n, -1)], 1)
+        return seq[:, :-1], seq[:, 1:]
+    return _tiny_trained(batches, 150)
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    """Trained on "<s> s s" with s 10 random tokens, loss on the repeat: the output is copied from the context."""
+    g = torch.Generator().manual_seed(2)
+
+    def batches(n=32, length=10):
+        s = torch.randint(4, V, (n, length), generator=g)
+        seq = torch.cat([torch.ones(n, 1, dtype=torch.long), s, s], 1)
+        y = seq[:, 1:].clone()
+        y[:, :length] = -100
+        return seq[:, :-1], y
+    return _tiny_trained(batches, 200)
+
+
+def _bigram_probes(table, n=8, seed=3):
+    """"<s> a1 f(a1) … a5 f(a5) a1" -> f(a1): the context holds the answer, as Def 4's swap needs."""
+    rng, probes = np.random.default_rng(seed), []
+    for _ in range(n):
+        a = [int(x) for x in rng.choice(A, 5, replace=False)]
+        probes.append(([1] + [t for x in a for t in (x, table[x])] + [a[0]], [table[a[0]]]))
+    return probes
+
+
+def _copy_probes(n=8, seed=4):
+    """"<s> s1 … s10 s1 s2 s3 s4" -> s5 with random s: only the context can tell the answer."""
+    rng, probes = np.random.default_rng(seed), []
+    for _ in range(n):
+        s = [int(x) for x in rng.choice(range(4, V), 10, replace=False)]
+        probes.append(([1] + s + s[:4], [s[4]]))
+    return probes
+
+
+def test_def4_calls_a_bigram_table_specific_and_a_copy_skill_abstract(bigram_model, copy_model, bigram_table):
+    bigram, copy = _bigram_probes(bigram_table), _copy_probes()
+    # the bigram model keeps f(a) when the context says a -> b' (measured: P(b) 0.98 before and after, P(b') 0.00)
+    r = knowledge_kind(bigram_model, None, bigram)
+    assert r["verdict"] == "specific" and r["counts"]["specific"] == len(bigram), r
+    assert r["original"] > 0.9 and r["stay"] > 0.9 and r["follow"] < 0.1
+    # the copy model moves to b' (measured: P(b) 0.97 -> 0.00, P(b') 0.97)
+    r = knowledge_kind(copy_model, None, copy)
+    assert r["verdict"] == "abstract" and r["counts"]["abstract"] == len(copy), r
+    assert r["original"] > 0.9 and r["stay"] < 0.1 and r["follow"] > 0.9
+    # converse probes: the copy model copies the bigram's answer too (abstract), the bigram model never had the
+    # copy skill (measured P(b) 0.008: neither)
+    r = knowledge_kind(copy_model, None, bigram)
+    assert r["verdict"] == "abstract" and r["follow"] > 0.9, r
+    r = knowledge_kind(bigram_model, None, copy)
+    assert r["verdict"] == "neither" and r["original"] < 0.1 and r["counts"]["neither"] == len(copy), r

@@ -1,4 +1,4 @@
-"""§2 memory circuitry theory, Defs 6–7: does a model lack a knowledge, and can a prefix or an explicit memory supply it?
+"""§2 memory circuitry theory, Defs 4, 6–7: specific vs abstract knowledge, and whether a prefix or memory supplies it.
 
 A knowledge is probed through one of its realizations t, split into an input part (t_0 …, ending before
 the associated outputs) and the output tokens t_out. With P_M(t_i | …) the model's teacher-forced
@@ -14,8 +14,18 @@ read as *explicit memory*. So every test here runs three ways: without help, wit
 prefix, and with the realization's explicit memory (its sparse key-values, read by every token).
 
 The verdict logic is in pure functions of the probabilities (:func:`lacks`, :func:`produces`,
-:func:`knowledge_verdicts`, :func:`imitability_verdict`). Not implemented: Def 6's summing of
-probabilities over branches when one input has several admissible outputs.
+:func:`knowledge_verdicts`, :func:`imitability_verdict`, :func:`kind_verdict`). Not implemented: Def 6's
+summing of probabilities over branches when one input has several admissible outputs.
+
+**Def 4, specific vs abstract, by intervention** (:func:`knowledge_kind`). A specific knowledge's output is
+fixed by its input tokens ("China" + "capital" → "Beijing", an n-gram); an abstract one's output is arbitrary,
+taken from the context (the induction head: "…[a][b]…[a]" → "[b]"). A probe is written in the second form:
+an input whose context already holds the output at least once, ending at the cue. The intervention swaps the output in
+the context for another answer [b′] and asks where the prediction goes: it *follows the context*
+(P(b′) ≥ ``FOLLOW_THRESHOLD``: abstract) or *stays with the input* (P(b) ≥ ``STAY_THRESHOLD``: specific).
+A behaviour the model does not have in the first place (P(b) ≤ 1/2 on the unswapped probe, Def 6 (i)) is
+'neither'. This is a behavioural proxy for Def 4's white-box circuit classes: it reads what decides the
+output, not which heads compute it.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ from .circuits import memory_kwargs
 
 LACKS_THRESHOLD = 0.5
 HAS_THRESHOLD = 0.9
+FOLLOW_THRESHOLD = 0.5  # Def 4: P(swapped-in answer b′ | swapped context) ≥ this → the output follows the context
+STAY_THRESHOLD = 0.5    # Def 4: P(original answer b | swapped context) ≥ this → the output is fixed by the input
+KINDS = ("specific", "abstract", "neither")
 
 
 # ----------------------------------------------------------------------------------------------- probabilities
@@ -185,3 +198,99 @@ def imitability(model, tokenizer, realizations: Sequence[str], probes: Sequence[
             p = output_probabilities(model, prefix, i if prefix else [bos] + i, o, memory=mem)
             mins[a, b], seqs[a, b] = p.min(), np.prod(p)
     return {"min_probs": mins, "sequence_probs": seqs, "plain_min": plain_min, **imitability_verdict(mins, plain_min)}
+
+
+# ----------------------------------------------------------------------------------------------- Def 4
+def kind_verdict(p_original, p_stay, p_follow) -> str:
+    """Def 4 from three probabilities (min over output tokens, or their means over probes):
+    p_original = P(b | probe), p_stay = P(b | probe with b swapped for b′ in the context),
+    p_follow = P(b′ | the same swapped probe).
+
+    'neither' when the model lacks the behaviour (p_original ≤ 1/2, Def 6 (i)); 'abstract' when the output
+    follows the context (p_follow ≥ FOLLOW_THRESHOLD); 'specific' when it stays with the input
+    (p_stay ≥ STAY_THRESHOLD); 'neither' otherwise (the swap leaves the model undecided).
+    """
+    if lacks([p_original]):
+        return "neither"
+    if p_follow >= FOLLOW_THRESHOLD:
+        return "abstract"
+    return "specific" if p_stay >= STAY_THRESHOLD else "neither"
+
+
+def _replace_subsequence(seq: list[int], old: list[int], new: list[int]) -> list[int]:
+    """seq with every non-overlapping occurrence of ``old`` replaced by ``new`` (left to right)."""
+    out, i = [], 0
+    while i < len(seq):
+        if seq[i:i + len(old)] == old:
+            out += new
+            i += len(old)
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def _swap_probe(tokenizer, inp, out, sub) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(input ids, output ids, swapped-input ids, substitute ids) of one probe and one substitute answer.
+
+    Text (with a tokenizer): the output text is replaced in the input text (every occurrence, also inside
+    longer words), then both are tokenized, with
+    ``<s>`` in front. Ids (tokenizer None): the output id run is replaced in the input ids, used as given.
+    """
+    if tokenizer is None:
+        inp, out, sub = [list(map(int, x)) for x in (inp, out, sub)]
+        return inp, out, _replace_subsequence(inp, out, sub), sub
+    swapped = inp.replace(out, sub)
+    bos = [tokenizer.bos_id]
+    return bos + _encode(tokenizer, inp), _encode(tokenizer, out), bos + _encode(tokenizer, swapped), \
+        _encode(tokenizer, sub)
+
+
+def knowledge_kind(model, tokenizer, probes: Sequence[tuple], *, substitutes: Sequence | None = None,
+                   n_substitutes: int = 3, seed: int = 0, memory: ExplicitMemory | MemoryKV | None = None) -> dict:
+    """Def 4 by intervention: is the behaviour input → output specific (fixed by the input) or abstract (taken
+    from the context)?
+
+    probes: (input, output) pairs, each input of the form "…[a][b]…[a]" whose context already holds the
+    output [b] before the cue [a]: strings with a ``tokenizer`` (``encode``, ``bos_id``; ``<s>`` is put in
+    front), or id sequences with ``tokenizer=None`` (used as given). substitutes: the answers [b′] swapped in
+    (same type as the outputs); default: the other probes' outputs. For each probe, up to ``n_substitutes``
+    of them that differ from its output are drawn (``seed``). ``memory`` is read by every token (as in
+    :func:`output_probabilities`).
+
+    Returns {"per_probe": [{"original", "stay", "follow", "verdict"}], "original", "stay", "follow" (means over
+    probes; each probe's "stay"/"follow" are means over its substitutes of the min over output tokens),
+    "verdict" (:func:`kind_verdict` of the means), "counts" (per-probe verdicts), "thresholds"}.
+    """
+    probes = list(probes)
+    if not probes:
+        raise ValueError("probes is empty: nothing to classify")
+    pool = list(substitutes) if substitutes is not None else [o for _, o in probes]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, (inp, out) in enumerate(probes):
+        if tokenizer is not None and not (isinstance(inp, str) and isinstance(out, str)):
+            raise ValueError(f"probe {k}: with a tokenizer, input and output must be strings (tokenizer=None for ids)")
+        in_context = (out in inp) if tokenizer is not None else \
+            _replace_subsequence(list(inp), list(out), [-1]) != list(inp)
+        if not len(out) or not in_context:
+            raise ValueError(f"probe {k}: the output does not occur in the input's context; Def 4's test swaps it "
+                             f"there, so write the probe as '…[a][b]…[a]' → '[b]'")
+        others = [s for s in pool if list(s) != list(out)]
+        if not others:
+            raise ValueError(f"probe {k}: no substitute answer differs from its output (pass substitutes=)")
+        picks = rng.choice(len(others), size=min(n_substitutes, len(others)), replace=False)
+        stay, follow, original = [], [], None
+        for j in picks:
+            ids_in, ids_out, ids_swapped, ids_sub = _swap_probe(tokenizer, inp, out, others[j])
+            if original is None:
+                original = output_probabilities(model, [], ids_in, ids_out, memory=memory).min()
+            stay.append(output_probabilities(model, [], ids_swapped, ids_out, memory=memory).min())
+            follow.append(output_probabilities(model, [], ids_swapped, ids_sub, memory=memory).min())
+        row = {"original": float(original), "stay": float(np.mean(stay)), "follow": float(np.mean(follow))}
+        row["verdict"] = kind_verdict(row["original"], row["stay"], row["follow"])
+        rows.append(row)
+    means = {key: float(np.mean([r[key] for r in rows])) for key in ("original", "stay", "follow")}
+    return {"per_probe": rows, **means, "verdict": kind_verdict(means["original"], means["stay"], means["follow"]),
+            "counts": {kind: sum(r["verdict"] == kind for r in rows) for kind in KINDS},
+            "thresholds": {"lacks": LACKS_THRESHOLD, "follow": FOLLOW_THRESHOLD, "stay": STAY_THRESHOLD}}
