@@ -161,13 +161,14 @@ def cmd_train(a) -> int:
         raise ValueError(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
     eval_fn = _heldout_logger(a, out, tok, chunked, T)
 
-    def run_stages(model, stages, log_dir: Path) -> None:
+    def run_stages(model, stages, log_dir: Path, best_name: str) -> None:
+        keep = _best_keeper(out, best_name, tok, eval_fn, [log_dir / stage for stage, _, _ in stages])
         for stage, steps, tc_kw in stages:
             if steps:
                 tc = TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                                  checkpoint_every=a.checkpoint_every, quiet=a.quiet, eval_every=a.eval_every, **tc_kw)
                 r = train(model, data, tc, out_dir=log_dir / stage, tokenizer=tok, resume=not a.no_resume,
-                          eval_fn=eval_fn)
+                          eval_fn=keep and keep(stage))
                 label = stage if log_dir == out else f"{log_dir.name}/{stage}"
                 print(f"{label}: final loss {r['final_loss']}, median step {r['step_time']}s")
 
@@ -175,18 +176,22 @@ def cmd_train(a) -> int:
     model = Memory3(cfg)
     run_stages(model, [("warmup", a.warmup_steps, dict(warmup_steps=max(1, a.warmup_steps // 10),
                                                        decay_fraction=0.0 if a.continual_steps else 0.1)),
-                       ("continual", a.continual_steps, dict(warmup_steps=0))], out)
+                       ("continual", a.continual_steps, dict(warmup_steps=0))], out, "best_model")
     save_pretrained(model, out / "model", tok)
     logs = [p for p in (out / "warmup/warmup.jsonl", out / "continual/continual.jsonl") if p.exists()]
     if a.control:  # the no-memory control: the same tokens and steps, all of them without memory
         total = a.warmup_steps + a.continual_steps
         torch.manual_seed(a.seed)
         control = Memory3(cfg)
-        run_stages(control, [("warmup", total, dict(warmup_steps=max(1, total // 10)))], out / "control")
+        run_stages(control, [("warmup", total, dict(warmup_steps=max(1, total // 10)))], out / "control",
+                   "control_best_model")
         save_pretrained(control, out / "control_model", tok)
         logs += [p for p in (out / "control/warmup/warmup.jsonl",) if p.exists()]
         print(f"no-memory control saved to {out / 'control_model'}")
     plot_losses(logs, out / "loss.png", labels=[str(p.relative_to(out).parent) for p in logs])
+    if eval_fn is not None and (out / BEST_FILE).exists():
+        kept = ", ".join(str(out / n) for n in ("best_model", "control_best_model") if (out / n).is_dir())
+        print(f"lowest held-out loss: {kept} (see {out / BEST_FILE})")
     print(f"model saved to {out / 'model'}; held-out documents in {out / 'data' / 'heldout.jsonl'} "
           f"(mini-m3 evaluate --model {out / 'model'} --bank BANK --text-dir {out / 'data'})")
     return 0
@@ -214,6 +219,63 @@ def _heldout_logger(a, out: Path, tok, chunked, T: int):
         return {f"heldout_loss_{name}": evaluate_loss(model, eval_data, cfg, with_memory=name == "memory")
                 for name in ("memory", "none")}
     return losses
+
+
+BEST_FILE = "best.json"
+
+
+def _read_best(path: Path) -> dict:
+    """OUT/best.json: {model directory name: its record}; {} when absent. A damaged file is a clear error."""
+    if not path.exists():
+        return {}
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): move it aside to start the best-model record afresh")
+    if not isinstance(records, dict):
+        raise ValueError(f"{path}: expected a JSON object of best-model records, got {type(records).__name__}")
+    for name, r in records.items():
+        loss = r.get("loss") if isinstance(r, dict) else None
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+            raise ValueError(f"{path}: record {name!r} has no finite 'loss': move the file aside to start afresh")
+    return records
+
+
+def _best_keeper(out: Path, name: str, tok, eval_fn, stage_dirs: list[Path]):
+    """`train --eval-every`: wrap the held-out eval_fn so that the run's best model is kept in OUT/<name>.
+
+    A model is judged by the held-out loss of the way it is trained: without memory in the warmup stage (and the
+    no-memory control), with memory in the continual stage. The best is the lowest judged loss over all the run's
+    evaluations, both stages together; each new best is saved (save_pretrained, then OUT/best.json's record
+    <name>: stage, step, judged_by, loss and both held-out losses). A resumed run (a checkpoint in one of
+    `stage_dirs`) starts from the recorded best and only replaces it with a lower loss; a fresh run ignores an
+    older run's record. Returns stage -> eval_fn, or None without an eval_fn."""
+    from .checkpoint import save_pretrained
+    from .train import checkpoint_dirs
+    from .utils import atomic_write_text
+    if eval_fn is None:
+        return None
+    path = out / BEST_FILE
+    records = _read_best(path)  # checked before training, not after its first evaluation
+    resumed = any(d.is_dir() and checkpoint_dirs(d) for d in stage_dirs)
+    best = records.get(name) if resumed else None
+
+    def for_stage(stage: str):
+        judged = "heldout_loss_memory" if stage == "continual" else "heldout_loss_none"
+
+        def keep_best(model, step: int) -> dict:
+            nonlocal best
+            losses = eval_fn(model, step)
+            loss = losses[judged]
+            if math.isfinite(loss) and (best is None or loss < best["loss"]):
+                save_pretrained(model, out / name, tok)  # the model first: a kill before the record is redone
+                best = dict(stage=stage, step=step, judged_by=judged, loss=loss, **losses)
+                on_file = _read_best(path)
+                on_file[name] = best
+                atomic_write_text(path, json.dumps(on_file, indent=1))
+            return losses
+        return keep_best
+    return for_stage
 
 
 def cmd_build_bank(a) -> int:
@@ -526,9 +588,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--continual-steps", type=non_negative_int, default=200,
                    help="steps of the continual stage (with memory); 0 skips the stage")
     t.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
-    t.add_argument("--no-resume", action="store_true", help="start afresh instead of resuming OUT's checkpoints")
+    t.add_argument("--no-resume", action="store_true",
+                   help="never resume: a run into an OUT that holds checkpoints of this stage is refused "
+                        "(nothing is deleted); without it, training resumes from them")
     t.add_argument("--eval-every", type=non_negative_int, default=0,
-                   help="log the held-out loss with and without memory every N steps (0 = never)")
+                   help="log the held-out loss with and without memory every N steps (0 = never) and keep the "
+                        "lowest-loss model in OUT/best_model (record in OUT/best.json)")
     t.add_argument("--control", action="store_true",
                    help="also train the no-memory control on the same tokens and steps into OUT/control_model")
     _add_split_flags(t)

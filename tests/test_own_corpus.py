@@ -294,3 +294,100 @@ def test_rerun_without_heldout_split_leaves_no_stale_heldout_file(tmp_path):
     assert read_heldout(tmp_path / "o")
     run_pipeline(tmp_path / "t", tmp_path / "o", vocab_size=300, heldout_fraction=0.0, progress=False)
     assert read_heldout(tmp_path / "o") == [] and not (tmp_path / "o" / "heldout.jsonl").exists()
+
+
+def judged_losses(log: Path, judged: str) -> list[tuple[int, float]]:
+    recs = [json.loads(l) for l in log.read_text().splitlines() if l]
+    return [(r["step"], r[judged]) for r in recs if judged in r]
+
+
+def test_best_model_is_kept_over_both_stages(corpus):
+    """The best of the two-stage run: warmup judged without memory, continual with; the control without."""
+    out = corpus["out"]
+    best = json.loads((out / "best.json").read_text())
+    assert set(best) == {"best_model", "control_best_model"}
+    for name, logs in (("best_model", [("warmup", "heldout_loss_none"), ("continual", "heldout_loss_memory")]),
+                       ("control_best_model", [("control/warmup", "heldout_loss_none")])):
+        evals = [(loss, Path(d).name, step) for d, judged in logs
+                 for step, loss in judged_losses(out / d / f"{Path(d).name}.jsonl", judged)]
+        loss, stage, step = min(evals)
+        r = best[name]
+        assert (r["loss"], r["stage"], r["step"]) == (loss, stage, step)
+        assert r["judged_by"] == dict(logs)[stage if name == "best_model" else "control/warmup"]
+        assert r[r["judged_by"]] == loss
+        model, tok = load_pretrained(out / name)
+        assert tok.fingerprint() == load_pretrained(out / "model")[1].fingerprint()
+    assert "lowest held-out loss" in corpus["train_stdout"]
+
+
+def heldout_loss_without_memory(out: Path, model, tok) -> float:
+    """The held-out loss as `train --eval-every` computes it without memory (the references are not read)."""
+    import torch
+
+    from mini_m3.data.pipeline import read_heldout
+    from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss
+    T = 2 * model.cfg.chunk_length  # --chunks-per-sequence 2
+    s = [t for d in read_heldout(out / "data") for t in [tok.bos_id] + tok.encode(d["text"]) + [tok.eos_id]]
+    n = (len(s) - 1) // T
+    s = torch.tensor(s[:n * T + 1])
+    data = ChunkedData(s[:-1].view(n, T), s[1:].view(n, T), torch.full((n, 2), -1), [])
+    return evaluate_loss(model, data, TrainConfig(batch_size=2), with_memory=False)
+
+
+def test_best_model_is_the_heldout_minimum_survives_a_resume_and_needs_eval_every(tmp_path):
+    import shutil
+
+    import torch
+    # many steps at a high learning rate on 27 documents: the held-out loss falls, then rises (overfitting)
+    write_corpus(tmp_path / "texts")
+    out = tmp_path / "run"
+    argv = ["train", "--text-dir", tmp_path / "texts", "--out", out, *TRAIN_ARGS, "--warmup-steps", "40",
+            "--continual-steps", "0", "--lr", "1e-2", "--eval-every", "4"]
+    code, _, stderr = run(argv)
+    assert code == 0, stderr
+    evals = judged_losses(out / "warmup" / "warmup.jsonl", "heldout_loss_none")
+    assert len(evals) == 10
+    step, loss = min(evals, key=lambda e: e[1])
+    assert step != evals[-1][0] and loss < evals[-1][1] - 0.5  # the last model is not the best
+    best = json.loads((out / "best.json").read_text())["best_model"]
+    assert (best["step"], best["stage"], best["loss"]) == (step, "warmup", loss)
+    model, tok = load_pretrained(out / "best_model")
+    assert heldout_loss_without_memory(out, model, tok) == pytest.approx(loss, abs=1e-5)
+    final, _ = load_pretrained(out / "model")
+    assert heldout_loss_without_memory(out, final, tok) == pytest.approx(evals[-1][1], abs=1e-5)
+    weights = (out / "best_model" / "model.safetensors").read_bytes()
+
+    # killed after step 36's checkpoint: the resumed run redoes steps 36..39 (a worse held-out loss at 39)
+    # and must keep the best model of before the kill
+    (out / "warmup" / "latest").write_text("step-0000036")
+    code, _, stderr = run(argv)
+    assert code == 0, stderr
+    assert judged_losses(out / "warmup" / "warmup.jsonl", "heldout_loss_none") == evals
+    assert json.loads((out / "best.json").read_text())["best_model"] == best
+    assert (out / "best_model" / "model.safetensors").read_bytes() == weights
+
+    # a fresh run in the same OUT (no checkpoint to resume): the older run's best is not this model's best
+    shutil.rmtree(out / "warmup")
+    code, _, stderr = run([*argv, "--warmup-steps", "1", "--eval-every", "1"])  # the last flag wins
+    assert code == 0, stderr
+    [(step, loss)] = judged_losses(out / "warmup" / "warmup.jsonl", "heldout_loss_none")
+    assert loss > best["loss"]
+    assert json.loads((out / "best.json").read_text())["best_model"]["loss"] == loss
+    weights = (out / "best_model" / "model.safetensors").read_bytes()
+    one_step = load_pretrained(out / "model")[0].state_dict()
+    assert all(torch.equal(v, one_step[k]) for k, v in load_pretrained(out / "best_model")[0].state_dict().items())
+
+    (out / "best.json").write_text("{not json", encoding="utf-8")  # damaged: named, before any training
+    code, _, stderr = run(argv)
+    assert code == 2 and "best.json" in stderr
+    assert (out / "best_model" / "model.safetensors").read_bytes() == weights
+
+    # without --eval-every no model is judged, so none is kept
+    out = tmp_path / "no_eval"
+    code, stdout, stderr = run(["train", "--text-dir", tmp_path / "texts", "--out", out, *TRAIN_ARGS,
+                                "--warmup-steps", "2", "--continual-steps", "2", "--control"])
+    assert code == 0, stderr
+    assert (out / "model").is_dir() and (out / "control_model").is_dir()
+    assert not any((out / p).exists() for p in ("best.json", "best_model", "control_best_model"))
+    assert "lowest held-out loss" not in stdout
+
