@@ -12,17 +12,19 @@ from pathlib import Path
 import torch
 
 
-def _number(kind: type, low: float, strict: bool):
-    """argparse `type=` for an int/float that must be finite and > low (strict) or >= low: a bad value is one usage
-    line (`argument --temperature: must be a finite number >= 0, got 'nan'`), not a traceback deep in a command."""
-    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}"
+def _number(kind: type, low: float, strict: bool, high: float = math.inf):
+    """argparse `type=` for an int/float that must be finite, > low (strict) or >= low, and <= high: a bad value is
+    one usage line (`argument --temperature: must be a finite number >= 0, got 'nan'`), not a traceback deep in a
+    command."""
+    what = (f"a number in [{low}, {high}]" if high < math.inf and not strict else
+            f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low}")
 
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             v = math.nan
-        if not (math.isfinite(v) and (v > low if strict else v >= low)):
+        if not (math.isfinite(v) and (v > low if strict else v >= low) and v <= high):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return v
     return parse
@@ -30,6 +32,7 @@ def _number(kind: type, low: float, strict: bool):
 
 positive_int, non_negative_int = _number(int, 0, strict=True), _number(int, 0, strict=False)
 positive_float, non_negative_float = _number(float, 0, strict=True), _number(float, 0, strict=False)
+fraction = _number(float, 0, strict=False, high=1)  # a share in [0, 1]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -37,17 +40,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                                                          "documents of a --text-dir)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for torch")
-
-
-def fraction(text: str) -> float:
-    """argparse `type=` for a share in [0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0.0 <= v <= 1.0:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    return v
 
 
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
@@ -116,11 +108,10 @@ def _load_text_corpus(a, out: Path):
     report = run_pipeline(a.text_dir, data_dir, vocab_size=a.vocab_size, seed=a.seed, progress=not a.quiet,
                           reference_fraction=a.reference_fraction, heldout_fraction=a.heldout_fraction)
     _print_pipeline(report)
-    text_dir = a.text_dir
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     refs = list(read_references(data_dir))
     if not refs:
-        raise ValueError(f"no knowledge-base references: none of the {report.kept} kept documents of {text_dir} "
+        raise ValueError(f"no knowledge-base references: none of the {report.kept} kept documents of {a.text_dir} "
                          f"fell in the knowledge-base subset; add more text")
     return tok, [r["text"] for r in refs], [r["token_ids"] for r in refs], load_train_tokens(data_dir)
 
@@ -228,10 +219,11 @@ def _read_best(path: Path) -> dict:
     """OUT/best.json: {model directory name: its record}; {} when absent. A damaged file is a clear error."""
     if not path.exists():
         return {}
+    from .config import parse_json
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): move it aside to start the best-model record afresh")
+        records = parse_json(path.read_text(encoding="utf-8"), str(path))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{e}: move it aside to start the best-model record afresh") from None
     if not isinstance(records, dict):
         raise ValueError(f"{path}: expected a JSON object of best-model records, got {type(records).__name__}")
     for name, r in records.items():
@@ -433,9 +425,9 @@ def _heldout_documents(a, tok) -> tuple[list[dict], Path]:
 def _evaluate_heldout(a, model, tok, bank) -> int:
     """`evaluate --text-dir`: held-out loss and perplexity with memory, without, RAG and the control (JSON + PNG)."""
     from .checkpoint import load_pretrained
-    from .config import atomic_write_text
     from .evaluate import heldout_lm_eval, plot_heldout
     from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
+    from .utils import atomic_write_text
     if bank is None:
         raise ValueError("evaluate --text-dir needs --bank (a bank built by --model, e.g. build-bank --text-dir)")
     docs, source = _heldout_documents(a, tok)

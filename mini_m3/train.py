@@ -592,10 +592,10 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        check_finite_step(cfg.stage, step, lr, loss=loss.item(), grad_norm=gnorm)
+        losses.append(loss.item())
+        check_finite_step(cfg.stage, step, lr, loss=losses[-1], grad_norm=gnorm)
         opt.step()
         dt = time.perf_counter() - t0
-        losses.append(loss.item())
         times.append(dt)
         record = {"step": step, "stage": cfg.stage, "loss": losses[-1], "lr": lr, "grad_norm": gnorm,
                   "step_time": dt, "tokens": int((data.targets[rows] != -100).sum())}
