@@ -52,7 +52,8 @@ from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E4
 from mini_m3.evaluate import qa_eval  # noqa: E402
 from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss, pack_stream, train  # noqa: E402
 
-# the paper's setting: top-8 by attention received, chunks of one document each (the layout of the other groups)
+# the paper's setting: top-8 by attention received, chunks of one document each (the layout of the other groups);
+# the selector and tokens per head of a variant are its model's memory format (`variant_config`)
 PAPER = {"selector": "attention", "tokens_per_head": None, "layout": "chunk"}
 STREAM_LENGTH = 128  # sequence length of the retrieval-interval group's layout
 
@@ -72,6 +73,14 @@ def variants(cfg: Memory3Config) -> dict[str, list[tuple[str, dict, dict, dict]]
         "vq": [("off", {}, {}, {}), ("on", {}, {}, {"quantizer": "default"})],
         "retrieval_interval": [(str(c), {"chunk_length": c}, {"layout": "stream"}, {}) for c in (32, 64, 128)],
     }
+
+
+def variant_config(base: Memory3Config, cfg_over: dict, knobs: dict) -> Memory3Config:
+    """The model config of a variant: `base` with its overrides, in the memory format the variant trains in and its
+    banks hold (the paper's top-k by attention unless its knobs name another selector or tokens per head). The format
+    is the model's, so neither its TrainConfig nor its banks name one."""
+    return base.replace(**cfg_over, memory_selector=knobs.get("selector", PAPER["selector"]),
+                        memory_tokens_per_head=knobs.get("tokens_per_head") or base.memory_tokens_per_head)
 
 
 def stream_hit_rate(documents: torch.Tensor, doc_people: list, chunk_refs: torch.Tensor, chunk_length: int) -> float:
@@ -124,8 +133,8 @@ def evaluate(model, tok, refs, items, held, tc, seed, evals: list[dict]) -> list
     out = []
     for ev in evals:
         with tempfile.TemporaryDirectory() as d:
-            bank = MemoryBank.build(d, model, tok, refs, selector=tc.selector, tokens_per_head=tc.tokens_per_head,
-                                    quantizer=ev.get("quantizer"), overwrite=True, progress=False, seed=seed)
+            bank = MemoryBank.build(d, model, tok, refs, quantizer=ev.get("quantizer"), overwrite=True,
+                                    progress=False, seed=seed)
             qa = qa_eval(model, tok, items, mode="memory", bank=bank, memories_per_chunk=ev.get("memories_per_chunk"))
         out.append({"heldout_lm_loss": lm, "heldout_qa": qa["accuracy"], "heldout_answer_loglik": qa["answer_loglik"]})
     return out
@@ -237,11 +246,10 @@ def main(argv: list[str] | None = None) -> int:
                 if eval_key(key, ev) in stored:
                     continue
                 if key not in jobs:
-                    cfg = base_cfg.replace(**cfg_over)
+                    cfg = variant_config(base_cfg, cfg_over, knobs)
                     d, h, bs, _ = layout(knobs, cfg.chunk_length)
                     tc = TrainConfig(stage="continual", steps=C, warmup_steps=0, eval_every=every, batch_size=bs,
-                                     decay_fraction=min(1.0, 0.1 * total / C), selector=knobs.get("selector", "attention"),
-                                     tokens_per_head=knobs.get("tokens_per_head"), **common)
+                                     decay_fraction=min(1.0, 0.1 * total / C), **common)
                     jobs[key] = {"key": key, "cfg": cfg.to_dict(), "tc": tc.__dict__,
                                  "warm": str(Path(tmp) / "warm.safetensors"), "tokenizer": str(Path(tmp) / "tokenizer.json"),
                                  "data": d, "held": h, "refs": refs, "items": items, "evals": []}

@@ -2,7 +2,9 @@
 
 Starts from the demo's Memory³ model and raw bank (``runs/demo/memory3_model``, ``runs/demo/bank_raw``; the
 world is regenerated from the demo's seed and size). If the demo directory has no model, a quick demo
-(``DemoSettings.quick()``) is trained first, into the work directory. Arms:
+(``DemoSettings.quick()``) is trained first, into the work directory. A demo bank this model cannot read (one
+written by an older mini_m3: bank format version 3 or older) is built again from the demo model, into the work
+directory, and the script says so. Arms:
 
   base           the demo model, asked in its pretraining format ("Q: ... A:", bare value)
   sft            SFT with explicit memory attached (our choice), chat format
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 from _common import machine, parse_args, plt, png_path, seed_all, write_json  # noqa: E402
 
 from mini_m3 import MemoryBank  # noqa: E402
+from mini_m3.memory.bank import BankError  # noqa: E402
 from mini_m3.checkpoint import load_pretrained  # noqa: E402
 from mini_m3.data.instructions import preference_pairs, sft_examples  # noqa: E402
 from mini_m3.data.world import World  # noqa: E402
@@ -65,6 +68,39 @@ def demo_inputs(demo_dir: Path, work: Path, quick: bool, threads: int, progress:
     return here, json.loads((here / "results.json").read_text())["settings"], True
 
 
+def demo_model(model_dir: Path, settings: dict):
+    """The demo model and tokenizer, in the memory format the model was trained in: its config's. A config.json of
+    version 1 predates the format field and loads as "attention"; for such a model the demo's settings say."""
+    model, tok = load_pretrained(model_dir)
+    fmt = {k: settings.get(k) for k in ("selector", "tokens_per_head", "memories_per_chunk")}
+    trained = model.cfg.with_memory_format(**fmt).memory_format
+    if trained != model.cfg.memory_format:
+        if json.loads((model_dir / "config.json").read_text()).get("version") != 1:
+            raise SystemExit(f"{model_dir / 'config.json'} says memory format {model.cfg.memory_format}, but the "
+                             f"demo's settings say the model was trained in {trained}")
+        print(f"NOTE: {model_dir / 'config.json'} predates the memory format field: reading the model in the format "
+              f"the demo trained it in, {trained}")
+        model = model.with_memory_format(**fmt)  # not an ablation: the trained format, which the old config lacks
+    return model, tok
+
+
+def demo_bank(demo_dir: Path, model, tok, references: list[str], work: Path, seed: int,
+              progress: bool) -> tuple[MemoryBank, str | None]:
+    """The demo's raw bank, or, where `model` cannot read it (a bank written by an older mini_m3, in another memory
+    format, or damaged), one built again from `model` in `work` (the demo's files are left as they are); and why."""
+    try:
+        bank, why = MemoryBank.open(demo_dir / "bank_raw", model, tok), None
+    except BankError as e:
+        why = str(e)
+        print(f"NOTE: the demo's bank cannot be used, so it is built again from the demo model in "
+              f"{work / 'bank_raw'}: {why}", flush=True)
+        bank = MemoryBank.build(work / "bank_raw", model, tok, references, overwrite=True, progress=progress,
+                                seed=seed)
+    if list(bank.texts) != references:
+        raise SystemExit(f"{bank.path} does not hold the biographies of the demo's world")
+    return bank, why
+
+
 def main(argv=None) -> int:
     a = parse_args("alignment", argv, __doc__, _extra)
     quick = a.quick
@@ -81,10 +117,8 @@ def main(argv=None) -> int:
 
     demo_dir, settings, trained_here = demo_inputs(Path(a.demo_dir), work, quick, a.threads, progress)
     world = World.generate(settings["n_people"], seed=settings["seed"])
-    base, tok = load_pretrained(demo_dir / "memory3_model")
-    bank = MemoryBank.open(demo_dir / "bank_raw", base, tok)
-    if list(bank.texts) != world.references():
-        raise SystemExit(f"{demo_dir / 'bank_raw'} does not hold the biographies of the demo's world")
+    base, tok = demo_model(demo_dir / "memory3_model", settings)
+    bank, bank_rebuilt = demo_bank(demo_dir, base, tok, world.references(), work, settings["seed"], progress)
 
     examples = sft_examples(world, P["n_sft"], seed=a.seed)
     pairs = preference_pairs(world, P["n_pairs"], seed=a.seed)
@@ -143,6 +177,7 @@ def main(argv=None) -> int:
     results = {
         "experiment": "alignment (§6, Table 19 at mini scale)", "quick": quick, "seed": a.seed,
         "demo_dir": str(demo_dir), "demo_trained_here": trained_here, "demo_settings": settings,
+        "bank": {"path": str(bank.path), "rebuilt_because": bank_rebuilt, "memory_format": base.cfg.memory_format},
         "world": world.summary(), "n_sft_examples": len(examples), "n_pairs": len(pairs),
         "probe": {"n_known": P["probe"], "n_unknown": P["probe"], "known_split": "heldout", "phrasing": "heldout"},
         "sft_config": dataclasses.asdict(sft_cfg), "dpo_config": dataclasses.asdict(dpo_cfg),

@@ -47,6 +47,8 @@ def plain_data(tok, docs, chunks_per_sequence: int = 1) -> ChunkedData:
 
 
 def new_model(preset: str, **overrides) -> Memory3:
+    """A fresh model; the memory runs pass their memory format here (memory_selector="all": every reference
+    token), so training, the banks and the saved config all read it from the model."""
     torch.manual_seed(0)
     return Memory3(Memory3Config.from_name(preset, vocab_size=2048, **overrides))
 
@@ -56,11 +58,11 @@ def cmd_verbatim(a) -> None:
     refs = tok.encode_batch(world.references())
     tokens, targets = pack_documents(refs, 64, 1, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     data = ChunkedData(tokens, targets, torch.arange(len(refs))[:, None], refs)
-    model = new_model(a.preset, memories_per_chunk=1)
-    train(model, data, TrainConfig(stage="continual", steps=a.steps, batch_size=32, lr=a.lr, selector="all", quiet=True))
+    model = new_model(a.preset, memories_per_chunk=1, memory_selector="all")
+    train(model, data, TrainConfig(stage="continual", steps=a.steps, batch_size=32, lr=a.lr, quiet=True))
     rows = torch.arange(1900, 1964)
     with torch.no_grad():
-        mem = continual_memory(model, data, rows, TrainConfig(stage="continual", selector="all"))
+        mem = continual_memory(model, data, rows, TrainConfig(stage="continual"))
         on = model(data.tokens[rows], targets=data.targets[rows], memory=mem).loss
         off = model(data.tokens[rows], targets=data.targets[rows]).loss
     print(f"verbatim copy from memory after {a.steps} steps: loss with memory {on:.3f}, without {off:.3f}")
@@ -74,14 +76,14 @@ def cmd_qa(a) -> None:
     docs = world.training_documents(a.docs, seed=0, mix=mix)
     data = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_references(refs), False, docs=docs)
     over = {"memory_layers": tuple(int(x) for x in a.memory_layers.split(","))} if a.memory_layers else {}
-    model = new_model(a.preset, memories_per_chunk=1, **over)
+    model = new_model(a.preset, memories_per_chunk=1, memory_selector="all", **over)
     print("memory layers", model.cfg.memory_layers, flush=True)
     items = world.eval_questions("heldout", 100, seed=1, phrasing="train")
     t0 = time.time()
 
     def evaluate(m, step):
         with tempfile.TemporaryDirectory() as d:
-            bank = MemoryBank.build(d, m, tok, refs, selector="all", overwrite=True, progress=False)
+            bank = MemoryBank.build(d, m, tok, refs, overwrite=True, progress=False)
             out = {}
             for mode, k in (("memory", 1), ("memory", 5), ("rag", 1), ("none", None)):
                 r = qa_eval(m, tok, items, mode=mode, bank=None if mode == "none" else bank, memories_per_chunk=k)
@@ -89,14 +91,14 @@ def cmd_qa(a) -> None:
         print(f"step {step + 1} ({time.time() - t0:.0f}s): held-out QA {out}", flush=True)
         return {}
 
-    train(model, data, TrainConfig(stage="continual", steps=a.steps, batch_size=a.batch, lr=a.lr, selector="all",
-                                   quiet=True, eval_every=a.every), eval_fn=evaluate)
+    train(model, data, TrainConfig(stage="continual", steps=a.steps, batch_size=a.batch, lr=a.lr, quiet=True,
+                                   eval_every=a.every), eval_fn=evaluate)
     # which tokens does memory help? (training-style QA documents the model has not trained on)
     test_docs = world.training_documents(64, seed=5, mix={"qa": 1.0})
     test = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_references(refs), False, docs=test_docs)
     rows = torch.arange(len(test))
     with torch.no_grad():
-        mem = continual_memory(model, test, rows, TrainConfig(stage="continual", selector="all"))
+        mem = continual_memory(model, test, rows, TrainConfig(stage="continual"))
         y = test.targets[rows]
         on = F.cross_entropy(model(test.tokens[rows], memory=mem).logits.transpose(1, 2), y, reduction="none")
         off = F.cross_entropy(model(test.tokens[rows]).logits.transpose(1, 2), y, reduction="none")

@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     s = DemoSettings(n_people=2000, n_docs=12000)
     world = World.generate(s.n_people, seed=0)
     tok = Tokenizer.train(world.tokenizer_corpus(seed=0), 2048)
-    cfg = Memory3Config.from_name("small", vocab_size=2048)
+    cfg = Memory3Config.from_name("small", vocab_size=2048, memory_selector=selector)  # the format it trains in
     refs = world.references()
     data = build_world_data(world, tok, s, 64, Retriever().fit(refs), tok.encode_references(refs), False)
     torch.manual_seed(0)
@@ -35,11 +35,10 @@ def main(argv=None) -> int:
     t = time.time()
     if warm:
         train(model, data, TrainConfig(stage="warmup", steps=warm, batch_size=8, lr=3e-3, quiet=True, decay_fraction=0))
-    r = train(model, data, TrainConfig(stage="continual", steps=steps, batch_size=8, lr=3e-3, selector=selector,
-                                       quiet=True, warmup_steps=0 if warm else 20))
+    r = train(model, data, TrainConfig(stage="continual", steps=steps, batch_size=8, lr=3e-3, quiet=True,
+                                       warmup_steps=0 if warm else 20))
     print("train", time.time() - t, r["final_loss"], flush=True)
-    bank = MemoryBank.build(f"runs/probe_{selector}_{steps}_{warm}", model, tok, refs, selector=selector,
-                            overwrite=True, progress=False)
+    bank = MemoryBank.build(f"runs/probe_{selector}_{steps}_{warm}", model, tok, refs, overwrite=True, progress=False)
     for split in ["memory", "heldout"]:
         for phrasing in ("heldout", "train"):
             items = world.eval_questions(split, 200, seed=0, phrasing=phrasing)

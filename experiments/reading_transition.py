@@ -28,6 +28,7 @@ import torch
 
 from mini_m3 import Memory3, Memory3Config, MemoryBank
 from mini_m3.checkpoint import load_weights, save_weights
+from mini_m3.config import MEMORY_SELECTORS
 from mini_m3.demo import DemoSettings, build_world_data, setup_world
 from mini_m3.evaluate import qa_eval
 from mini_m3.train import TrainConfig, train
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--cps", type=int, default=1, help="chunks per sequence")
     p.add_argument("--mix", default="qa=1", help="document mix, e.g. qa=0.8,bio=0.1,skill=0.1")
-    p.add_argument("--selector", default="all")
+    p.add_argument("--selector", default="all", choices=MEMORY_SELECTORS, help="memory format the model trains in")
     p.add_argument("--mem", type=int, default=1, help="memories per chunk (own + previous chunks' references)")
     p.add_argument("--people", type=int, default=2000)
     p.add_argument("--docs", type=int, default=24000)
@@ -62,7 +63,9 @@ def main(argv=None) -> int:
     data = build_world_data(w.world, w.tokenizer, s, 64, w.retriever, w.reference_tokens, False, docs=docs)
     over = {k: int(v) for k, v in (kv.split("=") for kv in a.over.split(",") if kv)}
     torch.manual_seed(0)
-    model = Memory3(Memory3Config.from_name(a.preset, vocab_size=w.cfg.vocab_size, memories_per_chunk=a.mem, **over))
+    # the memory format is the model's: training, the banks and QA read --selector and --mem from its config
+    model = Memory3(Memory3Config.from_name(a.preset, vocab_size=w.cfg.vocab_size, memories_per_chunk=a.mem,
+                                            memory_selector=a.selector, **over))
     if a.load:
         load_weights(model, a.load)
     print(a, model.num_parameters(), len(data), flush=True)
@@ -72,8 +75,7 @@ def main(argv=None) -> int:
 
     def evaluate(m, step):
         with tempfile.TemporaryDirectory() as d:
-            bank = MemoryBank.build(d, m, w.tokenizer, w.references, selector=a.selector, overwrite=True,
-                                    progress=False)
+            bank = MemoryBank.build(d, m, w.tokenizer, w.references, overwrite=True, progress=False)
             out = {}
             for k in (1, 5):
                 r = qa_eval(m, w.tokenizer, items, mode="memory", bank=bank, memories_per_chunk=k)
@@ -89,7 +91,7 @@ def main(argv=None) -> int:
                                        decay_fraction=0.0))
         print(f"warmup done {time.time() - t0:.0f}s", flush=True)
     train(model, data, TrainConfig(stage="continual", steps=a.steps, batch_size=a.batch, lr=a.lr,
-                                   selector=a.selector, quiet=True, eval_every=a.every,
+                                   quiet=True, eval_every=a.every,
                                    warmup_steps=0 if a.warmup else 20), eval_fn=evaluate)
     if a.save:
         save_weights(model, a.save)

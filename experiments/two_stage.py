@@ -61,16 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     for arm, (stage1, stage2) in ARMS.items():
         t0 = time.perf_counter()
         torch.manual_seed(s.seed)
-        model = Memory3(cfg)
-        common = dict(batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet, selector=s.selector,
-                      tokens_per_head=s.tokens_per_head)
+        model = Memory3(cfg)  # in the demo's memory format (setup_world writes s.selector into cfg)
+        common = dict(batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet)
         # one WSD schedule over both stages: warmup ramps, the decay sits in the last 10 % of all steps
         r1 = train(model, data, TrainConfig(stage=stage1, steps=W, warmup_steps=max(1, total // 10),
                                             decay_fraction=0.0, **common))
         r2 = train(model, data, TrainConfig(stage=stage2, steps=C, warmup_steps=0,
                                             decay_fraction=min(1.0, 0.1 * total / C), **common))
-        bank = MemoryBank.build(work / arm / "bank", model, tok, refs, selector=s.selector,
-                               tokens_per_head=s.tokens_per_head, overwrite=True, progress=False, seed=s.seed)
+        bank = MemoryBank.build(work / arm / "bank", model, tok, refs, overwrite=True, progress=False, seed=s.seed)
         qa = {split: {mode: qa_eval(model, tok, its, mode=mode, bank=bank if mode == "memory" else None)["accuracy"]
                       for mode in ("memory", "none")} for split, its in items.items()}
         results["arms"][arm] = {"loss": r1["losses"] + r2["losses"], "qa": qa, "seconds": time.perf_counter() - t0}

@@ -14,6 +14,7 @@ import ctypes
 import errno
 import glob
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -25,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
-from .config import Memory3Config
+from .config import MEMORY_FORMAT_FIELDS, Memory3Config
 from .model import Memory3
 from .tokenizer import Tokenizer
 from .utils import atomic_path, remove_stale_temps
@@ -208,11 +209,14 @@ def load_pretrained(directory: str | os.PathLike, *, map_location: str | torch.d
 
 def weights_fingerprint(model: Memory3, layers: list[int] | None = None) -> str:
     """sha256 of the config and of the weights that explicit memories depend on: the embedding and the
-    blocks up to the last memory layer (Remark 9: memories must be rebuilt when these change)."""
+    blocks up to the last memory layer (Remark 9: memories must be rebuilt when these change). The memory format
+    (`MEMORY_FORMAT_FIELDS`: selector, tokens per head, memories per chunk) is left out: the same weights in another
+    format (`Memory3.with_memory_format`) have the same fingerprint, and a bank checks its format on its own."""
     cfg = model.cfg
     if layers is None:
         layers = list(range(cfg.memory_layers[-1] + 1)) if cfg.memory_layers else []
-    h = hashlib.sha256(cfg.to_json().encode())
+    shape = {k: v for k, v in cfg.to_dict().items() if k not in MEMORY_FORMAT_FIELDS}
+    h = hashlib.sha256(json.dumps(shape, sort_keys=True).encode())
     named = dict(model.named_parameters())
     keep = ["tok_emb.weight"] + sorted(n for n in named if any(n.startswith(f"blocks.{l}.") for l in layers))
     for name in keep:

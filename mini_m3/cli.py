@@ -309,9 +309,11 @@ def cmd_build_bank(a) -> int:
                   f"{limit} tokens)")
     else:
         texts = _read_references_jsonl(a.references)
-    bank = MemoryBank.build(a.out, model, tok, texts, quantizer=a.vq, overwrite=a.overwrite,
+    bank = MemoryBank.build(a.out, model, tok, texts, quantizer=a.vq, overwrite=a.overwrite,  # the model's format
                             progress=not a.quiet, seed=a.seed)
-    print(f"bank of {len(bank)} references at {a.out}: {bank.bytes_per_memory()} bytes per memory")
+    fmt = model.cfg.memory_format
+    print(f"bank of {len(bank)} references at {a.out}: {bank.bytes_per_memory()} bytes per memory; memory format of "
+          f"the model: selector {fmt['selector']!r}, tokens per head {fmt['tokens_per_head']}")
     return 0
 
 
@@ -324,20 +326,12 @@ def _pipeline_dir(out) -> Path:
 
 def _read_references_jsonl(path) -> list[str]:
     """The 'text' of every non-empty line of a JSONL file; a bad line is a ValueError naming file:line."""
-    from .config import parse_json
+    from .config import iter_jsonl
     texts = []
-    with open(path, "rb") as f:  # OSError (missing, a directory, no permission) names the path
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid UTF-8: {e}") from None
-            if not line.strip():
-                continue
-            obj = parse_json(line, f"{path}:{n}")
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'text'")
-            texts.append(obj["text"])
+    for n, obj in iter_jsonl(path):  # OSError (missing, a directory, no permission) names the path
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'text'")
+        texts.append(obj["text"])
     if not texts:
         raise ValueError(f"{path} holds no references (one JSON object with a 'text' field per line)")
     return texts
@@ -364,10 +358,18 @@ def cmd_evaluate(a) -> int:
     from .evaluate import qa_eval
     from .memory.bank import MemoryBank
     torch.set_num_threads(a.threads)
+    questions = None
+    if a.qa:  # the file first: a bad line is reported before anything slow runs
+        from .evaluate import read_qa_jsonl
+        if not a.bank:
+            raise ValueError("evaluate --qa needs --bank (a bank built by --model, e.g. build-bank --references)")
+        questions = read_qa_jsonl(a.qa)
     model, tok = load_pretrained(a.model)
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer.json")
     bank = MemoryBank.open(a.bank, model, tok) if a.bank else None
+    if questions is not None:
+        return _evaluate_user_qa(a, model, tok, bank, questions)
     if a.text_dir:
         return _evaluate_heldout(a, model, tok, bank)
     world = World.generate(a.n_people, seed=a.seed)
@@ -422,6 +424,28 @@ def _heldout_documents(a, tok) -> tuple[list[dict], Path]:
         return read_heldout(tmp), root
 
 
+def _evaluate_user_qa(a, model, tok, bank, questions) -> int:
+    """`evaluate --qa`: the user's questions with memory, memory off and RAG; result JSON and a table."""
+    from .evaluate import user_qa_eval
+    from .provenance import provenance
+    from .utils import atomic_write_text
+    r = user_qa_eval(model, tok, bank, questions, progress=not a.quiet)
+    argv = ["mini-m3", *a.argv]
+    result = {**r, "model": str(a.model), "bank": str(a.bank), "qa": str(a.qa), "argv": argv,
+              "provenance": provenance(a.seed, argv=argv)}
+    out = Path(a.out or "qa_eval.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1))
+    fmt = r["memory_settings"]
+    print(f"{'mode':<12}{'exact match':>12}")
+    for mode, v in r["exact_match"].items():
+        print(f"{mode:<12}{v:>12.3f}")
+    print(f"{r['n']} questions; retrieval top-1 {r['retrieval_top1']:.3f} ({r['retrieval_top1_definition']}); "
+          f"memory format of the model: selector {fmt['selector']!r}, tokens per head {fmt['tokens_per_head']}, "
+          f"memories per chunk {fmt['memories_per_chunk']}; results in {out}")
+    return 0
+
+
 def _evaluate_heldout(a, model, tok, bank) -> int:
     """`evaluate --text-dir`: held-out loss and perplexity with memory, without, RAG and the control (JSON + PNG)."""
     from .checkpoint import load_pretrained
@@ -458,7 +482,7 @@ def _evaluate_heldout(a, model, tok, bank) -> int:
     result = {"model": str(a.model), "bank": str(a.bank), "control_model": a.control_model,
               "heldout_source": str(source), "heldout_documents": len(docs),
               "bank_holds_heldout_references": bank_holds_heldout, **r}
-    out = Path(a.out)
+    out = Path(a.out or "heldout_eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1))
     plot_heldout(r, out.with_suffix(".png"))
@@ -617,8 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the text to continue")
     g.set_defaults(fn=cmd_generate)
 
-    e = sub.add_parser("evaluate", help="QA exact match on the knowledge world, or held-out loss of one's own "
-                                        "corpus (--text-dir)", **fmt)
+    e = sub.add_parser("evaluate", help="QA exact match on the knowledge world or on one's own questions (--qa), "
+                                        "or held-out loss of one's own corpus (--text-dir)", **fmt)
     _add_common(e)
     e.add_argument("--model", required=True, help="model directory")
     e.add_argument("--bank", help="memory bank built by --model")
@@ -626,12 +650,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="heldout", choices=["text", "memory", "heldout"], help="world QA split")
     e.add_argument("--n", type=positive_int, default=300, help="world QA: number of questions")
     e.add_argument("--n-people", type=positive_int, default=2000, help="world QA: world size used by the demo")
-    e.add_argument("--text-dir", help="held-out loss instead of world QA: a `train` OUT folder, its data/ folder, "
-                                      "or the folder of .txt files (split again with --seed/--heldout-fraction)")
+    what = e.add_mutually_exclusive_group()
+    what.add_argument("--text-dir", help="held-out loss instead of world QA: a `train` OUT folder, its data/ folder, "
+                                         "or the folder of .txt files (split again with --seed/--heldout-fraction)")
+    what.add_argument("--qa", help="one's own questions instead of world QA: a JSONL file, one {\"question\": ..., "
+                                   "\"answer\": ...} per line (optional \"reference\": index of the bank text holding "
+                                   "the answer), each asked in the model's QA prompt with memory, memory off and RAG")
     e.add_argument("--control-model", help="--text-dir: a no-memory model trained on the same tokens, to compare")
     e.add_argument("--no-leakage-filter", action="store_true",
                    help="--text-dir: switch off the 2/3 evaluation leakage filter (§4.3)")
-    e.add_argument("--out", default="heldout_eval.json", help="--text-dir: result JSON (and a PNG beside it)")
+    e.add_argument("--out", default=None, help="result JSON of --qa (default qa_eval.json) or --text-dir (default "
+                                               "heldout_eval.json, and a PNG beside it)")
     _add_split_flags(e)
     e.set_defaults(fn=cmd_evaluate)
 
@@ -665,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line, for result files
     if getattr(args, "quiet", False):
         os.environ["TQDM_DISABLE"] = "1"
     try:

@@ -2,7 +2,9 @@
 
 Like litgpt's `Config`: named presets (`Memory3Config.from_name("paper-2.4b")`), validation with errors
 that name the field and the rule, and a JSON round trip. Memory settings (§3.3–3.4) live here too,
-because a memory bank is only readable by a model of the same shape.
+because a memory bank is only readable by a model of the same shape. The memory *format* (which tokens a memory
+keeps, how many per head, how many memories a chunk reads) is part of the model as well: training, banks,
+retrieval and evaluation read it from here, and a bank written in another format is refused.
 """
 
 from __future__ import annotations
@@ -14,11 +16,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .utils import atomic_write_text
 
-CONFIG_FORMAT_VERSION = 1
+CONFIG_FORMAT_VERSION = 2  # 2: memory_selector (version 1 files load with the paper's "attention")
+# §3.3 token selectors: "attention" (the paper: top tokens by attention received), "exp" (its un-normalised
+# approximation), "random", "first", and "all" (every reference token kept: no sparsification)
+MEMORY_SELECTORS = ("attention", "exp", "random", "first", "all")
+# the fields of the memory format: the same weights under another format are the same weights (the bank checks the
+# format itself), so `checkpoint.weights_fingerprint` leaves these out
+MEMORY_FORMAT_FIELDS = ("memory_selector", "memory_tokens_per_head", "memories_per_chunk")
 MAX_JSON_DEPTH = 64  # our files nest 5 levels deep at most; the json module recurses once per level
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _JSON_BRACKET = re.compile(r"[\[\]{}]")
@@ -40,6 +48,19 @@ def parse_json(text: str, what: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
         raise ValueError(f"{what} is not valid JSON (corrupt or truncated?): {e}") from None
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed object) of every non-blank line of a JSONL file a user hands us; a line that is not
+    UTF-8 or not JSON is a ValueError naming file:line (a missing file is an OSError naming the path)."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid UTF-8: {e}") from None
+            if line.strip():
+                yield n, parse_json(line, f"{path}:{n}")
+
+
 def _int_tuple(value: Any, fld: str) -> tuple:
     """A JSON list (or a preset's tuple) as a tuple; anything else names the field, e.g. `memory_layers: 1`."""
     if not isinstance(value, (list, tuple)):
@@ -55,7 +76,9 @@ class Memory3Config:
     d_h = ``head_dim``, d = ``d_model``, W = ``mlp_width``, l_mem = ``memory_tokens_per_head``,
     l_ref = ``reference_length``, l_chunk = ``chunk_length``.
     ``memory_layers``/``memory_heads`` of ``None`` mean the paper's defaults: the first half of the
-    layers and every KV head.
+    layers and every KV head. The memory format: ``memory_selector`` picks the ``memory_tokens_per_head``
+    tokens each memory keeps per head ("all" keeps every reference token), and a chunk reads
+    ``memories_per_chunk`` memories; `with_memory_format` gives a copy in another format.
     """
 
     name: str = "custom"
@@ -78,6 +101,7 @@ class Memory3Config:
     reference_length: int = 128
     chunk_length: int = 64
     memories_per_chunk: int = 5
+    memory_selector: str = "attention"
     # "<s>Reference:" as token ids: <s> and the reserved <ref> token of our Tokenizer
     reference_prefix_ids: tuple[int, ...] = (1, 3)
 
@@ -126,6 +150,8 @@ class Memory3Config:
             fail("memory_heads", "must be strictly increasing (no duplicates)")
         if bool(self.memory_layers) != bool(self.memory_heads):
             fail("memory_heads", "memory_layers and memory_heads must both be empty or both be non-empty")
+        if self.memory_selector not in MEMORY_SELECTORS:
+            fail("memory_selector", f"must be one of {list(MEMORY_SELECTORS)}")
         if self.memory_tokens_per_head > self.reference_length:
             fail("memory_tokens_per_head", f"cannot exceed reference_length={self.reference_length}")
         if not self.reference_prefix_ids or not all(
@@ -157,7 +183,33 @@ class Memory3Config:
     @property
     def memory_slots_per_chunk(self) -> int:
         """Memory key/value slots one chunk reads per memory head: 5 memories x 8 tokens = 40."""
-        return self.memories_per_chunk * self.memory_tokens_per_head
+        return self.memories_per_chunk * self.written_format()[1]
+
+    def written_format(self, selector: str | None = None, tokens_per_head: int | None = None) -> tuple[str, int]:
+        """(selector, tokens kept per memory head) of memories written with these overrides (None: this config's).
+        The selector "all" keeps every reference token: `reference_length` slots per head, whatever is asked."""
+        selector = self.memory_selector if selector is None else selector
+        if selector not in MEMORY_SELECTORS:
+            raise ValueError(f"unknown selector {selector!r}; choose from {MEMORY_SELECTORS}")
+        k = self.reference_length if selector == "all" else (tokens_per_head or self.memory_tokens_per_head)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.reference_length:
+            raise ValueError(f"tokens_per_head={k!r} must be an integer in [1, reference_length="
+                             f"{self.reference_length}]")
+        return selector, k
+
+    @property
+    def memory_format(self) -> dict[str, Any]:
+        """The model's memory format: {"selector", "tokens_per_head" (as stored), "memories_per_chunk"}."""
+        selector, k = self.written_format()
+        return {"selector": selector, "tokens_per_head": k, "memories_per_chunk": self.memories_per_chunk}
+
+    def with_memory_format(self, selector: str | None = None, tokens_per_head: int | None = None,
+                           memories_per_chunk: int | None = None) -> "Memory3Config":
+        """A validated copy in another memory format (None keeps a field). `Memory3.with_memory_format` gives
+        the model under it, sharing the weights: the explicit way to read memories of another format."""
+        changes = {k: v for k, v in (("memory_selector", selector), ("memory_tokens_per_head", tokens_per_head),
+                                     ("memories_per_chunk", memories_per_chunk)) if v is not None}
+        return self.replace(**changes)
 
     def non_embedding_parameters(self) -> int:
         """P = L (2 d·H·d_h + 2 d·d_h·H_kv + 3 d·W) + norms; the paper's formula when d = H·d_h."""
@@ -198,12 +250,18 @@ class Memory3Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Memory3Config":
+        """A config from its JSON object. Version 1 files predate `memory_selector` and load with the paper's
+        "attention", the selector `MemoryBank.build` and `mini-m3 build-bank` used for such models; a model that was
+        trained with another one needs it written into its config (re-save it with `with_memory_format`)."""
         d = dict(d)
         fmt, version = d.pop("format", "mini_m3.config"), d.pop("version", CONFIG_FORMAT_VERSION)
         if fmt != "mini_m3.config":
             raise ValueError(f"not a mini_m3 config (format={fmt!r})")
-        if version != CONFIG_FORMAT_VERSION:
-            raise ValueError(f"config format version {version} is not supported (expected {CONFIG_FORMAT_VERSION})")
+        if version not in (1, CONFIG_FORMAT_VERSION) or isinstance(version, bool):
+            raise ValueError(f"config format version {version} is not supported (expected {CONFIG_FORMAT_VERSION}, "
+                             f"or 1)")
+        if version == 1 and "memory_selector" in d:
+            raise ValueError("memory_selector is a field of config format version 2, not 1")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

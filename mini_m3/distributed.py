@@ -50,7 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import read_config, save_pretrained
-from .config import Memory3Config
+from .config import MEMORY_SELECTORS, Memory3Config
 from .model import Memory3, rope_tables
 from .tokenizer import Tokenizer
 from .train import (ChunkedData, TrainConfig, batch_order, check_finite_step, checkpoint_to_resume, continual_memory,
@@ -620,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continual-lr", type=float, help="peak LR of the continual stage (default: --lr; §5 used "
                                                       "~5e-5 after a warmup peak of ~8e-4)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--selector", default="attention")
+    p.add_argument("--selector", default=None, choices=MEMORY_SELECTORS,
+                   help="memory token selector, written into the model's config (default: the preset's)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
@@ -642,7 +643,7 @@ def stage_configs(a: argparse.Namespace) -> list[TrainConfig]:
         if steps:
             lr = a.continual_lr if stage == "continual" and a.continual_lr else a.lr
             out.append(TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=lr, seed=a.seed,
-                                   selector=a.selector, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
+                                   checkpoint_every=a.checkpoint_every, quiet=a.quiet,
                                    threads=a.threads, warmup_steps=max(1, steps // 10) if stage == "warmup" else 0,
                                    decay_fraction=0.0 if stage == "warmup" and a.continual_steps else 0.1))
     return out
@@ -650,6 +651,8 @@ def stage_configs(a: argparse.Namespace) -> list[TrainConfig]:
 
 def model_config(a: argparse.Namespace, tokenizer: Tokenizer | None) -> Memory3Config:
     over = {"max_seq_len": a.max_seq_len} if a.max_seq_len else {}
+    if a.selector:  # the memory format is the model's: the config records what the continual stage trains with
+        over["memory_selector"] = a.selector
     cfg = Memory3Config.from_name(a.preset, **over)
     if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size and not a.preset.startswith(("paper", "fig10")):
         cfg = cfg.replace(vocab_size=tokenizer.vocab_size)

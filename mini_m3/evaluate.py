@@ -6,6 +6,9 @@ correct iff, fed the prompt, the model's argmax reproduces every answer token an
 prompt alone (the answer never reaches the retriever), drops references overlapping the prompt by more than
 2/3 (§4.3), and reads the 5 memories in every answer position, as the first decoded chunk does (§7.5).
 
+`user_qa_eval` is `mini-m3 evaluate --qa`: questions a user brings (`read_qa_jsonl`), asked in the model's QA
+prompt (`world.qa_prompt`) with memory (the model's memories per chunk), with memory off and in RAG mode.
+
 `heldout_lm_eval` measures next-token loss on held-out documents of one's own corpus (`train --text-dir`): every
 64-token chunk reads 5 memories retrieved with the chunk before it (§3.4), under the same 2/3 filter.
 """
@@ -13,7 +16,9 @@ prompt alone (the answer never reaches the retriever), drops references overlapp
 from __future__ import annotations
 
 import math
+import os
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -21,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .config import iter_jsonl
+from .data.world import qa_prompt
 from .inference import MODES, generate_batch, memory_for
 from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
 from .model import Memory3
@@ -30,7 +37,9 @@ from .model import Memory3
 def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", bank=None, batch_size: int = 64,
             leakage_threshold: float | None = EVAL_LEAKAGE_THRESHOLD, memories_per_chunk: int | None = None,
             progress: bool = False) -> dict:
-    """Exact match and mean answer log-likelihood over QA items (objects with `.prompt` and `.answer`)."""
+    """Exact match and mean answer log-likelihood over QA items (objects with `.prompt` and `.answer`: a world
+    `QAItem`, or a `UserQuestion`). RAG mode puts the retrieved texts before the prompt, leaving out the
+    lowest-ranked ones that do not fit `max_seq_len` ("rag_references_read": how many were read, on average)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "none" and bank is None:
@@ -39,7 +48,7 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
     n_mem = memories_per_chunk or cfg.memories_per_chunk
     dev = model.tok_emb.weight.device
     newline_ids = {i for i in range(tokenizer.vocab_size) if (tokenizer.id_to_token(i) or "").startswith("Ċ")}
-    correct, loglik, retrieved = [], [], []
+    correct, loglik, retrieved, rag_read = [], [], [], []
     model.eval()
     for s in tqdm(range(0, len(items), batch_size), disable=not progress, desc=f"QA ({mode})", unit="batch"):
         batch = items[s:s + batch_size]
@@ -51,11 +60,12 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
             retrieved.extend(ids_table.tolist())
         rows, spans = [], []
         for b, it in enumerate(batch):
-            text = it.prompt
-            if mode == "rag":
-                text = "".join(bank.texts[i] + "\n" for i in ids_table[b].tolist() if i >= 0) + text
-            p = [tokenizer.bos_id] + tokenizer.encode(text)
             a = tokenizer.encode(" " + it.answer)
+            if mode == "rag":
+                p, n_read = _rag_row(tokenizer, bank, ids_table[b].tolist(), it.prompt, cfg.max_seq_len - len(a))
+                rag_read.append(n_read)
+            else:
+                p = [tokenizer.bos_id] + tokenizer.encode(it.prompt)
             rows.append(p + a)
             spans.append((len(p), len(p) + len(a)))
         T = max(len(r) for r in rows)
@@ -83,7 +93,119 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
            "answer_loglik": float(np.mean(loglik)) if loglik else float("nan"), "correct": correct}
     if retrieved:
         out["retrieved"] = retrieved
+    if rag_read:
+        out["rag_references_read"] = float(np.mean(rag_read))
     return out
+
+
+def _rag_row(tokenizer, bank, ids: list[int], prompt: str, budget: int) -> tuple[list[int], int]:
+    """<s>, the retrieved texts (best first, each followed by a newline) and the prompt, as token ids: the
+    lowest-ranked texts are left out until the row holds at most `budget` tokens. Returns the ids and the number
+    of texts kept."""
+    used = [i for i in ids if i >= 0]
+    while True:
+        row = [tokenizer.bos_id] + tokenizer.encode("".join(bank.texts[i] + "\n" for i in used) + prompt)
+        if len(row) <= budget or not used:
+            return row, len(used)
+        used.pop()
+
+
+# ---- questions a user brings (`mini-m3 evaluate --qa`) -------------------------------------------------------------
+
+QA_FIELDS = ("question", "answer", "reference")
+
+
+@dataclass(frozen=True)
+class UserQuestion:
+    """One line of an `evaluate --qa` file: a question, its answer (exact match, as `world.exact_match`) and,
+    optionally, the index of the bank reference that holds the answer. Asked as `world.qa_prompt(question)`."""
+
+    question: str
+    answer: str
+    reference: int | None = None
+    where: str = ""  # file:line, for errors
+
+    @property
+    def prompt(self) -> str:
+        return qa_prompt(self.question)
+
+
+def read_qa_jsonl(path: str | os.PathLike) -> list[UserQuestion]:
+    """The questions of a JSONL file, one `{"question": str, "answer": str, "reference": int (optional)}` per line
+    (blank lines skipped). Any bad line is a ValueError naming file:line: not JSON, not an object, an unknown,
+    missing, empty or mistyped field, an answer of several lines (exact match reads one line), "reference" on
+    some lines only. A file without questions is an error too."""
+    items = []
+    for n, obj in iter_jsonl(path):
+        where = f"{path}:{n}"
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object {{\"question\": ..., \"answer\": ...}}, got "
+                             f"{type(obj).__name__}")
+        unknown = sorted(set(obj) - set(QA_FIELDS))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown}; a line holds {list(QA_FIELDS)} ('reference' "
+                             f"optional)")
+        for f in ("question", "answer"):
+            if not isinstance(obj.get(f), str) or not obj[f].strip():
+                got = "missing" if f not in obj else f"{type(obj[f]).__name__} {str(obj[f])[:40]!r}"
+                raise ValueError(f"{where}: field {f!r} must be a non-empty string, got {got}")
+        answer = obj["answer"].strip()
+        if "\n" in answer:
+            raise ValueError(f"{where}: the answer spans several lines; exact match compares one line")
+        ref = obj.get("reference")
+        if "reference" in obj and (isinstance(ref, bool) or not isinstance(ref, int) or ref < 0):
+            raise ValueError(f"{where}: field 'reference' must be an integer >= 0 (a bank reference index), "
+                             f"got {ref!r}")
+        if items and (ref is None) != (items[0].reference is None):
+            first = items[0].where if ref is None else where
+            raise ValueError(f"{where}: 'reference' is given on some lines only ({first} has one): give it on "
+                             f"every line or on none")
+        items.append(UserQuestion(obj["question"].strip(), answer, ref, where))
+    if not items:
+        raise ValueError(f"{path} holds no questions (one JSON object {{\"question\": ..., \"answer\": ...}} "
+                         f"per line)")
+    return items
+
+
+def user_qa_eval(model: Memory3, tokenizer, bank, items: Sequence[UserQuestion], *, batch_size: int = 64,
+                 progress: bool = False) -> dict:
+    """Exact match of `items` in three modes: "memory" (the bank, `cfg.memories_per_chunk` memories), "memory_off"
+    (no memory) and "rag" (the retrieved texts in the prompt), each through `qa_eval`; the memory format read from
+    the model; and retrieval top-1: the share of questions whose top-1 retrieved reference (memory mode, after the
+    leakage filter) is their "reference" when the lines give one, else the share whose top-1 text contains the
+    answer."""
+    if not items:
+        raise ValueError("no questions to ask")
+    limit = model.cfg.max_seq_len
+    for it in items:
+        if it.reference is not None and it.reference >= len(bank):
+            raise ValueError(f"{it.where}: reference {it.reference} is not in the bank of {len(bank)} references "
+                             f"(0..{len(bank) - 1})")
+        n = 1 + len(tokenizer.encode(it.prompt)) + len(tokenizer.encode(" " + it.answer))
+        if n > limit:
+            raise ValueError(f"{it.where}: the prompt and answer take {n} tokens > max_seq_len={limit}")
+    runs = {name: qa_eval(model, tokenizer, items, mode=mode, bank=None if mode == "none" else bank,
+                          batch_size=batch_size, progress=progress)
+            for name, mode in (("memory", "memory"), ("memory_off", "none"), ("rag", "rag"))}
+    top1 = [ids[0] if ids else -1 for ids in runs["memory"]["retrieved"]]
+    by_reference = items[0].reference is not None
+    hits = [t == it.reference if by_reference else (t >= 0 and it.answer in bank.texts[t])
+            for it, t in zip(items, top1)]
+    return {
+        "n": len(items),
+        "exact_match": {name: r["accuracy"] for name, r in runs.items()},
+        "memory_settings": model.cfg.memory_format,
+        "retrieval_top1": float(np.mean(hits)),
+        "retrieval_top1_definition": ("the top-1 retrieved reference is the line's 'reference'" if by_reference else
+                                      "the top-1 retrieved reference's text contains the answer"),
+        "memories_read": min(model.cfg.memories_per_chunk, len(bank)),
+        "rag_references_read": runs["rag"]["rag_references_read"],
+        "leakage_threshold": EVAL_LEAKAGE_THRESHOLD,
+        "answer_loglik": {name: r["answer_loglik"] for name, r in runs.items()},
+        "questions": [{"question": it.question, "answer": it.answer, "reference": it.reference, "top1": t,
+                       **{name: r["correct"][i] for name, r in runs.items()}}
+                      for i, (it, t) in enumerate(zip(items, top1))],
+    }
 
 
 def retrieval_hit_rate(items: Sequence, retrieved: Sequence[Sequence[int]], k: int | None = None) -> float:

@@ -26,6 +26,7 @@ Key layout seen by hooks (the last axis of `hook_attn_scores` / `hook_pattern`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -613,6 +614,16 @@ class Memory3(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
         self._prefix_cache = None
+
+    def with_memory_format(self, *, selector: str | None = None, tokens_per_head: int | None = None,
+                           memories_per_chunk: int | None = None) -> "Memory3":
+        """This model under another explicit-memory format (`Memory3Config.with_memory_format`; None keeps a field),
+        for ablations that write or read memories in a format the model was not trained in. The two objects share
+        every submodule, parameter and buffer (training one trains the other); only `cfg` differs, so a bank in
+        that format opens for the returned model and is refused by this one."""
+        other = copy.copy(self)  # a new Memory3 whose attributes are this one's (the same submodule dicts)
+        other.cfg = self.cfg.with_memory_format(selector, tokens_per_head, memories_per_chunk)
+        return other
 
     # ------------------------------------------------------------------ bookkeeping
     def num_parameters(self, non_embedding: bool = True) -> int:

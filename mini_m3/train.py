@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import fsync_dir, load_weights, read_config, save_weights
+from .config import MEMORY_SELECTORS
 from .utils import atomic_path, atomic_write_text, sha256_file
 from .data.text import training_sequences
 from .memory.encode import encode_reference_tokens
@@ -59,7 +60,8 @@ class ChunkedData:
 
     tokens:    (N, T) long, T = chunks_per_sequence x chunk_length
     targets:   (N, T) long, next-token targets, -100 where no loss is taken (padding)
-    chunk_refs:(N, C) long, id of the reference each chunk retrieved (-1 = none)
+    chunk_refs:(N, C) long, id of the reference each chunk retrieved (-1 = none), or (N, C, m): the m references
+               each chunk retrieved (`retrieve_for_chunks(memories=m)`), read as they are (see `memory_index`)
     references:list of token-id lists, the reference texts the ids point to
     """
 
@@ -116,9 +118,12 @@ def pack_stream(docs: Sequence[Sequence[int]], seq_len: int, *, bos_id: int, eos
 
 def retrieve_for_chunks(tokens: torch.Tensor, chunk_length: int, tokenizer: Tokenizer, retriever,
                         reference_tokens: Sequence[Sequence[int]], *, candidates: int = 4,
-                        leakage_threshold: float = TRAIN_LEAKAGE_THRESHOLD, progress: bool = True) -> torch.Tensor:
+                        leakage_threshold: float = TRAIN_LEAKAGE_THRESHOLD, progress: bool = True,
+                        memories: int = 1) -> torch.Tensor:
     """For each chunk, the best retrieved reference that does not overlap the chunk's sequence by more than
-    `leakage_threshold` (Eq. 6 on token ids, §4.4). Returns (N, C) reference ids, -1 for empty chunks."""
+    `leakage_threshold` (Eq. 6 on token ids, §4.4). Returns (N, C) reference ids, -1 for empty chunks.
+    memories > 1: the best `memories` such references of each chunk, (N, C, memories), -1 padded (§3.6: a chunk
+    reads the memories retrieved for it; `candidates` is raised to at least 2 x memories)."""
     N, T = tokens.shape
     C = T // chunk_length
     chunks = tokens.view(N, C, chunk_length)
@@ -129,25 +134,27 @@ def retrieve_for_chunks(tokens: torch.Tensor, chunk_length: int, tokenizer: Toke
             if ids:
                 queries.append(tokenizer.decode(ids))
                 where.append((s, c))
-    out = torch.full((N, C), -1, dtype=torch.long)
+    out = torch.full((N, C, memories), -1, dtype=torch.long)
     if not queries:
-        return out
-    k = min(candidates, len(retriever))
+        return out[..., 0] if memories == 1 else out
+    k = min(max(candidates, 2 * memories), len(retriever))
     ids_all = []
     for i in tqdm(range(0, len(queries), 4096), disable=not progress, desc="retrieve for chunks", unit="batch"):
         ids_all.append(retriever.search(queries[i:i + 4096], k)[1])
     found = np.concatenate(ids_all)
     for (s, c), cand in zip(where, found):
         seq = [t for t in tokens[s].tolist() if t > 3]
-        for r in cand.tolist():
-            if r >= 0 and not exceeds_overlap(seq, reference_tokens[r], leakage_threshold):
-                out[s, c] = r
-                break
-    return out
+        kept = [r for r in cand.tolist() if r >= 0 and not exceeds_overlap(seq, reference_tokens[r], leakage_threshold)]
+        kept = kept[:memories]
+        out[s, c, :len(kept)] = torch.tensor(kept, dtype=torch.long)
+    return out[..., 0] if memories == 1 else out
 
 
 def memory_index(chunk_refs: torch.Tensor, memories_per_chunk: int) -> torch.Tensor:
-    """(B, C) retrieved ids -> (B, C, n) ids each chunk reads: its own and the previous n-1 chunks' (-1 pad)."""
+    """(B, C) retrieved ids -> (B, C, n) ids each chunk reads: its own and the previous n-1 chunks' (-1 pad).
+    (B, C, m) ids (each chunk's own top-m retrieval, `retrieve_for_chunks(memories=m)`) -> the first n of them."""
+    if chunk_refs.dim() == 3:
+        return chunk_refs[..., :memories_per_chunk]
     B, C = chunk_refs.shape
     n = memories_per_chunk
     padded = torch.cat([torch.full((B, n - 1), -1, dtype=torch.long), chunk_refs], 1)
@@ -170,8 +177,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
-    selector: str = "attention"
-    tokens_per_head: int | None = None
+    selector: str | None = None  # None: the model's memory format (Memory3Config.memory_selector); else an override
+    tokens_per_head: int | None = None  # None: the model's (Memory3Config.memory_tokens_per_head)
     memory_grad: bool = True
     eval_every: int = 0
     checkpoint_every: int = 0
@@ -184,6 +191,9 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         if self.stage not in ("warmup", "continual"):
             raise ValueError(f"TrainConfig.stage={self.stage!r}: must be 'warmup' or 'continual'")
+        if self.selector is not None and self.selector not in MEMORY_SELECTORS:
+            raise ValueError(f"TrainConfig.selector={self.selector!r}: must be None (the model's) or one of "
+                             f"{list(MEMORY_SELECTORS)}")
         for f in ("steps", "batch_size"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: must be a positive integer")
@@ -227,7 +237,8 @@ def batch_order(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
 
 
 def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig):
-    """Encode the references a batch reads (live, through the memory layers) and lay them out per chunk."""
+    """Encode the references a batch reads (live, through the memory layers) and lay them out per chunk: in the
+    model's memory format (memories per chunk, selector, tokens per head) unless `cfg` overrides the latter two."""
     mcfg = model.cfg
     refs = data.chunk_refs[rows]  # (B, C)
     index = memory_index(refs, mcfg.memories_per_chunk)  # (B, C, n) reference ids
@@ -238,7 +249,8 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
     with torch.set_grad_enabled(cfg.memory_grad and torch.is_grad_enabled()):
         mem = encode_reference_tokens(model, [data.references[r] for r in used], selector=cfg.selector,
                                       tokens_per_head=cfg.tokens_per_head,
-                                      generator=torch.Generator().manual_seed(cfg.seed))
+                                      generator=torch.Generator().manual_seed(cfg.seed),
+                                      score_dtype=torch.float32)  # 2-3x faster selection; see selection_scores
     local = index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
     return mem.to_memory_kv(local.to(mem.keys.device))
 

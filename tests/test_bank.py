@@ -199,8 +199,8 @@ def test_references_are_encoded_with_the_space_after_reference_colon(tmp_path, m
     # the first name of a biography must tokenize as it does in a question (" Monica", not "M" "on" "ica")
     assert refs[0][0] != " " and tok.encode_reference(refs[0]) == tok.encode(" " + refs[0])
     assert tok.encode_reference(" " + refs[0]) == tok.encode(" " + refs[0])  # no second space
-    bank = MemoryBank.build(tmp_path / "b", model, tok, refs[:2], selector="all", storage_dtype="float32",
-                            progress=False)
+    bank = MemoryBank.build(tmp_path / "b", model.with_memory_format(selector="all"), tok, refs[:2],
+                            storage_dtype="float32", progress=False)
     direct = encode_reference_tokens(model, [tok.encode(" " + r) for r in refs[:2]], selector="all")
     torch.testing.assert_close(bank.get([0, 1]).keys, direct.keys)
     plain = encode_reference_tokens(model, [tok.encode(r) for r in refs[:2]], selector="all")

@@ -309,7 +309,7 @@ def altered(m, case, tmp_path, path):
 @pytest.mark.parametrize("case, match", [
     ("dtype int8", "'dtype' is 'int8', expected one of"),
     ("dtype float16", "holds uint16 .*say float16"),
-    ("tokens_per_head", "holds .*the manifest and the model say"),
+    ("tokens_per_head", "holds memories in format .*tokens_per_head=4, but the model's config says .*=8"),
     ("no texts_sha256", r"lacks the field\(s\) \['texts_sha256'\]"),
     ("no model_fingerprint", r"lacks the field\(s\) \['model_fingerprint'\]"),
     ("texts_file outside", "'texts_file' is '../refs.jsonl'"),

@@ -131,6 +131,9 @@ def test_fingerprint_covers_exactly_the_layers_that_shape_memories():
     # layers after the last memory layer and the final norm never touch a memory
     for name in ("blocks.2.attn.wq.weight", "blocks.3.mlp.w_up.weight", "norm.weight"):
         assert changed(name) == fp, name
-    # the config is part of it: the same weights under another memory setting are another model
-    other = tiny_model(0, memory_tokens_per_head=4)
-    assert weights_fingerprint(other) != fp
+    # the config's shape is part of it: the same weights with other memory heads are another model
+    assert weights_fingerprint(tiny_model(0, memory_heads=(0,))) != fp
+    # the memory format is not (a bank checks it itself): the same weights in another format, made either way
+    other = tiny_model(0, memory_tokens_per_head=4, memory_selector="first", memories_per_chunk=1)
+    assert weights_fingerprint(other) == fp
+    assert weights_fingerprint(model.with_memory_format(selector="all", memories_per_chunk=2)) == fp

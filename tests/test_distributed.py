@@ -213,6 +213,20 @@ def test_module_entry_point_parses():
     assert p.returncode == 0 and "--nproc_per_node" in p.stdout and "--stop-at" in p.stdout
 
 
+def test_the_selector_option_is_the_models_memory_format(capsys):
+    """--selector defaults to the preset's memory format; given, it is written into the model's config (so the saved
+    model records what it trained with), and the stages leave the format to the model; a typo is refused."""
+    args = ["--data", "d", "--out", "o", "--preset", "tiny"]
+    a = build_parser().parse_args(args)
+    assert a.selector is None and model_config(a, None).memory_selector == "attention"
+    a = build_parser().parse_args(args + ["--selector", "all"])
+    assert model_config(a, None).memory_format == {"selector": "all", "tokens_per_head": 128, "memories_per_chunk": 5}
+    assert [(tc.selector, tc.tokens_per_head) for tc in stage_configs(a)] == [(None, None)] * 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args + ["--selector", "oracle"])
+    assert "--selector: invalid choice: 'oracle'" in capsys.readouterr().err
+
+
 def _available_gb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines() if Path("/proc/meminfo").exists() else []:
         if line.startswith("MemAvailable:"):

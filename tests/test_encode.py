@@ -188,3 +188,18 @@ def test_encode_references_text_api_and_errors(tiny):
     with pytest.raises(TypeError):
         encode_references(tiny, tok, "just one string")
     assert isinstance(ExplicitMemory.cat([mem[0], mem[1]]), ExplicitMemory)
+
+
+def test_float32_selection_scores_match_float64_and_pick_the_same_tokens():
+    """Continual training scores in float32 (speed); banks in float64. On random references the scores agree to
+    float32 precision and (barring exact near-ties) select the same tokens."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(6, 4, 40, 16, generator=g), torch.randn(6, 2, 40, 16, generator=g)
+    valid = torch.ones(6, 40, dtype=torch.bool)
+    valid[:, 33:] = False
+    exact = selection_scores(q, k, valid, n_groups=2)
+    fast = selection_scores(q, k, valid, n_groups=2, dtype=torch.float32)
+    assert fast.dtype == torch.float32 and exact.dtype == torch.float64
+    ok = valid[:, None, :].expand_as(exact)
+    torch.testing.assert_close(fast[ok].double(), exact[ok], rtol=1e-5, atol=1e-5)
+    assert torch.equal(select_top_tokens(fast, valid, 8)[0], select_top_tokens(exact, valid, 8)[0])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_model
 from mini_m3.memory.encode import encode_reference_tokens
 from mini_m3.model import ModelOutput
 from mini_m3 import Memory3, Memory3Config, Tokenizer
@@ -116,6 +117,22 @@ def test_imitability_via_memory_on_tiny(tiny, tok):
     p = output_probabilities(tiny, [], [tok.bos_id] + tok.encode(probes[0][0]), tok.encode(probes[0][1]), memory=mem)
     assert r["min_probs"][1, 0] == pytest.approx(p.min())
     assert r["lacks"] and not r["imitable"]
+
+
+def test_memory_is_written_in_the_models_format_unless_another_is_named(tok):
+    """A model trained with "first" (3 tokens per head) reads its realizations in that format; memory_selector
+    names another one on purpose."""
+    model = tiny_model(0, memory_selector="first", memory_tokens_per_head=3)
+    real, (inp, out) = "The capital of France is Paris.", ("The capital of France is", " Paris")
+    ids = [tok.bos_id] + tok.encode(inp)
+    p = {s: output_probabilities(model, [], ids, tok.encode(out), memory=encode_reference_tokens(
+        model, [tok.encode_reference(real)], selector=s)) for s in ("first", "attention")}
+    assert not np.allclose(p["first"], p["attention"])  # the two formats give different memories here
+    np.testing.assert_allclose(knowledge_report(model, tok, real, inp, out)["memory"]["probs"], p["first"])
+    np.testing.assert_allclose(knowledge_report(model, tok, real, inp, out, memory_selector="attention")["memory"]
+                               ["probs"], p["attention"])
+    r = imitability(model, tok, [real], [(inp, out)], via="memory")
+    assert r["min_probs"][0, 0] == pytest.approx(p["first"].min())
 
 
 # ----------------------------------------------------------------------------------------------- a copy model

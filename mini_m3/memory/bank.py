@@ -2,8 +2,9 @@
 
 Layout of a bank directory:
 
-    manifest.json                 format/version, model fingerprint (Remark 9), tokenizer hash, selector,
-                                  storage (raw dtype or VQ codes), counts, and the size and sha256 of every file
+    manifest.json                 format/version, model fingerprint (Remark 9), tokenizer hash, memory format
+                                  (selector, tokens per head), storage (raw dtype or VQ codes), counts, and the
+                                  size and sha256 of every file
     shard-00000.keys.npy          (n, L_mem, H_mem, k, d_h) raw keys   (or shard-00000.codes.npy: (n, 2, L_mem,
     shard-00000.values.npy        (n, L_mem, H_mem, k, d_h) raw values      H_mem, k, code_size) uint8 VQ codes)
     shard-00000.positions.npy     (n, L_mem, H_mem, k) int16, -1 = empty slot
@@ -20,8 +21,11 @@ readable; a write that fails leaves the `MemoryBank` object as it was. `open` re
 what `build` writes (fields, types, allowed values, file names inside the bank), checks every file against its
 size and sha256 before numpy or faiss parses it (shards, memory-mapped and read row by row, only by size above
 512 MB), and checks that manifest, texts, retrieval index and shards agree on the references and their shapes.
-"Warm start" (`build`) encodes everything up front; "cold start" (`build(..., encode=False)`) stores only
-texts and index, encodes a reference the first time `get` asks for it, and `flush()` writes those to disk.
+The memory format is the model's (`Memory3Config.memory_selector` / `memory_tokens_per_head`): `build` writes it
+and `open` refuses a model whose config says another format (`Memory3.with_memory_format` gives the same weights
+under another format, for ablations). "Warm start" (`build`) encodes everything up front; "cold start"
+(`build(..., encode=False)`) stores only texts and index, encodes a reference the first time `get` asks for it, and
+`flush()` writes those to disk.
 `build(..., memories=...)` stores memories computed elsewhere, one shard per batch. Shards are memory-mapped
 with read-ahead off (`MADV_RANDOM`), since `get` reads scattered rows (experiments/bench_bank_scale.py).
 """
@@ -54,7 +58,8 @@ from .retrieve import _FILES as RETRIEVER_FILES
 from .retrieve import Retriever
 
 BANK_FORMAT = "mini_m3.memory_bank"
-BANK_FORMAT_VERSION = 3  # 2: references tokenized with the space after "Reference:"; 3: every file checksummed
+BANK_FORMAT_VERSION = 4  # 2: references tokenized with the space after "Reference:"; 3: every file checksummed;
+# 4: the memory format is the model's, checked at build and open (and left out of the model fingerprint)
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}  # bf16 kept as raw bits
 VERIFY_MODES = ("auto", "full", "size", "none")
 FULL_VERIFY_BYTES = 512 * 2 ** 20  # verify="auto" checks shards by sha256 below this many bytes of shards
@@ -223,7 +228,8 @@ def _check_manifest(m, mpath: Path) -> dict:
     if m.get("version") != BANK_FORMAT_VERSION:
         raise BankError(f"bank format version {m.get('version')} is not supported (this mini_m3 reads version "
                         f"{BANK_FORMAT_VERSION}; version 1 banks tokenized references differently, version 2 banks "
-                        f"have no checksum of their texts and retrieval index): rebuild the bank")
+                        f"have no checksum of their texts and retrieval index, version 3 banks were not checked "
+                        f"against the model's memory format): rebuild the bank")
     damaged = "the manifest was altered or damaged: rebuild the bank"
     missing = [k for k in _FIELDS if k not in m]
     if missing:
@@ -325,6 +331,18 @@ def _load_retriever(path: Path, m: dict, texts: list[str], verify: str) -> Retri
     return retriever
 
 
+def _check_format(path: Path, model: Memory3, selector: str, tokens_per_head: int, verb: str) -> None:
+    """A BankError unless (selector, tokens_per_head) is the memory format of `model`'s config."""
+    fmt = model.cfg.memory_format
+    if (selector, tokens_per_head) != (fmt["selector"], fmt["tokens_per_head"]):
+        raise BankError(f"the memory bank at {path} {verb} format selector={selector!r}, tokens_per_head="
+                        f"{tokens_per_head}, but the model's config says selector={fmt['selector']!r}, tokens_per_head="
+                        f"{fmt['tokens_per_head']} (the memory format is part of the model): build the bank from this "
+                        f"model's config (mini-m3 build-bank, or MemoryBank.build without selector/tokens_per_head), "
+                        f"or, to use that format on purpose, pass model.with_memory_format(selector={selector!r}"
+                        f"{'' if selector == 'all' else f', tokens_per_head={tokens_per_head}'})")
+
+
 class MemoryBank:
     """Explicit memories of a set of references, on disk, for one model (see the module docstring).
     Made by `MemoryBank.open` or `MemoryBank.build`."""
@@ -347,12 +365,15 @@ class MemoryBank:
     @classmethod
     def build(cls, path: str | os.PathLike, model: Memory3, tokenizer, texts: Sequence[str], *,
               quantizer: VectorQuantizer | GroupedQuantizer | str | None = None, vq_groups: str = "auto",
-              selector: str = "attention",
-              tokens_per_head: int | None = None, storage_dtype: str = "bfloat16", retriever: Retriever | None = None,
+              selector: str | None = None, tokens_per_head: int | None = None, storage_dtype: str = "bfloat16",
+              retriever: Retriever | None = None,
               encode: bool = True, batch_size: int = 64, shard_size: int = 65536, vq_train_references: int = 4096,
               cache_size: int = 4096, overwrite: bool = False, seed: int = 0, progress: bool = True,
               memories: Iterable[ExplicitMemory] | None = None) -> "MemoryBank":
-        """Encode `texts` with `model` and write a new bank at `path`.
+        """Encode `texts` with `model` and write a new bank at `path`, in the model's memory format.
+
+        selector, tokens_per_head: None (the model's format); anything else must name the model's format, or the
+        build is refused (BankError): to write another format on purpose, pass `model.with_memory_format(...)`.
 
         quantizer: None (raw `storage_dtype`), a `VectorQuantizer` or `GroupedQuantizer` (trained or not), or a
         faiss factory string ("default" picks `default_factory(head_dim)`); an untrained quantizer is trained on
@@ -367,10 +388,10 @@ class MemoryBank:
         path = Path(path)
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}")
-        if selector not in SELECTORS:
-            raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
-        texts = _check_texts(texts)
         cfg = model.cfg
+        selector, tokens_per_head = cfg.written_format(selector, tokens_per_head)
+        _check_format(path, model, selector, tokens_per_head, "would be written in")
+        texts = _check_texts(texts)
         if vq_groups not in ("auto", "per_head", "shared"):
             raise ValueError(f"vq_groups must be 'auto', 'per_head' or 'shared', got {vq_groups!r}")
         if isinstance(quantizer, str):
@@ -398,8 +419,7 @@ class MemoryBank:
                 "generation": old_generation, "model_fingerprint": weights_fingerprint(model),
                 "config": cfg.to_dict(),
                 "tokenizer_fingerprint": tokenizer.fingerprint() if tokenizer is not None else None,
-                "selector": selector, "tokens_per_head": (cfg.reference_length if selector == "all"
-                                                          else tokens_per_head or cfg.memory_tokens_per_head),
+                "selector": selector, "tokens_per_head": tokens_per_head,
                 "storage": "vq" if quantizer is not None else "raw", "dtype": storage_dtype, "quantizer": None,
                 "seed": seed, "shards": [], "n_references": 0, "texts_file": None, "retriever_dir": None,
             }
@@ -613,6 +633,7 @@ class MemoryBank:
                             f"{m['model_fingerprint'][:12]}…, this model {fp[:12]}…). Explicit memories are "
                             f"only readable by the weights that wrote them (paper Remark 9): rebuild the bank with "
                             f"MemoryBank.build(..., overwrite=True) or `mini-m3 build-bank`.")
+        _check_format(self.path, self.model, m["selector"], m["tokens_per_head"], "holds memories in")
         if self.tokenizer is not None and m["tokenizer_fingerprint"] not in (None, self.tokenizer.fingerprint()):
             raise BankError(f"the memory bank at {self.path} was built with a different tokenizer")
 

@@ -8,6 +8,8 @@ The kept keys are stored after RoPE, so they remain at their positions p..p+127 
 
 Selectors (for ablations): "attention" (the paper's softmax score), "exp" (the paper's un-normalised
 approximation, ranked stably by log-sum-exp), "random", "first", and "all" (no token sparsification).
+The selector and tokens per head default to the model's memory format (`Memory3Config.memory_selector`,
+`memory_tokens_per_head`); explicit arguments override it (a bank refuses memories not in the model's format).
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from typing import Sequence
 
 import torch
 
+from ..config import MEMORY_SELECTORS as SELECTORS
 from ..model import Memory3, MemoryKV
-
-SELECTORS = ("attention", "exp", "random", "first", "all")
 
 
 @dataclass
@@ -87,18 +88,20 @@ class ExplicitMemory:
 
 
 def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tensor, n_groups: int,
-                     selector: str = "attention") -> torch.Tensor:
+                     selector: str = "attention", dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Score w_j of each reference token j for each KV head: the attention it receives from all tokens.
 
     q_raw: (N, H, R, d_h), k_raw: (N, H_kv, R, d_h), both without RoPE; valid: (N, R) real tokens.
     Returns (N, H_kv, R) — higher is better; invalid tokens get -inf.
     "attention": Σ_{i valid} Σ_{h in group} softmax_j(q_i·k_j/√d_h)  (softmax over valid j, no causal mask)
     "exp":       log Σ_{i, h} exp(q_i·k_j/√d_h)   (the paper's approximation; the log keeps the ranking)
+    dtype: float64 (banks, evaluation): its rounding noise, which depends on the batch shape, stays far below
+    select_top_tokens' float32 ranking, so a reference keeps the same tokens in any batch. float32 (continual
+    training, 2-3x faster): near-ties may then break differently from batch to batch.
     """
     N, H, R, dh = q_raw.shape
-    # float64: its rounding noise (which depends on the batch shape) stays far below select_top_tokens' float32 ranking
-    k_rep = k_raw.double().repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
-    logits = q_raw.double() @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
+    k_rep = k_raw.to(dtype).repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
+    logits = q_raw.to(dtype) @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
     key_ok = valid[:, None, None, :]
     query_ok = valid[:, None, :, None]
     if selector == "attention":
@@ -146,17 +149,16 @@ def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selecto
 
 
 def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | torch.Tensor, *,
-                            selector: str = "attention", tokens_per_head: int | None = None,
+                            selector: str | None = None, tokens_per_head: int | None = None,
                             generator: torch.Generator | None = None, pad_id: int = 0,
-                            reference_ids: Sequence[int] | None = None) -> ExplicitMemory:
-    """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role).
-    Gradients flow into keys and values when autograd is on (used by continual training, §3.6)."""
+                            reference_ids: Sequence[int] | None = None,
+                            score_dtype: torch.dtype = torch.float64) -> ExplicitMemory:
+    """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role), in the model's
+    memory format unless `selector` / `tokens_per_head` say otherwise.
+    Gradients flow into keys and values when autograd is on (used by continual training, §3.6).
+    score_dtype: precision of the selection scores (see `selection_scores`)."""
     cfg = model.cfg
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
-    k = cfg.reference_length if selector == "all" else (tokens_per_head or cfg.memory_tokens_per_head)
-    if not 1 <= k <= cfg.reference_length:
-        raise ValueError(f"tokens_per_head={k} must be in [1, reference_length={cfg.reference_length}]")
+    selector, k = cfg.written_format(selector, tokens_per_head)
     device = model.tok_emb.weight.device
     if isinstance(ref_ids, torch.Tensor):
         ids = ref_ids.to(device)
@@ -184,7 +186,7 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
             # the top-k choice is not differentiable: scoring without autograd keeps its float64 (N, H, R, R)
             # matrices out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b)
             scores = selection_scores(layer["q_raw"].detach(), layer["k_raw"].detach(), valid, cfg.n_query_groups,
-                                      selector)
+                                      selector, score_dtype)
         else:
             scores = torch.zeros(N, cfg.n_kv_heads, R, device=device)
         index, kept = select_top_tokens(scores[:, heads], valid, k, selector, generator)  # (N, H_mem, k)
@@ -202,10 +204,11 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
 
 
 @torch.no_grad()
-def encode_references(model: Memory3, tokenizer, texts: Sequence[str], *, selector: str = "attention",
+def encode_references(model: Memory3, tokenizer, texts: Sequence[str], *, selector: str | None = None,
                       tokens_per_head: int | None = None, batch_size: int = 64, seed: int = 0,
                       reference_ids: Sequence[int] | None = None, progress: bool = False) -> ExplicitMemory:
-    """Encode reference texts into explicit memories (batched, no gradients). See the module docstring.
+    """Encode reference texts into explicit memories (batched, no gradients), in the model's memory format unless
+    `selector` / `tokens_per_head` say otherwise. See the module docstring.
 
     An empty reference, or one longer than `reference_length` tokens, is refused with a ValueError (split
     long texts with `mini_m3.data.text.chunk_references` first).

@@ -125,7 +125,8 @@ def _encode_reference(tokenizer, text: str) -> list[int]:
     return list(enc(text)) if enc is not None else _encode(tokenizer, text)
 
 
-def _realization_memory(model, ref_ids: list[int], selector: str) -> ExplicitMemory:
+def _realization_memory(model, ref_ids: list[int], selector: str | None) -> ExplicitMemory:
+    """The realization's explicit memory, in the model's memory format unless `selector` names another one."""
     with torch.no_grad():
         return encode_reference_tokens(model, [ref_ids], selector=selector)
 
@@ -138,7 +139,7 @@ def _use_memory(model, use_memory: bool | None) -> bool:
 
 
 def knowledge_report(model, tokenizer, realization: str, probe_input: str, probe_output: str, *,
-                     memory_selector: str = "attention", separator: str = "\n",
+                     memory_selector: str | None = None, separator: str = "\n",
                      use_memory: bool | None = None) -> dict:
     """Def 6 for one probe of a knowledge, three ways.
 
@@ -147,8 +148,9 @@ def knowledge_report(model, tokenizer, realization: str, probe_input: str, probe
 
     plain:  ``<s>`` + input → output
     prefix: ``<s>`` + realization + ``separator`` (the text t*) + input → output
-    memory: ``<s>`` + input → output, reading the realization's explicit memory (``memory_selector`` picks
-            the kept tokens, §3.3). Skipped when ``use_memory`` is False or the model has no memory layers.
+    memory: ``<s>`` + input → output, reading the realization's explicit memory, written in the model's memory
+            format (``Memory3Config.memory_selector``, §3.3) unless ``memory_selector`` names another selector.
+            Skipped when ``use_memory`` is False or the model has no memory layers.
 
     Returns {"plain"|"prefix"|"memory": {"probs", "min", "mean", "sequence"}, "output_ids", "input_ids",
     "prefix_ids"} plus the verdicts of :func:`knowledge_verdicts`. ``tokenizer`` needs ``encode(str)`` and
@@ -171,12 +173,12 @@ def knowledge_report(model, tokenizer, realization: str, probe_input: str, probe
 
 
 def imitability(model, tokenizer, realizations: Sequence[str], probes: Sequence[tuple[str, str]], *,
-                via: str = "prefix", separator: str = "\n", memory_selector: str = "attention") -> dict:
+                via: str = "prefix", separator: str = "\n", memory_selector: str | None = None) -> dict:
     """Def 7: can every realization t′ serve as the prefix t* for every probe realization t?
 
     realizations: the texts t′ offered as help; probes: (input, output) splits of realizations t.
     via: "prefix" reads t′ as text (Def 7 as stated); "memory" reads t′ as explicit memory (Memory³'s
-    version of the same question).
+    version of the same question), in the model's memory format unless ``memory_selector`` says otherwise.
     Returns {"min_probs": (n_realizations, n_probes) array, "sequence_probs": same shape,
     "plain_min": (n_probes,) min probability without help} plus :func:`imitability_verdict`.
     """
