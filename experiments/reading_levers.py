@@ -1,0 +1,66 @@
+"""Issue 15: which levers make a mini model read memory in the paper's format (top-8 tokens, 5 memories)?
+
+One run = `mini_m3.reading.run_reading` with the settings given here; each run writes OUT/results.json (argv, commit,
+seed, versions). `experiments/results/reading_levers.md` keeps the table of runs, failures included.
+
+    python experiments/reading_levers.py --out runs/base --preset small --continual-steps 2000
+    python experiments/reading_levers.py --out runs/deep --model n_layers=8 --curriculum-steps 300
+    python experiments/reading_levers.py table runs/*/results.json     # the markdown table of runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from mini_m3.reading import ReadingSettings, run_reading
+
+
+def parse_model(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        k, _, v = it.partition("=")
+        out[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
+    return out
+
+
+def table(paths: list[str]) -> str:
+    """One markdown row per results.json: the levers of the run, then memory / off for every axis."""
+    from mini_m3.reading import AXES
+    rows = ["| run | model | steps (warmup + 1-memory + 5-memory) | " + " | ".join(AXES) + " |",
+            "|---|---|---|" + "---|" * len(AXES)]
+    for path in paths:
+        r = json.loads(open(path).read())
+        s, c = r["settings"], r["config"]
+        model = (f"{c['n_layers']}L d{c['d_model']} kv{c['n_kv_heads']}, memory layers {c['memory_layers']}, "
+                 f"{r['memory_settings']['selector']}/{r['memory_settings']['tokens_per_head']}/"
+                 f"{r['memory_settings']['memories_per_chunk']}")
+        cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
+        rows.append(f"| `{path}` | {model} | {s['warmup_steps']} + {s['curriculum_steps']} + {s['continual_steps']} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table"]:
+        print(table(argv[1:]))
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", nargs="*", default=[], help="Memory3Config overrides, e.g. n_layers=8 memory_tokens_per_head=8")
+    p.add_argument("--quiet", action="store_true")
+    for f in fields(ReadingSettings):
+        if f.name in ("model", "progress"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    a = p.parse_args(argv)
+    kw = {f.name: getattr(a, f.name) for f in fields(ReadingSettings) if f.name not in ("model", "progress")}
+    s = ReadingSettings(**kw, model=parse_model(a.model), progress=not a.quiet)
+    run_reading(a.out, s, argv=["experiments/reading_levers.py", *argv])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""§3.6 + §7 reading explicit memory in the paper's format: train on the BioWorld, evaluate every generalisation axis.
+
+One run: generate a :class:`~mini_m3.data.bios.BioWorld`; train the tokenizer on training text only; retrieve
+the paper's 5 memories for every training chunk (its own biography and, mostly, look-alikes sharing a first or
+last name); pretrain in two stages (warmup without memory, then continual training reading 5 memories of the
+model's own memory format, top-8 tokens per KV head by default); build the bank of every person (held-out people
+and people with names in another style included); and report QA exact match per axis:
+
+==========================  ===========================================================================
+axis                        held-out people (bank only, names and values from pools training never saw) …
+``heldout``                 … told and asked in training wordings
+``new_bio_wording``         … whose bank biography uses the held-out sentence templates
+``new_question_wording``    … asked with the held-out question templates
+``all_new``                 … both at once
+``other_style_names``       people added to the bank after training, named in another style (real names)
+``trained``                 ``memory`` people, whose QA (not biography) was in training
+==========================  ===========================================================================
+
+each with memory, memory off, and retrieval top-1. Library code: the demo and ``experiments/reading_levers.py``
+call :func:`run_reading`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import save_pretrained
+from .config import Memory3Config
+from .data.bios import BioWorld
+from .evaluate import qa_eval, retrieval_hit_rate
+from .memory.bank import MemoryBank
+from .memory.retrieve import Retriever
+from .model import Memory3
+from .provenance import fixed_numerics, provenance
+from .tokenizer import Tokenizer
+from .train import ChunkedData, TrainConfig, pack_documents, retrieve_for_chunks, train
+from .utils import atomic_write_text
+
+AXES = ("heldout", "new_bio_wording", "new_question_wording", "all_new", "other_style_names", "trained")
+
+
+@dataclass
+class ReadingSettings:
+    seed: int = 0
+    preset: str = "small"
+    model: dict = field(default_factory=dict)  # Memory3Config overrides (n_layers=..., memory format, ...)
+    n_people: int = 6000
+    n_docs: int = 60000
+    vocab_size: int = 2048
+    bio_fraction: float = 0.1
+    max_qa: int = 3
+    batch_size: int = 32
+    warmup_steps: int = 300
+    continual_steps: int = 2000
+    curriculum_steps: int = 0  # continual steps reading only the top-1 memory before the paper's 5 (a lever)
+    lr: float = 2e-3
+    eval_questions: int = 200
+    eval_every: int = 0  # continual steps between held-out QA checks (a temporary bank each time), 0 = none
+    threads: int = 2
+    progress: bool = True
+
+    def model_config(self, vocab_size: int) -> Memory3Config:
+        return Memory3Config.from_name(self.preset, vocab_size=vocab_size, **self.model)
+
+
+def _chunk_data(tokens, targets, refs, reference_tokens) -> ChunkedData:
+    return ChunkedData(tokens, targets, refs, reference_tokens)
+
+
+def build_reading_data(s: ReadingSettings):
+    """World, tokenizer (training text only), bank texts (every person, then other-style people), retriever and
+    the training data with each chunk's retrieved memories."""
+    world = BioWorld.generate(s.n_people, seed=s.seed)
+    docs = world.training_documents(s.n_docs, seed=s.seed, bio_fraction=s.bio_fraction, max_qa=s.max_qa)
+    tokenizer = Tokenizer.train(world.tokenizer_corpus(docs), s.vocab_size)
+    cfg = s.model_config(tokenizer.vocab_size)
+    fits = lambda t: len(tokenizer.encode(t)) <= cfg.reference_length  # noqa: E731
+    others = world.other_style_people(100, seed=s.seed)
+    references = world.references(fits) + world.references(fits, people=others)  # bank: index = pid
+    reference_tokens = tokenizer.encode_references(references)
+    # training retrieves among the people training may see: a held-out biography is never read in training,
+    # not even as another chunk's distractor; other-style people join the bank only after training
+    seen = torch.tensor([p.pid for p in world.people if p.split != "heldout"])
+    retriever = Retriever().fit([references[i] for i in seen.tolist()])
+    ids = tokenizer.encode_batch([d.text for d in docs])
+    tokens, targets = pack_documents(ids, cfg.chunk_length, 1, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                                     pad_id=tokenizer.pad_id)
+    local = retrieve_for_chunks(tokens, cfg.chunk_length, tokenizer, retriever,
+                                [reference_tokens[i] for i in seen.tolist()], progress=s.progress,
+                                memories=cfg.memories_per_chunk)
+    refs = torch.where(local >= 0, seen[local.clamp(min=0)], -1)  # retriever rows -> pids
+    data = _chunk_data(tokens, targets, refs, reference_tokens)
+    return world, others, tokenizer, cfg, references, data, docs
+
+
+def reading_questions(world: BioWorld, others, n: int, seed: int) -> dict:
+    """The evaluation items of every axis (see the module docstring)."""
+    q = lambda split, qf, bf=None: world.eval_questions(split, n, seed=seed, question_family=qf, bio_family=bf)  # noqa: E731
+    from .data.world import QAItem, qa_prompt
+    rng = np.random.default_rng(seed)
+    other_items = []
+    for i in range(n):
+        p = others[int(rng.integers(len(others)))]
+        a = ("birth_date", "birth_city", "university", "major", "employer")[int(rng.integers(5))]
+        question, answer = world.qa(p, a, family="train", template=int(rng.integers(6)))
+        other_items.append(QAItem(p.pid, a, question, answer, qa_prompt(question)))
+    return {"heldout": q("heldout", "train", "train"), "new_bio_wording": q("heldout", "train", "heldout"),
+            "new_question_wording": q("heldout", "heldout", "train"), "all_new": q("heldout", "heldout", "heldout"),
+            "other_style_names": other_items, "trained": q("memory", "train")}
+
+
+def evaluate_axes(model: Memory3, tokenizer, bank, items: dict) -> dict:
+    out = {}
+    for axis, its in items.items():
+        mem = qa_eval(model, tokenizer, its, mode="memory", bank=bank)
+        off = qa_eval(model, tokenizer, its, mode="none")
+        out[axis] = {"memory": mem["accuracy"], "memory_off": off["accuracy"], "n": mem["n"],
+                     "retrieval_top1": retrieval_hit_rate(its, mem["retrieved"], 1),
+                     f"retrieval_top{model.cfg.memories_per_chunk}": retrieval_hit_rate(its, mem["retrieved"])}
+    return out
+
+
+def run_reading(out_dir: str | os.PathLike, s: ReadingSettings | None = None, *, argv=None) -> dict:
+    s = s or ReadingSettings()
+    with fixed_numerics(s.seed, s.threads):
+        return _run(Path(out_dir), s, argv)
+
+
+def _run(out: Path, s: ReadingSettings, argv) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if s.progress else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    prov = provenance(s.seed)
+    world, others, tokenizer, cfg, references, data, docs = build_reading_data(s)
+    n_mem = cfg.memories_per_chunk
+    own = [d.person for d in docs]
+    first = data.chunk_refs[..., 0].flatten().tolist() if data.chunk_refs.dim() == 3 else data.chunk_refs.flatten().tolist()
+    train_top1 = float(np.mean([p == r for p, r in zip(own, first)]))
+    say(f"world {world.summary()}; vocab {tokenizer.vocab_size}; {len(data)} chunks; training retrieval top-1 "
+        f"{train_top1:.3f}; t={time.perf_counter() - t0:.0f}s")
+    torch.manual_seed(s.seed)
+    model = Memory3(cfg)
+
+    watch = {k: v[:max(20, s.eval_questions // 4)] for k, v in
+             reading_questions(world, others, s.eval_questions, s.seed).items() if k in ("heldout", "all_new")}
+
+    def check(m, step):  # held-out QA during training: a bank of the current weights
+        with torch.no_grad():
+            b = MemoryBank.build(out / "bank_check", m, tokenizer, references, retriever=Retriever(),
+                                 overwrite=True, progress=False, seed=s.seed)
+            r = {f"qa_{k}": qa_eval(m, tokenizer, v, mode="memory", bank=b)["accuracy"] for k, v in watch.items()}
+        m.train()
+        say(f"step {step + 1}: {r}")
+        return r
+
+    def stage(name, steps, kind, d, **kw):
+        tc = TrainConfig(stage=kind, steps=steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                         quiet=not s.progress, threads=s.threads,
+                         eval_every=s.eval_every if kind == "continual" else 0, **kw)
+        return train(model, d, tc, out_dir=out / name, tokenizer=tokenizer, resume=False,
+                     eval_fn=check if kind == "continual" and s.eval_every else None)
+
+    total = s.warmup_steps + s.continual_steps
+    res = {"warmup": stage("warmup", s.warmup_steps, "warmup", data, warmup_steps=max(1, s.warmup_steps // 10),
+                           decay_fraction=0.0)}
+    if s.curriculum_steps:
+        one = _chunk_data(data.tokens, data.targets, data.chunk_refs[..., :1].contiguous(), data.references)
+        res["curriculum"] = stage("curriculum", s.curriculum_steps, "continual", one, warmup_steps=0,
+                                  decay_fraction=0.0)
+    res["continual"] = stage("continual", s.continual_steps, "continual", data, warmup_steps=0,
+                             decay_fraction=min(1.0, 0.1 * total / s.continual_steps))
+    t_train = time.perf_counter() - t0
+    save_pretrained(model, out / "model", tokenizer)
+    bank = MemoryBank.build(out / "bank", model, tokenizer, references, retriever=Retriever(),
+                            overwrite=True, progress=s.progress, seed=s.seed)
+    items = reading_questions(world, others, s.eval_questions, s.seed)
+    axes = evaluate_axes(model, tokenizer, bank, items)
+    results = {
+        "axes": axes, "training_retrieval_top1": train_top1,
+        "memory_settings": cfg.memory_format,
+        "final_loss": {k: v["final_loss"] for k, v in res.items()},
+        "step_time": {k: v["step_time"] for k, v in res.items()},
+        "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0,
+        "parameters": {"non_embedding": model.num_parameters(), "total": model.num_parameters(False)},
+        "config": cfg.to_dict(), "settings": asdict(s), "world": world.summary(), "seed": s.seed,
+        "argv": list(argv) if argv is not None else None, "provenance": prov,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    say(format_axes(results))
+    return results
+
+
+def format_axes(r: dict) -> str:
+    m = r["memory_settings"]
+    lines = [f"memory format: {m['selector']}, {m['tokens_per_head']} tokens/head, {m['memories_per_chunk']} "
+             f"memories/chunk",
+             f"{'axis':24s} {'memory':>7s} {'off':>6s} {'top-1':>6s}"]
+    for k, v in r["axes"].items():
+        lines.append(f"{k:24s} {v['memory']:7.3f} {v['memory_off']:6.3f} {v['retrieval_top1']:6.3f}")
+    lines.append(f"train {r['train_seconds']:.0f}s, wall {r['wall_seconds']:.0f}s, seed {r['seed']}")
+    return "\n".join(lines)
+
+
+__all__ = ["AXES", "ReadingSettings", "build_reading_data", "evaluate_axes", "format_axes", "reading_questions",
+           "run_reading"]

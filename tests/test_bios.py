@@ -1,0 +1,103 @@
+"""The reading world (mini_m3.data.bios): held-out means held out, look-alikes exist, wordings come in families."""
+
+import re
+
+import pytest
+
+from mini_m3.data.bios import (ATTRIBUTES, INTRO_TEMPLATES, OTHER_STYLE_FIRST, QUESTION_TEMPLATES,
+                               SENTENCE_TEMPLATES, BioWorld)
+from mini_m3.data.world import exact_match
+
+
+@pytest.fixture(scope="module")
+def world():
+    return BioWorld.generate(800, seed=3)
+
+
+@pytest.fixture(scope="module")
+def docs(world):
+    return world.training_documents(3000, seed=3)
+
+
+def _pattern(template: str) -> re.Pattern:
+    """A template as a regex: each placeholder matches a run of words (no sentence end)."""
+    parts = re.split(r"\{[A-Za-z]\}", template)
+    return re.compile(r"[^.?\n]+?".join(re.escape(p) for p in parts))
+
+
+def test_heldout_people_names_and_values_never_reach_training_text_or_tokenizer(world, docs):
+    corpus = " ".join(world.tokenizer_corpus(docs))
+    assert all(d.person is None or world.people[d.person].split != "heldout" for d in docs)
+    held = world.people_in("heldout")
+    words = {w for p in held for w in (p.first_name, p.last_name)}
+    words |= {p.birth_city for p in held} | {p.employer.split()[0] for p in held}
+    seen = set(re.findall(r"[A-Za-z]+", corpus))
+    assert words and not (words & seen), sorted(words & seen)[:5]
+    assert not set(OTHER_STYLE_FIRST) & seen
+
+
+def test_heldout_wordings_never_in_training_text(world, docs):
+    corpus = "\n".join(world.tokenizer_corpus(docs))
+    held = [t for a in ATTRIBUTES for t in SENTENCE_TEMPLATES["heldout"][a] + QUESTION_TEMPLATES["heldout"][a]]
+    held += list(INTRO_TEMPLATES["heldout"])
+    assert len(held) > 20
+    assert [t for t in held if _pattern(t).search(corpus)] == []
+    # the training families do appear (the check is not vacuous)
+    assert all(_pattern(t).search(corpus) for t in QUESTION_TEMPLATES["train"]["employer"])
+
+
+def test_lookalikes_share_names_and_full_names_are_unique(world):
+    people = world.people_in("memory") + world.people_in("text")
+    firsts = [p.first_name for p in people]
+    assert len(set(firsts)) < len(firsts) / 2  # each first name is shared by several people
+    assert len({p.name for p in world.people}) == len(world.people)
+
+
+def test_biographies_hold_every_fact_and_answers_are_spans(world):
+    for p in world.people[:50]:
+        for seed in range(3):
+            bio = world.biography(p, seed=seed)
+            assert p.name in bio and all(getattr(p, a) in bio for a in ATTRIBUTES)
+    q, a = world.qa(world.people[0], "employer", template=0)
+    assert len(a.split()) >= 2 and exact_match(" " + a, a)
+
+
+def test_bank_biography_fits_or_errors(world):
+    p = world.people[0]
+    short = world.bank_biography(p, fits=lambda t: len(t) < 10_000)
+    assert short == world.biography(p, seed=0)
+    limit = min(len(world.biography(p, seed=s)) for s in range(64))
+    assert len(world.bank_biography(p, fits=lambda t: len(t) <= limit)) <= limit
+    with pytest.raises(ValueError, match="fits"):
+        world.bank_biography(p, fits=lambda t: False)
+
+
+def test_eval_questions_axes(world):
+    items = world.eval_questions("heldout", 30, seed=1, question_family="heldout", bio_family="heldout")
+    by_pid = {p.pid: p for p in world.people}
+    assert all(by_pid[it.person].bio_family == "heldout" and by_pid[it.person].split == "heldout" for it in items)
+    held_q = {t.format(N=by_pid[it.person].name) for it in items for t in QUESTION_TEMPLATES["heldout"][it.attribute]}
+    assert all(it.question in held_q for it in items)
+    assert all(it.answer == getattr(by_pid[it.person], it.attribute) for it in items)
+
+
+def test_deterministic_and_round_trip(world):
+    again = BioWorld.generate(800, seed=3)
+    assert again.people == world.people
+    assert BioWorld.from_json(world.to_json()).people == world.people
+    assert BioWorld.generate(800, seed=4).people != world.people
+    with pytest.raises(ValueError, match="not a mini_m3 BioWorld"):
+        BioWorld.from_json('{"format": "x"}')
+
+
+def test_other_style_people_are_new(world):
+    others = world.other_style_people(10)
+    assert [p.pid for p in others] == list(range(len(world), len(world) + 10))
+    assert not {p.name for p in others} & {p.name for p in world.people}
+
+
+@pytest.mark.parametrize("bad", [dict(n_people=5), dict(text_fraction=0.6, heldout_fraction=0.5),
+                                 dict(seed=-1), dict(heldout_fraction=True)])
+def test_bad_settings(bad):
+    with pytest.raises(ValueError):
+        BioWorld.generate(**{"n_people": 100, **bad})

@@ -1,0 +1,55 @@
+"""The reading harness (mini_m3.reading): the paper's memory format end to end, every axis reported."""
+
+import json
+
+import pytest
+import torch
+
+from mini_m3.checkpoint import load_pretrained
+from mini_m3.memory.bank import MemoryBank
+from mini_m3.reading import AXES, ReadingSettings, build_reading_data, run_reading
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reading")
+    s = ReadingSettings(preset="tiny", n_people=200, n_docs=600, warmup_steps=4, continual_steps=4, curriculum_steps=2,
+                        eval_questions=8, batch_size=8, threads=1, progress=False, eval_every=2)
+    return out, s, run_reading(out, s, argv=["test"])
+
+
+def test_run_reading_reports_every_axis_in_the_models_format(quick):
+    out, s, r = quick
+    assert set(r["axes"]) == set(AXES)
+    for axis in r["axes"].values():
+        assert axis["n"] == 8 and 0 <= axis["memory"] <= 1 and 0 <= axis["memory_off"] <= 1
+        assert 0 <= axis["retrieval_top1"] <= axis["retrieval_top5"] <= 1
+    assert r["memory_settings"] == {"selector": "attention", "tokens_per_head": 8, "memories_per_chunk": 5}
+    assert r["argv"] == ["test"] and r["provenance"]["seed"] == 0 and r["seed"] == 0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["axes"] == r["axes"] and set(saved["final_loss"]) == {"warmup", "curriculum", "continual"}
+    log = [json.loads(l) for l in (out / "continual" / "continual.jsonl").read_text().splitlines()]
+    assert any("qa_heldout" in rec for rec in log)  # the held-out check ran during training
+
+
+def test_the_saved_model_and_bank_carry_the_papers_format(quick):
+    out, s, r = quick
+    model, tok = load_pretrained(out / "model")
+    assert model.cfg.memory_format == r["memory_settings"]
+    bank = MemoryBank.open(out / "bank", model, tok)
+    assert len(bank) == 200 + 100  # every person, then the other-style people added after training
+    other = model.with_memory_format(selector="all")
+    with pytest.raises(Exception, match="format"):
+        MemoryBank.open(out / "bank", other, tok)
+
+
+def test_training_chunks_read_five_retrieved_memories_own_first():
+    s = ReadingSettings(preset="tiny", n_people=200, n_docs=300, progress=False)
+    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    assert data.chunk_refs.shape == (300, 1, 5)
+    own = torch.tensor([d.person for d in docs])
+    assert (data.chunk_refs[:, 0, 0] == own).float().mean() > 0.9  # retrieval finds the person asked about
+    held = {p.pid for p in world.people_in("heldout")}
+    used = set(data.chunk_refs.flatten().tolist())
+    assert not held & used and len(used) > 150  # held-out biographies are never read in training, not even as distractors
+    assert max(len(t) for t in tok.encode_references(refs)) <= cfg.reference_length
