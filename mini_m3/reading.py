@@ -64,6 +64,7 @@ class ReadingSettings:
     lr: float = 2e-3
     eval_questions: int = 200
     eval_every: int = 0  # continual steps between held-out QA checks (a temporary bank each time), 0 = none
+    init_model: str = ""  # continue from this run's OUT/model (same settings but steps; warmup/curriculum may be 0)
     threads: int = 2
     progress: bool = True
 
@@ -148,6 +149,12 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         f"{train_top1:.3f}; t={time.perf_counter() - t0:.0f}s")
     torch.manual_seed(s.seed)
     model = Memory3(cfg)
+    if s.init_model:  # longer training in pieces: the same world and tokenizer, the previous run's weights
+        from .checkpoint import load_pretrained
+        prev, prev_tok = load_pretrained(s.init_model)
+        if prev.cfg != cfg or prev_tok.fingerprint() != tokenizer.fingerprint():
+            raise ValueError(f"{s.init_model} was trained with another model config or tokenizer than these settings")
+        model.load_state_dict(prev.state_dict())
 
     watch = {k: v[:max(20, s.eval_questions // 4)] for k, v in
              reading_questions(world, others, s.eval_questions, s.seed).items() if k in ("heldout", "all_new")}
@@ -169,8 +176,10 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                      eval_fn=check if kind == "continual" and s.eval_every else None)
 
     total = s.warmup_steps + s.continual_steps
-    res = {"warmup": stage("warmup", s.warmup_steps, "warmup", data, warmup_steps=max(1, s.warmup_steps // 10),
-                           decay_fraction=0.0)}
+    res = {}
+    if s.warmup_steps:
+        res["warmup"] = stage("warmup", s.warmup_steps, "warmup", data, warmup_steps=max(1, s.warmup_steps // 10),
+                              decay_fraction=0.0)
     if s.curriculum_steps:
         one = _chunk_data(data.tokens, data.targets, data.chunk_refs[..., :1].contiguous(), data.references)
         res["curriculum"] = stage("curriculum", s.curriculum_steps, "continual", one, warmup_steps=0,

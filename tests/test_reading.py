@@ -1,5 +1,6 @@
 """The reading harness (mini_m3.reading): the paper's memory format end to end, every axis reported."""
 
+import dataclasses
 import json
 
 import pytest
@@ -53,3 +54,16 @@ def test_training_chunks_read_five_retrieved_memories_own_first():
     used = set(data.chunk_refs.flatten().tolist())
     assert not held & used and len(used) > 150  # held-out biographies are never read in training, not even as distractors
     assert max(len(t) for t in tok.encode_references(refs)) <= cfg.reference_length
+
+
+def test_a_run_continues_from_a_previous_runs_model_and_refuses_other_settings(quick, tmp_path):
+    out, s, r = quick
+    more = dataclasses.replace(s, warmup_steps=0, curriculum_steps=0, continual_steps=2, eval_every=0,
+                               init_model=str(out / "model"))
+    r2 = run_reading(tmp_path / "more", more)
+    assert set(r2["final_loss"]) == {"continual"}
+    first = load_pretrained(out / "model")[0].state_dict()
+    after = load_pretrained(tmp_path / "more" / "model")[0].state_dict()
+    assert any(not torch.equal(first[k], after[k]) for k in first)  # it trained on from there
+    with pytest.raises(ValueError, match="another model config or tokenizer"):
+        run_reading(tmp_path / "other", dataclasses.replace(more, seed=1))
