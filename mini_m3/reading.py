@@ -54,7 +54,9 @@ class ReadingSettings:
     model: dict = field(default_factory=dict)  # Memory3Config overrides (n_layers=..., memory format, ...)
     n_people: int = 6000
     n_docs: int = 60000
-    vocab_size: int = 2048
+    name_share: int = 2  # people per first / last name (look-alikes), BioWorld.generate
+    value_share: int = 2  # people per generated city / company
+    vocab_size: int = 1024
     bio_fraction: float = 0.1
     max_qa: int = 3
     batch_size: int = 32
@@ -79,7 +81,7 @@ def _chunk_data(tokens, targets, refs, reference_tokens) -> ChunkedData:
 def build_reading_data(s: ReadingSettings):
     """World, tokenizer (training text only), bank texts (every person, then other-style people), retriever and
     the training data with each chunk's retrieved memories."""
-    world = BioWorld.generate(s.n_people, seed=s.seed)
+    world = BioWorld.generate(s.n_people, seed=s.seed, name_share=s.name_share, value_share=s.value_share)
     docs = world.training_documents(s.n_docs, seed=s.seed, bio_fraction=s.bio_fraction, max_qa=s.max_qa)
     tokenizer = Tokenizer.train(world.tokenizer_corpus(docs), s.vocab_size)
     cfg = s.model_config(tokenizer.vocab_size)

@@ -197,14 +197,18 @@ class _Pools:
     companies: list[str]
 
 
-def _make_pools(rng: random.Random, n_people: int, taken: set[str]) -> _Pools:
-    """Name and value pools sized so that names repeat (look-alikes) but full names stay unique."""
-    n_names = max(8, n_people // 4)  # each first (last) name is shared by ~4 people: look-alikes are common
+def _make_pools(rng: random.Random, n_people: int, taken: set[str], name_share: int, value_share: int) -> _Pools:
+    """Name and value pools: each first (last) name is shared by ~`name_share` people (look-alikes), each generated
+    place or company by ~`value_share`. Small shares keep training names and values rare enough that the tokenizer
+    cuts them into sub-word pieces as it cuts held-out ones (with 2 and 2 and 1,024 tokens: 2.9 vs 3.1 tokens per
+    first name, 3.5 vs 3.4 per last name); large shares turn training names into single tokens, and a model then
+    learns to match whole-name tokens, which held-out names never are."""
+    n_names, n_values = max(8, n_people // name_share), max(8, n_people // value_share)
     return _Pools(
         first=_pool(rng, n_names, lambda r: _word(r, 1, 2, ("",), 8), taken),
         last=_pool(rng, n_names, lambda r: _word(r, 1, 2, _LAST_ENDINGS, 10), taken),
-        places=_pool(rng, max(8, n_people // 8), lambda r: _word(r, 1, 2, _PLACE_ENDINGS, 10), taken),
-        companies=_pool(rng, max(8, n_people // 8), lambda r: _word(r, 1, 2, ("", "", "ix", "ora", "tek"), 9), taken),
+        places=_pool(rng, n_values, lambda r: _word(r, 1, 2, _PLACE_ENDINGS, 10), taken),
+        companies=_pool(rng, n_values, lambda r: _word(r, 1, 2, ("", "", "ix", "ora", "tek"), 9), taken),
     )
 
 
@@ -252,10 +256,14 @@ class BioWorld:
 
     @classmethod
     def generate(cls, n_people: int = 6000, *, seed: int = 0, text_fraction: float = 0.1,
-                 heldout_fraction: float = 0.1) -> "BioWorld":
+                 heldout_fraction: float = 0.1, name_share: int = 2, value_share: int = 2) -> "BioWorld":
         """``n_people`` people: ``heldout_fraction`` of them held out (own name and value pools, half told with
         the held-out biography wording), ``text_fraction`` with biographies in the training text, the rest
-        ``memory`` people (biography only in the bank)."""
+        ``memory`` people (biography only in the bank). ``name_share`` / ``value_share``: people per first or
+        last name / per generated place or company (see ``_make_pools``)."""
+        for f, v in (("name_share", name_share), ("value_share", value_share)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{f} must be an int >= 1, got {v!r}")
         if isinstance(n_people, bool) or not isinstance(n_people, (int, np.integer)) or n_people < 10:
             raise ValueError(f"n_people must be an int >= 10, got {n_people!r}")
         for f, v in (("text_fraction", text_fraction), ("heldout_fraction", heldout_fraction)):
@@ -268,8 +276,8 @@ class BioWorld:
         n_held = max(2, int(round(n_people * heldout_fraction)))
         n_text = max(1, int(round(n_people * text_fraction)))
         taken: set[str] = set(OTHER_STYLE_FIRST) | set(OTHER_STYLE_LAST)
-        train_pools = _make_pools(rng, n_people - n_held, taken)
-        held_pools = _make_pools(rng, n_held, taken)  # disjoint from the training pools (`taken`)
+        train_pools = _make_pools(rng, n_people - n_held, taken, name_share, value_share)
+        held_pools = _make_pools(rng, n_held, taken, name_share, value_share)  # disjoint from the training pools
         names: set[str] = set()
         people = []
         for pid in range(n_people):
@@ -282,7 +290,7 @@ class BioWorld:
         rng.shuffle(order)
         people = [BioPerson(**{**asdict(people[j]), "pid": i}) for i, j in enumerate(order)]
         cfg = {"n_people": int(n_people), "text_fraction": float(text_fraction),
-               "heldout_fraction": float(heldout_fraction)}
+               "heldout_fraction": float(heldout_fraction), "name_share": name_share, "value_share": value_share}
         return cls(people, seed=seed, config=cfg)
 
     # ---- lookup
