@@ -319,8 +319,8 @@ def format_table(r: dict) -> str:
     if "qa_heldout_5_memories" in r:
         lines.append(f"held-out people, reading 5 memories (the paper's count): Memory3 + memory "
                      f"{r['qa_heldout_5_memories']['memory']:.3f}")
-    st_ = r["settings"]
-    if (st_["selector"], st_["memories_per_chunk"]) != ("attention", 5):
+    st_ = r.get("settings")
+    if st_ and (st_["selector"], st_["memories_per_chunk"]) != ("attention", 5):
         k = "every token" if st_["selector"] == "all" else f"{st_['tokens_per_head'] or 8} tokens per head"
         lines.append(f"memory format: {st_['selector']} ({k}), {st_['memories_per_chunk']} memory per "
                      f"chunk; the paper's (top-8 by attention, 5 memories) is not read yet at this scale: "

@@ -126,6 +126,7 @@ def evaluate_axes(model: Memory3, tokenizer, bank, items: dict) -> dict:
         mem = qa_eval(model, tokenizer, its, mode="memory", bank=bank)
         off = qa_eval(model, tokenizer, its, mode="none")
         out[axis] = {"memory": mem["accuracy"], "memory_off": off["accuracy"], "n": mem["n"],
+                     "answer_loglik": {"memory": mem["answer_loglik"], "memory_off": off["answer_loglik"]},
                      "retrieval_top1": retrieval_hit_rate(its, mem["retrieved"], 1),
                      f"retrieval_top{model.cfg.memories_per_chunk}": retrieval_hit_rate(its, mem["retrieved"])}
     return out
