@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .checkpoint import save_pretrained
-from .config import Memory3Config
+from .config import MEMORY_FORMAT_FIELDS, Memory3Config
 from .data.bios import BioWorld
 from .evaluate import qa_eval, retrieval_hit_rate
 from .memory.bank import MemoryBank
@@ -66,7 +66,7 @@ class ReadingSettings:
     lr: float = 2e-3
     eval_questions: int = 200
     eval_every: int = 0  # continual steps between held-out QA checks (a temporary bank each time), 0 = none
-    init_model: str = ""  # continue from this run's OUT/model (same settings but steps; warmup/curriculum may be 0)
+    init_model: str = ""  # continue from a run's OUT/model: same settings but steps and memory format (a lever)
     threads: int = 2
     progress: bool = True
 
@@ -155,7 +155,9 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     if s.init_model:  # longer training in pieces: the same world and tokenizer, the previous run's weights
         from .checkpoint import load_pretrained
         prev, prev_tok = load_pretrained(s.init_model)
-        if prev.cfg != cfg or prev_tok.fingerprint() != tokenizer.fingerprint():
+        # the memory format may change (a format curriculum: all tokens and 1 memory first, then the paper's)
+        same_shape = dataclasses.replace(prev.cfg, **{f: getattr(cfg, f) for f in MEMORY_FORMAT_FIELDS}) == cfg
+        if not same_shape or prev_tok.fingerprint() != tokenizer.fingerprint():
             raise ValueError(f"{s.init_model} was trained with another model config or tokenizer than these settings")
         model.load_state_dict(prev.state_dict())
 

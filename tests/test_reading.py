@@ -67,3 +67,14 @@ def test_a_run_continues_from_a_previous_runs_model_and_refuses_other_settings(q
     assert any(not torch.equal(first[k], after[k]) for k in first)  # it trained on from there
     with pytest.raises(ValueError, match="another model config or tokenizer"):
         run_reading(tmp_path / "other", dataclasses.replace(more, seed=1))
+
+
+def test_a_run_may_continue_in_another_memory_format(quick, tmp_path):
+    """The format curriculum: weights trained in one format continue in another; the saved model records the new."""
+    out, s, r = quick
+    more = dataclasses.replace(s, warmup_steps=0, curriculum_steps=0, continual_steps=1, eval_every=0,
+                               init_model=str(out / "model"), model={"memory_selector": "all", "memories_per_chunk": 1})
+    r2 = run_reading(tmp_path / "all1", more)
+    assert r2["memory_settings"] == {"selector": "all", "tokens_per_head": 128, "memories_per_chunk": 1}
+    with pytest.raises(ValueError, match="another model config"):
+        run_reading(tmp_path / "wide", dataclasses.replace(more, model={"n_layers": 2}))
