@@ -27,10 +27,11 @@ def parse_model(items: list[str]) -> dict:
 
 
 def table(paths: list[str]) -> str:
-    """One markdown row per results.json: the levers of the run, then memory / off for every axis."""
+    """One markdown row per results.json: the levers of the run, then memory / off for every axis. (Runs before
+    name_share / value_share existed used 4 / 8.)"""
     from mini_m3.reading import AXES
-    rows = ["| run | model | steps (warmup + 1-memory + 5-memory) | " + " | ".join(AXES) + " |",
-            "|---|---|---|" + "---|" * len(AXES)]
+    rows = ["| run | world (people per name / value, vocab) | model, memory format | steps: warmup + 1-memory "
+            "curriculum + main | " + " | ".join(AXES) + " |", "|---|---|---|---|" + "---|" * len(AXES)]
     for path in paths:
         r = json.loads(open(path).read())
         s, c = r["settings"], r["config"]
@@ -38,8 +39,10 @@ def table(paths: list[str]) -> str:
                  f"{r['memory_settings']['selector']}/{r['memory_settings']['tokens_per_head']}/"
                  f"{r['memory_settings']['memories_per_chunk']}")
         cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
-        rows.append(f"| `{path}` | {model} | {s['warmup_steps']} + {s['curriculum_steps']} + {s['continual_steps']} | "
-                    + " | ".join(cells) + " |")
+        world = f"{s.get('name_share', 4)} / {s.get('value_share', 8)}, {s['vocab_size']}"
+        init = f" (from `{s['init_model']}`)" if s.get("init_model") else ""
+        rows.append(f"| `{path}` | {world} | {model} | {s['warmup_steps']} + {s['curriculum_steps']} + "
+                    f"{s['continual_steps']}{init} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
