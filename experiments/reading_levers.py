@@ -6,6 +6,7 @@ seed, versions). `experiments/results/reading_levers.md` keeps the table of runs
     python experiments/reading_levers.py --out runs/base --preset small --continual-steps 2000
     python experiments/reading_levers.py --out runs/deep --model n_layers=8 --curriculum-steps 300
     python experiments/reading_levers.py table runs/*/results.json     # the markdown table of runs
+    python experiments/reading_levers.py formats OUT.json runs/a runs/b  # each model read in 4 memory formats
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from mini_m3.reading import ReadingSettings, run_reading
 
@@ -46,10 +48,53 @@ def table(paths: list[str]) -> str:
     return "\n".join(rows)
 
 
+FORMATS = (("all", 1), ("all", 5), ("attention", 1), ("attention", 5))
+
+
+def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
+    """Which half of the paper's format breaks reading: each run's model read in all four combinations of
+    {all tokens, top-8} x {1, 5 memories} on the held-out axis (its bank rebuilt in each format through
+    `with_memory_format`, a deliberate ablation). All runs must share the world settings of the first."""
+    import tempfile
+
+    import torch
+
+    from mini_m3.checkpoint import load_pretrained
+    from mini_m3.evaluate import qa_eval
+    from mini_m3.memory.bank import MemoryBank
+    from mini_m3.memory.retrieve import Retriever
+    from mini_m3.reading import build_reading_data, reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    items = reading_questions(world, others, n, s.seed)["heldout"]
+    result = {"question_set": "heldout", "n": n, "runs": {}}
+    for run in run_dirs:
+        model, run_tok = load_pretrained(Path(run) / "model")
+        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        row = {}
+        for sel, k in FORMATS:
+            m = model.with_memory_format(selector=sel, tokens_per_head=8 if sel == "attention" else None,
+                                         memories_per_chunk=k)
+            with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+                bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False)
+                row[f"{sel}/{k}"] = qa_eval(m, tok, items, mode="memory", bank=bank)["accuracy"]
+            print(run, sel, k, f"{row[f'{sel}/{k}']:.3f}", flush=True)
+        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row}
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
         print(table(argv[1:]))
+        return
+    if argv[:1] == ["formats"]:  # formats OUT.json RUN_DIR [RUN_DIR ...]
+        formats(argv[2:], argv[1])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
