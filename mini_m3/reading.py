@@ -34,7 +34,8 @@ import torch
 
 from .checkpoint import save_pretrained
 from .config import MEMORY_FORMAT_FIELDS, Memory3Config
-from .data.bios import BioWorld
+from .data.bios import ATTRIBUTES, QUESTION_TEMPLATES, BioWorld
+from .data.world import QAItem, qa_prompt
 from .evaluate import qa_eval, retrieval_hit_rate
 from .memory.bank import MemoryBank
 from .memory.retrieve import Retriever
@@ -74,10 +75,6 @@ class ReadingSettings:
         return Memory3Config.from_name(self.preset, vocab_size=vocab_size, **self.model)
 
 
-def _chunk_data(tokens, targets, refs, reference_tokens) -> ChunkedData:
-    return ChunkedData(tokens, targets, refs, reference_tokens)
-
-
 def build_reading_data(s: ReadingSettings):
     """World, tokenizer (training text only), bank texts (every person, then other-style people), retriever and
     the training data with each chunk's retrieved memories."""
@@ -100,20 +97,20 @@ def build_reading_data(s: ReadingSettings):
                                 [reference_tokens[i] for i in seen.tolist()], progress=s.progress,
                                 memories=cfg.memories_per_chunk)
     refs = torch.where(local >= 0, seen[local.clamp(min=0)], -1)  # retriever rows -> pids
-    data = _chunk_data(tokens, targets, refs, reference_tokens)
+    data = ChunkedData(tokens, targets, refs, reference_tokens)
     return world, others, tokenizer, cfg, references, data, docs
 
 
 def reading_questions(world: BioWorld, others, n: int, seed: int) -> dict:
     """The evaluation items of every axis (see the module docstring)."""
     q = lambda split, qf, bf=None: world.eval_questions(split, n, seed=seed, question_family=qf, bio_family=bf)  # noqa: E731
-    from .data.world import QAItem, qa_prompt
     rng = np.random.default_rng(seed)
     other_items = []
-    for i in range(n):
+    for _ in range(n):
         p = others[int(rng.integers(len(others)))]
-        a = ("birth_date", "birth_city", "university", "major", "employer")[int(rng.integers(5))]
-        question, answer = world.qa(p, a, family="train", template=int(rng.integers(6)))
+        a = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+        templates = QUESTION_TEMPLATES["train"][a]
+        question, answer = world.qa(p, a, family="train", template=int(rng.integers(len(templates))))
         other_items.append(QAItem(p.pid, a, question, answer, qa_prompt(question)))
     return {"heldout": q("heldout", "train", "train"), "new_bio_wording": q("heldout", "train", "heldout"),
             "new_question_wording": q("heldout", "heldout", "train"), "all_new": q("heldout", "heldout", "heldout"),
@@ -186,7 +183,7 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         res["warmup"] = stage("warmup", s.warmup_steps, "warmup", data, warmup_steps=max(1, s.warmup_steps // 10),
                               decay_fraction=0.0)
     if s.curriculum_steps:
-        one = _chunk_data(data.tokens, data.targets, data.chunk_refs[..., :1].contiguous(), data.references)
+        one = ChunkedData(data.tokens, data.targets, data.chunk_refs[..., :1].contiguous(), data.references)
         res["curriculum"] = stage("curriculum", s.curriculum_steps, "continual", one, warmup_steps=0,
                                   decay_fraction=0.0)
     res["continual"] = stage("continual", s.continual_steps, "continual", data, warmup_steps=0,
