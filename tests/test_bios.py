@@ -90,6 +90,14 @@ def test_deterministic_and_round_trip(world):
     assert BioWorld.generate(800, seed=4).people != world.people
     with pytest.raises(ValueError, match="not a mini_m3 BioWorld"):
         BioWorld.from_json('{"format": "x"}')
+    for bad in ("[1]", "{not json"):
+        with pytest.raises(ValueError):
+            BioWorld.from_json(bad)
+
+
+def test_save_and_load(world, tmp_path):
+    world.save(tmp_path / "w.json")
+    assert BioWorld.load(tmp_path / "w.json").people == world.people
 
 
 def test_other_style_people_are_new(world):

@@ -412,8 +412,11 @@ class BioWorld:
                            "people": [asdict(p) for p in self.people]})
 
     @classmethod
-    def from_json(cls, text: str) -> "BioWorld":
-        d = json.loads(text)
+    def from_json(cls, text: str, what: str = "BioWorld JSON") -> "BioWorld":
+        from ..config import parse_json
+        d = parse_json(text, what)
+        if not isinstance(d, dict):
+            raise ValueError(f"{what}: not a mini_m3 BioWorld file (format mini_m3.bioworld, version 1)")
         if d.get("format") != "mini_m3.bioworld" or d.get("version") != 1:
             raise ValueError("not a mini_m3 BioWorld file (format mini_m3.bioworld, version 1)")
         return cls([BioPerson(**p) for p in d["people"]], seed=d["seed"], config=d["config"])
@@ -421,6 +424,10 @@ class BioWorld:
     def save(self, path: str | Path) -> None:
         from ..utils import atomic_write_text
         atomic_write_text(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BioWorld":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"), str(path))
 
     def summary(self) -> dict:
         return {"n_people": len(self), **{f"n_{s}": len(self._by_split[s]) for s in SPLITS},
