@@ -158,8 +158,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
             raise ValueError(f"{s.init_model} was trained with another model config or tokenizer than these settings")
         model.load_state_dict(prev.state_dict())
 
-    watch = {k: v[:max(20, s.eval_questions // 4)] for k, v in
-             reading_questions(world, others, s.eval_questions, s.seed).items() if k in ("heldout", "all_new")}
+    items = reading_questions(world, others, s.eval_questions, s.seed)
+    watch = {k: v[:max(20, s.eval_questions // 4)] for k, v in items.items() if k in ("heldout", "all_new")}
 
     def check(m, step):  # held-out QA during training: a bank of the current weights
         with torch.no_grad():
@@ -192,7 +192,6 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     save_pretrained(model, out / "model", tokenizer)
     bank = MemoryBank.build(out / "bank", model, tokenizer, references, retriever=Retriever(),
                             overwrite=True, progress=s.progress, seed=s.seed)
-    items = reading_questions(world, others, s.eval_questions, s.seed)
     axes = evaluate_axes(model, tokenizer, bank, items)
     results = {
         "axes": axes, "training_retrieval_top1": train_top1,
