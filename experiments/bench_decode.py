@@ -1,8 +1,8 @@
 """Decoding throughput, the Table 21 protocol at our scale: memory vs none vs RAG, same model.
 
 Batches of 128-token prompts (world biographies), 128 new tokens each (greedy, no early stop), wall time
-including retrieval (and, for memory, reading the bank), via `mini_m3.evaluate.decode_throughput`. The
-model is the `small` preset with max_seq_len=1024 (so RAG prompts with 5 reference texts fit) and RANDOM
+including retrieval (and, for memory, reading the bank), via `mini_m3.evaluate.compare_decode_throughput`.
+The model is the `small` preset with max_seq_len=1024 (so RAG prompts with 5 reference texts fit) and RANDOM
 weights (0 training steps): throughput does not depend on what the weights are.
 
 Two knowledge bases, one bank each (`MemoryBank.build`, raw bf16 storage, Flat retriever):
@@ -14,8 +14,10 @@ Mode labels without a suffix are chunks_128; "@biographies" marks the other bank
 through the RAM LRU cache (warm after the first round); "memory_nocache" opens the same bank with
 cache_size=0, so every retrieval reads the memory-mapped shards again (the paper's worst case, Table 21; the
 OS page cache stays warm, we cannot drop it without root).
-Modes are interleaved round by round (order reversed every other round); the median tokens/s over rounds is
-reported (the paper averages 8 of 9 runs). One memory-mode run is profiled with cProfile ("profile_top").
+For each batch size the modes take turns, one run each per round, the order rotated every round, after one warm-up
+round that is not counted (`compare_decode_throughput`); per mode the median tokens/s over the rounds is reported
+with its spread, and each ratio is the median of the ratios within each round (the paper averages 8 of 9 runs).
+One memory-mode run is profiled with cProfile ("profile_top").
 
     python experiments/bench_decode.py [--quick] [--out experiments/results/bench_decode.json]
 """
@@ -32,13 +34,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from tqdm.auto import tqdm
 
-from _common import machine, median, parse_args, plt, png_path, seed_all, write_json
+from _common import machine, parse_args, plt, png_path, seed_all, write_json
 from mini_m3.config import Memory3Config
 from mini_m3.data.text import chunk_references
 from mini_m3.data.world import World
-from mini_m3.evaluate import cut_prompts, decode_throughput
+from mini_m3.evaluate import compare_decode_throughput, cut_prompts
 from mini_m3.inference import generate_batch
 from mini_m3.memory.bank import MemoryBank
 from mini_m3.memory.retrieve import Retriever
@@ -117,21 +118,13 @@ def main(argv=None) -> dict:
             runs[label("memory", rs)] = ("memory", bank)
             runs[label("rag", rs)] = ("rag", bank)
             runs[label("memory_nocache", rs)] = ("memory", MemoryBank.open(path, model, tok, cache_size=0))
-        raw = {m: {b: [] for b in batches} for m in runs}
-        jobs = [(r, b) for r in range(rounds) for b in batches]
-        bar = tqdm(total=len(jobs) * len(runs), disable=args.quiet, desc="decode", unit="run")
-        # warm-up (fills the banks' LRU caches as a real server would have them warm, and the allocator)
-        for m, (mode, bank) in runs.items():
-            decode_throughput(model, tok, prompts, mode=mode, bank=bank, batch_size=1, prompt_tokens=prompt_tokens,
-                              new_tokens=4)
-        for r, b in jobs:
-            for m in (list(runs) if r % 2 == 0 else list(reversed(runs))):
-                mode, bank = runs[m]
-                res = decode_throughput(model, tok, prompts, mode=mode, bank=bank, batch_size=b,
-                                        prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-                raw[m][b].append(res["tokens_per_s"])
-                bar.update(1)
-        bar.close()
+        # interleaved rounds per batch size; the warm-up round also fills the banks' LRU caches, as a real server
+        # would have them warm
+        pairs = [(label(a, rs), label(d, rs)) for rs in REFERENCE_SETS for a in ("memory", "memory_nocache")
+                 for d in ("none", "rag")]
+        speed = {b: compare_decode_throughput(model, tok, prompts, runs, rounds=rounds, batch_size=b,
+                                              prompt_tokens=prompt_tokens, new_tokens=new_tokens, ratios=pairs,
+                                              progress=not args.quiet) for b in batches}
         # where the time goes inside one call of each mode (generate_batch's own timers), largest batch
         B = batches[-1]
         sel = cut_prompts(tok, prompts, B, prompt_tokens)
@@ -147,14 +140,11 @@ def main(argv=None) -> dict:
         prof = profile_top(lambda: generate_batch(model, tok, sel, bank=runs["memory"][1], mode="memory",
                                                   max_new_tokens=new_tokens, stop_at_eos=False))
         cache = {m: bank.cache_info() for m, (mode, bank) in runs.items() if mode == "memory"}
-    tps = {m: {str(b): median(raw[m][b]) for b in batches} for m in runs}
+    tps = {m: {str(b): speed[b]["tokens_per_s"][m] for b in batches} for m in runs}
 
-    def ratios(rs: str) -> dict:
-        mem, rag, nc, none = (label(x, rs) for x in ("memory", "rag", "memory_nocache", "none"))
-        return {f"batch_{b}": {"memory_over_none": tps[mem][str(b)] / tps[none][str(b)],
-                               "memory_over_rag": tps[mem][str(b)] / tps[rag][str(b)],
-                               "memory_nocache_over_none": tps[nc][str(b)] / tps[none][str(b)],
-                               "memory_nocache_over_rag": tps[nc][str(b)] / tps[rag][str(b)]} for b in batches}
+    def ratios(rs: str) -> dict:  # medians of the per-round ratios
+        return {f"batch_{b}": {f"{a}_over_{d}": speed[b]["ratios"][f"{label(a, rs)}_over_{label(d, rs)}"]["median"]
+                               for a in ("memory", "memory_nocache") for d in ("none", "rag")} for b in batches}
     big = f"batch_{batches[-1]}"
     by_set = {rs: {**bank_info[rs], "ratios_per_batch": ratios(rs)} for rs in REFERENCE_SETS}
     head = by_set[REFERENCE_SETS[0]]["ratios_per_batch"]
@@ -164,7 +154,10 @@ def main(argv=None) -> dict:
         "reference_set": REFERENCE_SETS[0], "by_reference_set": by_set, "bank_cache_info": cache,
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batches": batches, "rounds": rounds,
         "tokens_per_s": {m: tps[m] for m in MODES}, "tokens_per_s_all": tps,
-        "tokens_per_s_raw": {m: {str(b): raw[m][b] for b in batches} for m in runs},
+        "tokens_per_s_raw": {m: {str(b): speed[b]["tokens_per_s_rounds"][m] for b in batches} for m in runs},
+        "tokens_per_s_spread": {m: {str(b): speed[b]["spread"][m] for b in batches} for m in runs},
+        "ratios_per_round": {f"batch_{b}": {k: v["rounds"] for k, v in speed[b]["ratios"].items()} for b in batches},
+        "method": speed[batches[-1]]["method"],
         "ratios_per_batch": head,
         "memory_over_none": head[big]["memory_over_none"],
         "memory_over_rag": head[big]["memory_over_rag"],

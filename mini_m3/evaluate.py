@@ -230,7 +230,10 @@ def cut_prompts(tokenizer, texts: Sequence[str], n: int, prompt_tokens: int) -> 
 def decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[str], *, mode: str, bank=None,
                       batch_size: int = 1, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 1) -> dict:
     """Table 21 protocol: `batch_size` prompts of `prompt_tokens` tokens, `new_tokens` generated tokens each,
-    wall time including retrieval; returns generated tokens per second (and the raw timings)."""
+    wall time including retrieval; returns generated tokens per second (and the raw timings). One mode alone:
+    to compare modes on a machine other jobs share, use `compare_decode_throughput`."""
+    if batch_size < 1 or repeats < 1:
+        raise ValueError(f"batch_size and repeats must be >= 1, got batch_size={batch_size}, repeats={repeats}")
     prompts = cut_prompts(tokenizer, prompt_texts, batch_size, prompt_tokens)
     if len(prompts) < batch_size:
         raise ValueError(f"need {batch_size} prompt texts of at least {prompt_tokens} tokens, found {len(prompts)}")
@@ -244,6 +247,80 @@ def decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[str], *,
     best = min(times)
     return {"tokens_per_s": n / best, "seconds": best, "generated_tokens": n, "batch_size": batch_size,
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "mode": mode}
+
+
+def _decode_runs(modes, bank) -> dict:
+    """label -> (mode, bank) for `compare_decode_throughput`, checked before anything is timed."""
+    if isinstance(modes, str):
+        raise ValueError(f"modes must be a list of mode names or a dict label -> (mode, bank), got {modes!r}")
+    if isinstance(modes, dict):
+        runs = dict(modes)
+    else:
+        modes = list(modes)
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"modes must not repeat, got {modes}")
+        runs = {m: (m, None if m == "none" else bank) for m in modes}
+    if not runs:
+        raise ValueError(f"modes is empty: name at least one of {MODES}")
+    for label, spec in runs.items():
+        if not isinstance(spec, tuple) or len(spec) != 2:
+            raise ValueError(f"modes[{label!r}] must be a (mode, bank) pair, got {spec!r}")
+        if spec[0] not in MODES:
+            raise ValueError(f"unknown decoding mode {spec[0]!r} (label {label!r}): must be one of {MODES}")
+        if spec[0] != "none" and spec[1] is None:
+            raise ValueError(f"mode {label!r} reads a memory bank: pass bank=...")
+    return runs
+
+
+def _spread(xs: Sequence[float]) -> dict:
+    q1, med, q3 = np.percentile(xs, [25, 50, 75])
+    return {"median": float(med), "min": float(min(xs)), "q1": float(q1), "q3": float(q3), "max": float(max(xs))}
+
+
+def compare_decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[str],
+                              modes=("memory", "none", "rag"), bank=None, *, rounds: int = 9, batch_size: int = 1,
+                              prompt_tokens: int = 128, new_tokens: int = 128, ratios=None,
+                              progress: bool = False) -> dict:
+    """Table 21 protocol for several modes, fair on a machine other jobs share: the modes take turns, one
+    `decode_throughput` call each per round, the order rotated every round (memory, none, rag; none, rag, memory;
+    rag, memory, none; ...), after one warm-up round that is not counted (allocator, the bank's LRU cache). Load
+    from other jobs thus hits every mode alike. Returns per mode the median tokens/s over the rounds
+    ("tokens_per_s"), its spread (min, quartiles, max) and the per-round values; per ratio (default memory / none
+    and memory / rag) the ratio within each round, summarised by its median and spread ("ratios").
+
+    modes: mode names (each reads `bank`; "none" reads nothing), or a dict label -> (mode, bank) to compare several
+    banks. ratios: (numerator, denominator) label pairs, keyed "{numerator}_over_{denominator}" in the result.
+    """
+    runs = _decode_runs(modes, bank)
+    labels = list(runs)
+    if ratios is None:
+        ratios = [("memory", d) for d in ("none", "rag") if "memory" in runs and d in runs]
+    bad = [p for p in ratios if len(p) != 2 or not set(p) <= set(runs)]
+    if bad:
+        raise ValueError(f"ratios must be (numerator, denominator) pairs of the compared modes {labels}, got {bad}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1 (no tokens, no speed), got {new_tokens}")
+    kw = dict(batch_size=batch_size, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+    tps, order = {m: [] for m in labels}, []
+    bar = tqdm(total=(rounds + 1) * len(labels), disable=not progress, desc="decode", unit="run")
+    for r in range(-1, rounds):  # round -1 is the warm-up
+        turn = labels[max(r, 0) % len(labels):] + labels[:max(r, 0) % len(labels)]
+        for m in turn:
+            res = decode_throughput(model, tokenizer, prompt_texts, mode=runs[m][0], bank=runs[m][1], **kw)
+            if r >= 0:
+                tps[m].append(res["tokens_per_s"])
+            bar.update(1)
+        if r >= 0:
+            order.append(turn)
+    bar.close()
+    per_round = {f"{a}_over_{b}": [x / y for x, y in zip(tps[a], tps[b])] for a, b in ratios}
+    return {"tokens_per_s": {m: _spread(v)["median"] for m, v in tps.items()},
+            "spread": {m: _spread(v) for m, v in tps.items()}, "tokens_per_s_rounds": tps,
+            "ratios": {k: {**_spread(v), "rounds": v} for k, v in per_round.items()},
+            "modes": {m: runs[m][0] for m in labels}, "order": order, "rounds": rounds, "warmup_rounds": 1, **kw,
+            "method": f"median of {rounds} interleaved rounds (order rotated each round, after 1 warm-up round)"}
 
 
 @torch.inference_mode()

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from mini_m3 import demo
 from mini_m3.cli import main
 
 
@@ -15,6 +16,10 @@ def test_quick_demo_end_to_end(tmp_path):
         assert set(r["qa"][split]) == {"no_memory_model", "memory", "memory_off", "memory_vq", "rag"}
         assert all(0.0 <= v <= 1.0 for v in r["qa"][split].values())
     assert set(r["tokens_per_s"]) == {"memory", "none", "rag"} and min(r["tokens_per_s"].values()) > 0
+    # decoding speeds: medians of the quick demo's 3 interleaved rounds, their spread and the per-round ratios
+    assert r["decode_rounds"] == 3 and set(r["decode_ratios"]) == {"memory_over_none", "memory_over_rag"}
+    assert all(r["tokens_per_s_spread"][m]["min"] <= v <= r["tokens_per_s_spread"][m]["max"]
+               for m, v in r["tokens_per_s"].items())
     assert r["bytes_per_memory"]["vq"] * 8 <= r["bytes_per_memory"]["raw"]
     assert r["step_time"]["warmup"] > 0 and r["step_time"]["continual"] > 0
     assert r["seed"] == 0 and r["config"]["name"] == "tiny" and r["config"]["memories_per_chunk"] == 1
@@ -44,3 +49,37 @@ def test_smoke_command(capsys):
 def test_cli_reports_bad_input_cleanly(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "hello"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def _speed_results() -> dict:
+    """The fields `format_table` and `plot_results` read, with decoding speeds from 9 interleaved rounds."""
+    qa = {k: 0.5 for k in demo.NAMES}
+    spread = {m: {"median": t, "min": t - 10, "q1": t - 5, "q3": t + 5, "max": t + 20}
+              for m, t in (("memory", 90.0), ("none", 100.0), ("rag", 45.0))}
+    return {"qa": {"trained": qa, "heldout": qa}, "qa_heldout_paraphrase": {"phrasing": "heldout", "memory": 0.1,
+            "retrieval_top1": 0.9}, "bytes_per_memory": {"raw": 8, "vq": 1},
+            "step_time": {"warmup": 0.1, "continual": 0.2}, "wall_seconds": 1, "seed": 0, "config": {"name": "tiny"},
+            "tokens_per_s": {m: v["median"] for m, v in spread.items()}, "tokens_per_s_spread": spread,
+            "decode_rounds": 9,
+            "decode_ratios": {"memory_over_none": {"median": 0.93}, "memory_over_rag": {"median": 2.1}}}
+
+
+def test_demo_speed_table_and_plot_show_medians_of_interleaved_rounds(tmp_path, monkeypatch):
+    r = _speed_results()
+    table = demo.format_table(r)
+    assert "decode tokens/s, median (min-max) of 9 interleaved rounds: memory 90 (80-110), none 100 (90-120), rag 45" \
+           in table and "per-round ratios, median: memory/none 0.93, memory/rag 2.10" in table
+    import matplotlib.axes
+    bars, titles, real_bar, real_title = [], [], matplotlib.axes.Axes.bar, matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda ax, *a, **k: bars.append(k) or real_bar(ax, *a, **k))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, label, *a, **k: titles.append(label) or real_title(ax, label, *a, **k))
+    demo.plot_results(r, tmp_path / "results.png")
+    assert (tmp_path / "results.png").stat().st_size > 0
+    assert [[10.0, 10.0, 10.0], [20.0, 20.0, 20.0]] in [k.get("yerr") for k in bars]  # min-max error bars
+    assert any("median of 9 interleaved rounds" in t for t in titles)
+
+
+def test_demo_settings_reject_a_throughput_without_rounds():
+    with pytest.raises(ValueError, match="throughput_rounds"):
+        demo.DemoSettings(throughput_rounds=0)  # at once, not after ten minutes of training
