@@ -6,10 +6,15 @@ also carries, in its metadata, the config and the tokenizer's fingerprint it was
 directory is written as one unit: every part goes into a temporary sibling directory that is then swapped in
 (an atomic exchange on Linux), so a kill at any point leaves the previous model or the new one, never a mix.
 Weights holding NaN or inf are never written and never loaded.
+
+Where and in what precision a model computes (`--device`, `--dtype`): `resolve_device` checks a device name is usable
+here, `autocast_to` runs a block in bf16/fp16 under `torch.autocast` with the weights left in float32 (training,
+bank building, the CLI), and `cast_parameters` turns the weights themselves into bf16/fp16 for inference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import glob
@@ -34,6 +39,62 @@ from .utils import atomic_path, remove_stale_temps
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
 WEIGHTS_FORMAT = "mini_m3.weights"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # what --dtype accepts
+
+
+# ----------------------------------------------------------------------------------------------- device, dtype
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A device name ("cpu", "cuda", "cuda:N", "mps") that this machine can run on, as a torch.device; otherwise a
+    ValueError in one line saying what is missing (callers put the flag or field in front of it)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name!r} is not a device name (cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this PyTorch, {torch.__version__}, is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ValueError(f"cannot use {name!r}: CUDA is not available ({why}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"cannot use {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"cannot use {name!r}: the Apple MPS backend is not available here; use cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"cannot use {name!r}: mini_m3 runs on cpu, cuda or mps")
+    return dev
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """"float32", "bfloat16" or "float16" (or that torch.dtype) as a torch.dtype; a ValueError otherwise."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast_to(device: str | torch.device, dtype: str | torch.dtype):
+    """Context in which forward passes on `device` compute in `dtype`: `torch.autocast` (matmuls and attention in
+    bf16/fp16; norms, softmax statistics and the loss in float32; the weights stay float32, so checkpoints, weight
+    fingerprints and banks are the same whatever the dtype). float32: no context at all (an enclosing one stays)."""
+    dt = resolve_dtype(dtype)
+    if dt == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dt)
+
+
+def cast_parameters(model: Memory3, dtype: str | torch.dtype) -> Memory3:
+    """Cast the model's weights to `dtype` in place (inference in bf16/fp16 without autocast). The RoPE tables stay
+    float32 (`model.to(dtype)` would round them: in bf16, positions past 256 lose their low bits). Memories read
+    from a bank follow the model's dtype (`MemoryBank.get`). A bank opens only for the weights that wrote it, dtype
+    included (`weights_fingerprint`): open a bank of the float32 weights before casting them. Call it outside
+    `torch.inference_mode` (weights cast there become inference tensors, which the prefix cache cannot key on)."""
+    dt = resolve_dtype(dtype)
+    for p in model.parameters():
+        p.data = p.data.to(dt)
+    model._prefix_cache = None
+    return model
 
 
 def _refuse_nonfinite(model: Memory3, what: str) -> None:

@@ -42,6 +42,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for torch")
 
 
+def _device(text: str) -> str:
+    """argparse `type=` for --device: a device this machine can run on (`checkpoint.resolve_device`), else one
+    usage line (`argument --device: cannot use 'cuda': CUDA is not available ...`)."""
+    from .checkpoint import resolve_device
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _add_device_flags(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16"),
+                      dtype_help: str = "") -> None:
+    """--device and --dtype of `train`, `build-bank`, `generate` and `evaluate`."""
+    p.add_argument("--device", type=_device, default="cpu", help="where the model runs: cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", choices=dtypes,
+                   help="compute precision: bfloat16/float16 run under torch.autocast (weights stay float32, so "
+                        "models and banks are the same files)" + dtype_help)
+
+
 def _add_split_flags(p: argparse.ArgumentParser) -> None:
     """The document splits of a --text-dir: `train`, `build-bank` and `evaluate` must be given the same values."""
     p.add_argument("--reference-fraction", type=fraction, default=0.5,
@@ -157,7 +177,8 @@ def cmd_train(a) -> int:
         for stage, steps, tc_kw in stages:
             if steps:
                 tc = TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                                 checkpoint_every=a.checkpoint_every, quiet=a.quiet, eval_every=a.eval_every, **tc_kw)
+                                 checkpoint_every=a.checkpoint_every, quiet=a.quiet, eval_every=a.eval_every,
+                                 device=a.device, dtype=a.dtype, **tc_kw)
                 r = train(model, data, tc, out_dir=log_dir / stage, tokenizer=tok, resume=not a.no_resume,
                           eval_fn=keep and keep(stage))
                 label = stage if log_dir == out else f"{log_dir.name}/{stage}"
@@ -204,7 +225,7 @@ def _heldout_logger(a, out: Path, tok, chunked, T: int):
         print(f"--eval-every: the {len(docs)} held-out documents hold {len(stream)} tokens, fewer than one "
               f"sequence of {T}: no held-out loss is logged (raise --heldout-fraction)")
         return None
-    cfg = TrainConfig(batch_size=a.batch_size)
+    cfg = TrainConfig(batch_size=a.batch_size, dtype=a.dtype)
 
     def losses(model, step: int) -> dict:
         return {f"heldout_loss_{name}": evaluate_loss(model, eval_data, cfg, with_memory=name == "memory")
@@ -271,10 +292,10 @@ def _best_keeper(out: Path, name: str, tok, eval_fn, stage_dirs: list[Path]):
 
 
 def cmd_build_bank(a) -> int:
-    from .checkpoint import load_pretrained
+    from .checkpoint import autocast_to, load_pretrained
     from .memory.bank import MemoryBank
     torch.set_num_threads(a.threads)
-    model, tok = load_pretrained(a.model)
+    model, tok = load_pretrained(a.model, map_location=a.device)
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer.json")
     if a.text_dir:
@@ -309,8 +330,9 @@ def cmd_build_bank(a) -> int:
                   f"{limit} tokens)")
     else:
         texts = _read_references_jsonl(a.references)
-    bank = MemoryBank.build(a.out, model, tok, texts, quantizer=a.vq, overwrite=a.overwrite,  # the model's format
-                            progress=not a.quiet, seed=a.seed)
+    with autocast_to(a.device, a.dtype):  # the weights stay float32: the bank is for the model on disk
+        bank = MemoryBank.build(a.out, model, tok, texts, quantizer=a.vq, overwrite=a.overwrite,  # the model's format
+                                progress=not a.quiet, seed=a.seed)
     fmt = model.cfg.memory_format
     print(f"bank of {len(bank)} references at {a.out}: {bank.bytes_per_memory()} bytes per memory; memory format of "
           f"the model: selector {fmt['selector']!r}, tokens per head {fmt['tokens_per_head']}")
@@ -338,14 +360,15 @@ def _read_references_jsonl(path) -> list[str]:
 
 
 def cmd_generate(a) -> int:
-    from .checkpoint import load_pretrained
+    from .checkpoint import autocast_to, load_pretrained
     from .inference import generate
     from .memory.bank import MemoryBank
     torch.set_num_threads(a.threads)
-    model, tok = load_pretrained(a.model)
+    model, tok = load_pretrained(a.model, map_location=a.device)
     bank = MemoryBank.open(a.bank, model, tok) if a.bank else None
-    r = generate(model, tok, a.prompt, bank=bank, mode=a.mode, max_new_tokens=a.max_new_tokens,
-                 temperature=a.temperature, seed=a.seed)
+    with autocast_to(a.device, a.dtype):
+        r = generate(model, tok, a.prompt, bank=bank, mode=a.mode, max_new_tokens=a.max_new_tokens,
+                     temperature=a.temperature, seed=a.seed)
     print(r.text)
     if r.references:
         print(f"# references per chunk: {r.references}", file=sys.stderr)
@@ -353,6 +376,12 @@ def cmd_generate(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
+    from .checkpoint import autocast_to
+    with autocast_to(a.device, a.dtype):
+        return _evaluate(a)
+
+
+def _evaluate(a) -> int:
     from .checkpoint import load_pretrained
     from .data.world import World
     from .evaluate import qa_eval
@@ -364,7 +393,7 @@ def cmd_evaluate(a) -> int:
         if not a.bank:
             raise ValueError("evaluate --qa needs --bank (a bank built by --model, e.g. build-bank --references)")
         questions = read_qa_jsonl(a.qa)
-    model, tok = load_pretrained(a.model)
+    model, tok = load_pretrained(a.model, map_location=a.device)
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer.json")
     bank = MemoryBank.open(a.bank, model, tok) if a.bank else None
@@ -472,7 +501,7 @@ def _evaluate_heldout(a, model, tok, bank) -> int:
                              f"documents, {len(docs)} here): pass build-bank the same --seed and --heldout-fraction")
     control = None
     if a.control_model:
-        control, ctok = load_pretrained(a.control_model)
+        control, ctok = load_pretrained(a.control_model, map_location=a.device)
         if ctok is None or ctok.fingerprint() != tok.fingerprint():
             raise ValueError(f"the control model {a.control_model} does not use the tokenizer of {a.model}: "
                              f"their losses would not be comparable")
@@ -612,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lowest-loss model in OUT/best_model (record in OUT/best.json)")
     t.add_argument("--control", action="store_true",
                    help="also train the no-memory control on the same tokens and steps into OUT/control_model")
+    _add_device_flags(t, ("float32", "bfloat16"), "; training takes float32 or bfloat16 (float16 would need loss "
+                                                  "scaling), with float32 master weights and AdamW state")
     _add_split_flags(t)
     t.set_defaults(fn=cmd_train)
 
@@ -624,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="bank folder (with --text-dir, the pipeline writes to OUT.data)")
     b.add_argument("--vq", default=None, help="faiss factory string, or 'default'")
     b.add_argument("--overwrite", action="store_true", help="replace an existing bank at --out")
+    _add_device_flags(b)
     _add_split_flags(b)
     b.add_argument("--heldout-references", action="store_true",
                    help="with --text-dir: put the held-out documents' references in the bank too (knowledge added "
@@ -638,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="explicit memory, reference texts in the prompt, or the plain model")
     g.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate")
     g.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature, 0 = greedy")
+    _add_device_flags(g)
     g.add_argument("prompt", help="the text to continue")
     g.set_defaults(fn=cmd_generate)
 
@@ -661,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--text-dir: switch off the 2/3 evaluation leakage filter (§4.3)")
     e.add_argument("--out", default=None, help="result JSON of --qa (default qa_eval.json) or --text-dir (default "
                                                "heldout_eval.json, and a PNG beside it)")
+    _add_device_flags(e)
     _add_split_flags(e)
     e.set_defaults(fn=cmd_evaluate)
 

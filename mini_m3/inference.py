@@ -7,6 +7,8 @@ Modes (the paper's Table 21 compares them):
 - "rag": one retrieval with the whole prompt; the 5 reference texts are put in front of the prompt.
 - "none": the plain model.
 Prompts in a batch are left-padded; positions and a padding mask keep each row exactly as if it ran alone.
+Everything runs on the model's device and in its dtype (or under the caller's autocast); memories come from the
+bank's host RAM cache to the device once per retrieval.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
     cfg = model.cfg
     n_mem = memories_per_chunk or cfg.memories_per_chunk
     dev = model.tok_emb.weight.device
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None  # samples where the logits are
     model.eval()
     t0 = time.perf_counter()
     timings = {"retrieval": 0.0, "prefill": 0.0, "decode": 0.0}

@@ -707,14 +707,17 @@ class Memory3(nn.Module):
     # ------------------------------------------------------------------ the constant prefix
     def prefix_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V of "<s>Reference:" at every layer, each (1, H_kv, p, d_h). Depends only on the weights, so it
-        is cached; the cache is keyed on the parameters' version counters, so any update invalidates it.
-        When gradients are being recorded it is recomputed, so the prefix is trained like any token."""
+        is cached; the cache is keyed on the parameters' version counters, so any update invalidates it, and on the
+        autocast dtype (a bf16 prefix must not reach a float32 pass). When gradients are being recorded it is
+        recomputed, so the prefix is trained like any token."""
         if self._owners is None:  # modules that hold parameters, found once (walking all modules is slow)
             self._owners = [m for m in self.modules() if m._parameters]
         params = [p for m in self._owners for p in m._parameters.values() if p is not None]
         training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        dev = self.rope_cos.device.type
+        autocast = dev != "meta" and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev)
         key = tuple(p._version for p in params) + (self.rope_cos.device, self.rope_cos.dtype,
-                                                   self.tok_emb.weight.dtype)
+                                                   self.tok_emb.weight.dtype, autocast)
         if not training and self._prefix_cache is not None and self._prefix_cache[0] == key:
             return self._prefix_cache[1]
         ids = self.prefix_ids[None]  # (1, p)

@@ -7,6 +7,8 @@ of chunks c-4..c (5 memories, as at inference); the first chunks of a sequence r
 are encoded live by the model being trained, through the memory layers only, and gradients flow into
 that encoding (our reading of §3.6: the writer and the reader are the same weights; the top-k choice
 itself is not differentiable). Optimiser: AdamW with a warmup-stable-decay (WSD) schedule (MiniCPM, §5).
+`TrainConfig.device` moves the model (None: it stays where it is); `dtype="bfloat16"` runs the forward pass, the live
+reference encoding and the loss under `torch.autocast`, with float32 master weights, gradients and AdamW state.
 
 Checkpoints are directories `step-0000100/` (zero-padded step) with safetensors (model, optimizer) and JSON (config, train
 config, tokenizer, step, RNG), written to a temporary name, verified and renamed, plus a `latest` pointer file.
@@ -37,7 +39,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import fsync_dir, load_weights, read_config, save_weights
+from .checkpoint import autocast_to, fsync_dir, load_weights, read_config, resolve_device, save_weights
 from .config import MEMORY_SELECTORS
 from .utils import atomic_path, atomic_write_text, sha256_file
 from .data.text import training_sequences
@@ -50,7 +52,9 @@ TRAIN_STATE_FORMAT, TRAIN_STATE_VERSION = "mini_m3.train_state", 2  # 2: file ma
 STATE_FORMATS = (TRAIN_STATE_FORMAT, "mini_m3.dist_train_state")
 STATE_FILE = "train_state.json"
 # TrainConfig fields a resume may change: they set how a run is watched or stored, not what it computes
-RESUME_FREE_FIELDS = ("quiet", "log_every", "threads", "eval_every", "checkpoint_every", "keep_checkpoints")
+RESUME_FREE_FIELDS = ("quiet", "log_every", "threads", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
+LATER_FIELDS = {"device": None, "dtype": "float32"}  # fields older checkpoints lack, and the values they ran with
+TRAIN_DTYPES = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -186,6 +190,8 @@ class TrainConfig:
     log_every: int = 10
     threads: int | None = None
     quiet: bool = False
+    device: str | None = None  # "cpu", "cuda", "cuda:N", "mps": train() moves the model there; None: where it is
+    dtype: str = "float32"  # "bfloat16": autocast around forward and loss, float32 master weights
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -204,6 +210,14 @@ class TrainConfig:
         k = self.keep_checkpoints
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"TrainConfig.keep_checkpoints={self.keep_checkpoints!r}: must be an integer >= 1")
+        if self.dtype not in TRAIN_DTYPES:
+            why = " (float16 would need loss scaling, which training does not do)" if self.dtype == "float16" else ""
+            raise ValueError(f"TrainConfig.dtype={self.dtype!r}: must be one of {list(TRAIN_DTYPES)}{why}")
+        if self.device is not None:
+            try:
+                resolve_device(self.device)
+            except ValueError as e:
+                raise ValueError(f"TrainConfig.device={self.device!r}: {e}") from None
 
 
 def wsd_lr(step: int, cfg: TrainConfig) -> float:
@@ -252,14 +266,17 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
                                       generator=torch.Generator().manual_seed(cfg.seed),
                                       score_dtype=torch.float32)  # 2-3x faster selection; see selection_scores
     local = index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
+    mem = mem.to(model.tok_emb.weight.dtype)  # under autocast the encoding comes out in bf16; the model reads its own
     return mem.to_memory_kv(local.to(mem.keys.device))
 
 
 def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The loss of batch `rows` (forward only), in `cfg.dtype` on the model's device; the caller runs backward."""
     dev = model.tok_emb.weight.device
-    memory = continual_memory(model, data, rows, cfg) if cfg.stage == "continual" else None
-    out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory,
-                target_logits_only=True)
+    with autocast_to(dev, cfg.dtype):
+        memory = continual_memory(model, data, rows, cfg) if cfg.stage == "continual" else None
+        out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory,
+                    target_logits_only=True)
     return out.loss
 
 
@@ -489,7 +506,7 @@ def check_resume(ck: Path, state: dict, cfg: TrainConfig, data_fp: str, tokenize
     (RESUME_FREE_FIELDS) may change; `steps` may change when the LR schedule of the steps already taken stays
     the same (a WSD run extended or shortened); every other field, the data and the tokenizer must be the
     checkpoint's."""
-    saved, now = state["train_config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
+    saved, now = {**LATER_FIELDS, **state["train_config"]}, json.loads(json.dumps(dataclasses.asdict(cfg)))
     problems = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
                 if k not in RESUME_FREE_FIELDS + ("steps",) and saved.get(k) != now[k]]
     step = state["step"]
@@ -573,11 +590,14 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
           tokenizer: Tokenizer | None = None, resume: bool = True, eval_data: ChunkedData | None = None,
           eval_fn: Callable[[Memory3, int], dict] | None = None, log_name: str | None = None) -> dict:
     """Run one stage for `cfg.steps` steps. With `out_dir`: JSONL log, checkpoints, and (resume=True)
-    continuation from the latest checkpoint of this stage. Returns a summary with losses and step times."""
+    continuation from the latest checkpoint of this stage. The model is first moved to `cfg.device` (when set) and
+    stays there. Returns a summary with losses and step times."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.stage == "continual" and (data.chunk_refs < 0).all():
         raise ValueError("continual training needs retrieved references (data.chunk_refs is all -1)")
+    if cfg.device is not None:
+        model.to(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     model.train()
     opt = make_optimizer(model, cfg)

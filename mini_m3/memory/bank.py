@@ -25,7 +25,8 @@ The memory format is the model's (`Memory3Config.memory_selector` / `memory_toke
 and `open` refuses a model whose config says another format (`Memory3.with_memory_format` gives the same weights
 under another format, for ablations). "Warm start" (`build`) encodes everything up front; "cold start"
 (`build(..., encode=False)`) stores only texts and index, encodes a reference the first time `get` asks for it, and
-`flush()` writes those to disk.
+`flush()` writes those to disk. Memories are encoded on the model's device and kept on the host (files, RAM cache);
+`get` hands them over on the model's device and in its dtype.
 `build(..., memories=...)` stores memories computed elsewhere, one shard per batch. Shards are memory-mapped
 with read-ahead off (`MADV_RANDOM`), since `get` reads scattered rows (experiments/bench_bank_scale.py).
 """
@@ -464,6 +465,7 @@ class MemoryBank:
         if memories is not None:
             expected = start
             for mem in memories:
+                mem = mem.detach().to("cpu")  # the bank's files and RAM cache live on the host
                 self._check_memories(mem, expected)
                 if self.quantizer is not None and not self.quantizer.trained:
                     self._train_quantizer(mem[list(range(min(len(mem), max(1, vq_train_references))))])
@@ -580,10 +582,10 @@ class MemoryBank:
     def _encode(self, texts, ids, batch_size, progress) -> ExplicitMemory:
         if self.tokenizer is None:
             raise ValueError("encoding references needs the tokenizer: pass tokenizer= to MemoryBank.open")
-        m = self.manifest
+        m = self.manifest  # encoded on the model's device; shards, quantizer and RAM cache live on the host
         return encode_references(self.model, self.tokenizer, texts, selector=m["selector"],
                                  tokens_per_head=m["tokens_per_head"], batch_size=batch_size,
-                                 seed=m["seed"], reference_ids=ids, progress=progress)
+                                 seed=m["seed"], reference_ids=ids, progress=progress).to("cpu")
 
     def _write_shard(self, mem: ExplicitMemory, index: int | None = None) -> dict:
         """Write one shard; `index` numbers it (several shards written in one generation need distinct names)."""

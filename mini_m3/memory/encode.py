@@ -98,7 +98,19 @@ def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tens
     dtype: float64 (banks, evaluation): its rounding noise, which depends on the batch shape, stays far below
     select_top_tokens' float32 ranking, so a reference keeps the same tokens in any batch. float32 (continual
     training, 2-3x faster): near-ties may then break differently from batch to batch.
+    The scores are computed in `dtype` on the inputs' device whatever autocast says (bf16 scores would tie often);
+    on MPS, which has no float64, a float64 score is computed on the CPU.
     """
+    device = q_raw.device
+    if dtype == torch.float64 and device.type == "mps":  # no float64 there: score on the CPU, rank in float32 there
+        with torch.autocast("cpu", enabled=False):
+            scores = _selection_scores(q_raw.cpu(), k_raw.cpu(), valid.cpu(), n_groups, selector, dtype)
+        return scores.float().to(device)
+    with torch.autocast(device.type, enabled=False):
+        return _selection_scores(q_raw, k_raw, valid, n_groups, selector, dtype)
+
+
+def _selection_scores(q_raw, k_raw, valid, n_groups: int, selector: str, dtype: torch.dtype) -> torch.Tensor:
     N, H, R, dh = q_raw.shape
     k_rep = k_raw.to(dtype).repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
     logits = q_raw.to(dtype) @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
