@@ -48,7 +48,8 @@ from _common import machine, plt as pyplot, png_path, save_figure, write_json  #
 from mini_m3 import Memory3, Memory3Config, MemoryBank, Tokenizer  # noqa: E402
 from mini_m3.checkpoint import load_weights, save_weights  # noqa: E402
 from mini_m3.data.world import format_qa  # noqa: E402
-from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
+from mini_m3.demo import DemoSettings  # noqa: E402
+from mini_m3.world_data import build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
 from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss, pack_stream, train  # noqa: E402
 

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from _common import machine, median, parse_args, plt, png_path, seed_all, write_json
 from mini_m3.config import Memory3Config
 from mini_m3.data.world import World
-from mini_m3.demo import DemoSettings, build_world_data
+from mini_m3.demo import DemoSettings
+from mini_m3.world_data import build_world_data
 from mini_m3.memory.retrieve import Retriever
 from mini_m3.model import Memory3
 from mini_m3.tokenizer import Tokenizer

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from mini_m3 import Memory3, Memory3Config, MemoryBank, Retriever, Tokenizer
 from mini_m3.data.world import QAItem, World
-from mini_m3.demo import DemoSettings, build_world_data
+from mini_m3.demo import DemoSettings
+from mini_m3.world_data import build_world_data
 from mini_m3.evaluate import qa_eval
 from mini_m3.train import ChunkedData, TrainConfig, continual_memory, pack_documents, train
 

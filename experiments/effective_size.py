@@ -29,8 +29,8 @@ from _common import machine, plt as pyplot, png_path, save_figure, seed_all, wri
 
 from mini_m3 import Memory3  # noqa: E402
 from mini_m3.config import Memory3Config  # noqa: E402
-from mini_m3.demo import (DemoSettings, build_world_data, control_train_config, demo_questions,  # noqa: E402
-                          run_demo, setup_world)
+from mini_m3.demo import DemoSettings, control_train_config, demo_questions, run_demo  # noqa: E402
+from mini_m3.world_data import build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
 from mini_m3.train import train  # noqa: E402
 

@@ -15,7 +15,8 @@ import torch
 
 from mini_m3 import Memory3, Memory3Config, MemoryBank, Retriever, Tokenizer
 from mini_m3.data.world import World
-from mini_m3.demo import DemoSettings, build_world_data
+from mini_m3.demo import DemoSettings
+from mini_m3.world_data import build_world_data
 from mini_m3.evaluate import qa_eval
 from mini_m3.train import TrainConfig, train
 

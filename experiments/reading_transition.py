@@ -29,7 +29,8 @@ import torch
 from mini_m3 import Memory3, Memory3Config, MemoryBank
 from mini_m3.checkpoint import load_weights, save_weights
 from mini_m3.config import MEMORY_SELECTORS
-from mini_m3.demo import DemoSettings, build_world_data, setup_world
+from mini_m3.demo import DemoSettings
+from mini_m3.world_data import build_world_data, setup_world
 from mini_m3.evaluate import qa_eval
 from mini_m3.train import TrainConfig, train
 

@@ -17,6 +17,9 @@ Three ingredients, each from something measured or from the cost model:
    encoded per 64-token chunk, forward and backward) and 3 x 5 x explicit_read_cost / l_chunk (reading 5
    memories). Throughput = MFU x peak bf16 FLOP/s / FLOPs per token, at an assumed MFU.
 
+`bf16_sgd_step` takes one real continual-stage step of paper-2.4b on one device (bf16 weights, SGD inside backward):
+the README's check that the full-size shape trains at all.
+
     python experiments/recipe_2p4b.py [--quick] [--out experiments/results/recipe_2p4b.json]
 """
 
@@ -37,6 +40,7 @@ from mini_m3.distributed import init_parameters_, restore_buffers
 from mini_m3.memory.encode import encode_reference_tokens
 from mini_m3.model import Memory3
 from mini_m3.theory.costs import explicit_read_cost, explicit_write_cost, implicit_write_cost
+from mini_m3.train import ChunkedData, TrainConfig, train_step
 
 NAME = "recipe_2p4b"
 GPUS = {"A100 80GB": (312e12, 80), "H100 SXM 80GB": (989e12, 80)}  # dense bf16 peak FLOP/s, GB
@@ -46,14 +50,61 @@ PAPER_BATCH_TOKENS = 4 * 2 ** 20  # §5: ~4M tokens per step (2048 sequences of 
 GiB = 2 ** 30
 
 
-def _bf16_model(cfg: Memory3Config) -> Memory3:
+def _bf16_model(cfg: Memory3Config, *, device: str = "cpu", seed: int = 0) -> Memory3:
+    """bf16 weights built on the meta device and materialised in place (no fp32 copy ever exists)."""
     with torch.device("meta"):
         m = Memory3(cfg)
     for p in m.parameters():
-        p.data = p.data.to(torch.bfloat16)
-    m = restore_buffers(m.to_empty(device="cpu"))
-    init_parameters_(m, 0)
+        p.data = p.data.to(torch.bfloat16)  # on the meta device: no memory
+    m = restore_buffers(m.to_empty(device=device))
+    init_parameters_(m, seed)
     return m.train()
+
+
+def bf16_sgd_step(preset: str = "paper-2.4b", *, seq_len: int = 128, lr: float = 0.5, seed: int = 0,
+                  device: str = "cpu") -> dict:
+    """One continual-stage training step of a full-size preset on ONE device that cannot hold fp32 weights,
+    gradients and AdamW state (paper-2.4b: 2.82e9 parameters x 16 B = 45 GB): bf16 weights, built on the meta
+    device and materialised in place, and plain SGD applied inside backward (a post-accumulate-grad hook
+    updates each parameter and frees its gradient), so peak memory is the bf16 weights plus activations of a
+    short sequence. The step reads live-encoded memories: one random 128-token reference per 64-token chunk,
+    5 memories per chunk. Returns losses before and after the step on the same batch, the gradient norm, the
+    number of parameters updated, and wall times. It checks shapes and code paths, not training recipes
+    (tests/test_distributed.py runs it on paper-2.4b with `-m bigmem`)."""
+    cfg = Memory3Config.from_name(preset, max_seq_len=seq_len)
+    t0 = time.perf_counter()
+    model = _bf16_model(cfg, device=device, seed=seed)
+    init_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(seed)
+    C = seq_len // cfg.chunk_length
+    tokens = torch.randint(4, cfg.vocab_size, (1, seq_len + 1), generator=gen)
+    refs = [torch.randint(4, cfg.vocab_size, (cfg.reference_length,), generator=gen).tolist() for _ in range(C)]
+    data = ChunkedData(tokens[:, :-1], tokens[:, 1:], torch.arange(C)[None], refs)
+    tc = TrainConfig(stage="continual", steps=1, batch_size=1)
+    rows = torch.tensor([0])
+    stats = {"sq": 0.0, "updated": 0}
+
+    @torch.no_grad()
+    def sgd(p: torch.Tensor) -> None:
+        stats["sq"] += float(p.grad.float().pow(2).sum())
+        stats["updated"] += 1
+        p.add_(p.grad, alpha=-lr)
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(sgd) for p in model.parameters()]
+    model.train()
+    t0 = time.perf_counter()
+    loss = train_step(model, data, rows, tc)
+    loss.backward()
+    step_s = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        after = float(train_step(model, data, rows, tc))
+    return {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()), "seq_len": seq_len,
+            "references": C, "dtype": "bfloat16", "lr": lr, "loss_before": float(loss.detach()), "loss_after": after,
+            "grad_norm": stats["sq"] ** 0.5, "parameters_updated": stats["updated"],
+            "n_parameter_tensors": len(list(model.parameters())), "init_s": init_s, "step_s": step_s}
 
 
 def _saved_bytes(fn) -> int:

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import plt as pyplot, png_path, save_figure, write_json  # noqa: E402
 
 from mini_m3 import Memory3, MemoryBank  # noqa: E402
-from mini_m3.demo import DemoSettings, build_world_data, setup_world  # noqa: E402
+from mini_m3.demo import DemoSettings  # noqa: E402
+from mini_m3.world_data import build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
 from mini_m3.train import TrainConfig, train  # noqa: E402
 

@@ -9,7 +9,8 @@ from .inference import GenerationResult, generate, generate_batch
 from .memory.bank import MemoryBank
 from .memory.encode import ExplicitMemory, encode_references
 from .memory.quantize import VectorQuantizer
-from .memory.retrieve import Retriever, overlap
+from .memory.overlap import overlap
+from .memory.retrieve import Retriever
 from .model import KVCache, Memory3, MemoryKV, ModelOutput
 from .tokenizer import Tokenizer
 

@@ -479,7 +479,7 @@ def _evaluate_heldout(a, model, tok, bank) -> int:
     """`evaluate --text-dir`: held-out loss and perplexity with memory, without, RAG and the control (JSON + PNG)."""
     from .checkpoint import load_pretrained
     from .evaluate import heldout_lm_eval, plot_heldout
-    from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
+    from .memory.overlap import EVAL_LEAKAGE_THRESHOLD
     from .utils import atomic_write_text
     if bank is None:
         raise ValueError("evaluate --text-dir needs --bank (a bank built by --model, e.g. build-bank --text-dir)")

@@ -31,32 +31,22 @@ from .memory.bank import MemoryBank
 from .memory.retrieve import Retriever
 from .model import Memory3
 from .provenance import fixed_numerics, provenance
-from .tokenizer import Tokenizer
-from .train import ChunkedData, TrainConfig, pack_documents, pack_stream, plot_losses, retrieve_for_chunks, train
+from .train import ChunkedData, TrainConfig, plot_losses, train
+from .world_data import WorldSettings, build_world_data, setup_world
 
 SPEED_MODES = ("memory", "none", "rag")  # decoding modes timed against each other (section 6)
 
 
 @dataclass
-class DemoSettings:
-    seed: int = 0
-    preset: str = "tiny"
-    n_people: int = 2000
-    vocab_size: int = 2048
-    n_docs: int = 24000
-    chunks_per_sequence: int = 1
+class DemoSettings(WorldSettings):
+    """`WorldSettings` (seed, preset, people, documents, memory format) plus the demo's training, evaluation and
+    timing settings. The demo reads `memories_per_chunk` memories per chunk and reports the paper's 5 as an extra row."""
+
     batch_size: int = 32
     warmup_steps: int = 300
     continual_steps: int = 3300
-    # training text: QA about `memory` and `text` people, each chunk reading its retrieved biography. Biographies
-    # of "text" people ("bio"), abstract skills ("skill") and "reading" texts are available (World.training_documents)
-    # but off: with 20 % of them, reading memory appears ~1,000 steps later and the demo stops inside the transition
-    mix: tuple[tuple[str, float], ...] = (("qa", 1.0),)
     eval_phrasing: str = "train"  # the QA format of training; the unseen paraphrase is reported as well
     lr: float = 3e-3
-    selector: str = "all"
-    tokens_per_head: int | None = None
-    memories_per_chunk: int = 1  # memories read per chunk (the paper's 5 is reported as an extra row)
     eval_questions: int = 300
     vq_factory: str = "default"
     throughput_batch: int = 4
@@ -82,48 +72,6 @@ class DemoSettings:
                     throughput_batch=1, throughput_new_tokens=16, throughput_rounds=3)
         base.update(kw)
         return cls(**base)
-
-
-@dataclass
-class WorldSetup:
-    """What every run on the knowledge world starts from (seeded by the settings)."""
-
-    world: World
-    tokenizer: Tokenizer
-    cfg: Memory3Config
-    references: list[str]
-    reference_tokens: list[list[int]]
-    retriever: Retriever
-
-
-def setup_world(s: DemoSettings) -> WorldSetup:
-    """The world, its tokenizer, the model config for it, the references (the bank's texts) and a retriever."""
-    world = World.generate(s.n_people, seed=s.seed)
-    tokenizer = Tokenizer.train(world.tokenizer_corpus(seed=s.seed), s.vocab_size)
-    fmt = {"memory_tokens_per_head": s.tokens_per_head} if s.tokens_per_head else {}
-    cfg = Memory3Config.from_name(s.preset, vocab_size=max(s.vocab_size, tokenizer.vocab_size),
-                                  memories_per_chunk=s.memories_per_chunk, memory_selector=s.selector, **fmt)
-    references = world.references()
-    return WorldSetup(world, tokenizer, cfg, references, tokenizer.encode_references(references),
-                      Retriever().fit(references))
-
-
-def build_world_data(world: World, tokenizer: Tokenizer, s: DemoSettings, chunk_length: int,
-                     retriever: Retriever, reference_tokens, progress: bool, docs=None,
-                     stream_length: int | None = None) -> ChunkedData:
-    """The training documents (or `docs`) tokenized, one per chunk (`pack_documents`), or back to back in
-    sequences of `stream_length` tokens (`pack_stream`), each chunk with its retrieved reference."""
-    docs = docs if docs is not None else world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
-    ids = tokenizer.encode_batch([d.text for d in docs])
-    if stream_length is None:
-        tokens, targets = pack_documents(ids, chunk_length, s.chunks_per_sequence, bos_id=tokenizer.bos_id,
-                                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    elif stream_length % chunk_length:
-        raise ValueError(f"stream_length={stream_length} is not a multiple of chunk_length={chunk_length}")
-    else:
-        tokens, targets = pack_stream(ids, stream_length, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    refs = retrieve_for_chunks(tokens, chunk_length, tokenizer, retriever, reference_tokens, progress=progress)
-    return ChunkedData(tokens, targets, refs, reference_tokens)
 
 
 def _train_control(cfg_dict: dict, data: ChunkedData, tc: TrainConfig, out_dir: str, seed: int) -> None:

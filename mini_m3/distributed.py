@@ -1,7 +1,7 @@
 """§5 pretraining at scale: the two stages of §3.6 on many processes (FSDP2), with distributed checkpoints.
 
-    torchrun --nproc_per_node=N -m mini_m3.train --world 2000 --preset small --out runs/dist
-    torchrun --nproc_per_node=N -m mini_m3.train --data DIR --preset paper-2.4b --meta-init --bf16 ...
+    torchrun --nproc_per_node=N -m mini_m3.distributed --world 2000 --preset small --out runs/dist
+    torchrun --nproc_per_node=N -m mini_m3.distributed --data DIR --preset paper-2.4b --meta-init --bf16 ...
 
 With WORLD_SIZE > 1 this module
 - starts a process group (gloo on CPU, NCCL on GPU) and shards the model with FSDP2 `fully_shard`: every
@@ -57,6 +57,7 @@ from .train import (ChunkedData, TrainConfig, batch_order, check_finite_step, ch
                     data_fingerprint, file_manifest, make_optimizer, memory_index, prepare_log, publish_checkpoint,
                     read_train_state, train, verify_checkpoint, wsd_lr)
 from .utils import atomic_path, atomic_write_text
+from .world_data import WorldSettings, build_world_data, setup_world
 
 DIST_STATE_FORMAT = "mini_m3.dist_train_state"
 DIST_STATE_VERSION = 2  # 2: file manifest, data and tokenizer fingerprints
@@ -503,58 +504,6 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
             "step_time": float(np.median(steady)) if steady else None}
 
 
-# ----------------------------------------------------------------------------------------------- one big step
-def bf16_sgd_step(preset: str = "paper-2.4b", *, seq_len: int = 128, lr: float = 0.5, seed: int = 0,
-                  device: str = "cpu") -> dict:
-    """One continual-stage training step of a full-size preset on ONE device that cannot hold fp32 weights,
-    gradients and AdamW state (paper-2.4b: 2.82e9 parameters x 16 B = 45 GB): bf16 weights, built on the meta
-    device and materialised in place, and plain SGD applied inside backward (a post-accumulate-grad hook
-    updates each parameter and frees its gradient), so peak memory is the bf16 weights plus activations of a
-    short sequence. The step reads live-encoded memories: one random 128-token reference per 64-token chunk,
-    5 memories per chunk. Returns losses before and after the step on the same batch, the gradient norm, the
-    number of parameters updated, and wall times. It checks shapes and code paths, not training recipes."""
-    from .train import train_step
-    cfg = Memory3Config.from_name(preset, max_seq_len=seq_len)
-    with torch.device("meta"):
-        model = Memory3(cfg)
-    for p in model.parameters():
-        p.data = p.data.to(torch.bfloat16)  # on the meta device: no memory
-    t0 = time.perf_counter()
-    model = restore_buffers(model.to_empty(device=device))
-    init_parameters_(model, seed)
-    init_s = time.perf_counter() - t0
-    gen = torch.Generator().manual_seed(seed)
-    C = seq_len // cfg.chunk_length
-    tokens = torch.randint(4, cfg.vocab_size, (1, seq_len + 1), generator=gen)
-    refs = [torch.randint(4, cfg.vocab_size, (cfg.reference_length,), generator=gen).tolist() for _ in range(C)]
-    data = ChunkedData(tokens[:, :-1], tokens[:, 1:], torch.arange(C)[None], refs)
-    tc = TrainConfig(stage="continual", steps=1, batch_size=1)
-    rows = torch.tensor([0])
-    stats = {"sq": 0.0, "updated": 0}
-
-    @torch.no_grad()
-    def sgd(p: torch.Tensor) -> None:
-        stats["sq"] += float(p.grad.float().pow(2).sum())
-        stats["updated"] += 1
-        p.add_(p.grad, alpha=-lr)
-        p.grad = None
-
-    handles = [p.register_post_accumulate_grad_hook(sgd) for p in model.parameters()]
-    model.train()
-    t0 = time.perf_counter()
-    loss = train_step(model, data, rows, tc)
-    loss.backward()
-    step_s = time.perf_counter() - t0
-    for h in handles:
-        h.remove()
-    with torch.no_grad():
-        after = float(train_step(model, data, rows, tc))
-    return {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()), "seq_len": seq_len,
-            "references": C, "dtype": "bfloat16", "lr": lr, "loss_before": float(loss.detach()), "loss_after": after,
-            "grad_norm": stats["sq"] ** 0.5, "parameters_updated": stats["updated"],
-            "n_parameter_tensors": len(list(model.parameters())), "init_s": init_s, "step_s": step_s}
-
-
 # ----------------------------------------------------------------------------------------------- data on disk
 def save_chunked_data(data: ChunkedData, directory: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
     """Training data as safetensors (+ tokenizer), so every rank reads the same arrays instead of rebuilding them."""
@@ -585,22 +534,16 @@ def load_chunked_data(directory: str | os.PathLike) -> tuple[ChunkedData, Tokeni
 def prepare_world_data(directory: str | os.PathLike, n_people: int, *, preset: str, chunks_per_sequence: int,
                        vocab_size: int, seed: int, progress: bool) -> Path:
     """The demo's synthetic knowledge world as training data (tokenizer, documents, retrieved references)."""
-    from .data.world import World
-    from .demo import DemoSettings, build_world_data
-    from .memory.retrieve import Retriever
-    world = World.generate(n_people, seed=seed)
-    tok = Tokenizer.train(world.tokenizer_corpus(seed=seed), vocab_size)
-    refs = world.references()
-    s = DemoSettings(seed=seed, preset=preset, n_people=n_people, vocab_size=vocab_size, n_docs=12 * n_people,
-                     chunks_per_sequence=chunks_per_sequence)
-    chunk_length = Memory3Config.from_name(preset).chunk_length
-    data = build_world_data(world, tok, s, chunk_length, Retriever().fit(refs), tok.encode_references(refs), progress)
-    return save_chunked_data(data, directory, tok)
+    s = WorldSettings(seed=seed, preset=preset, n_people=n_people, vocab_size=vocab_size, n_docs=12 * n_people,
+                      chunks_per_sequence=chunks_per_sequence)
+    w = setup_world(s)
+    data = build_world_data(w.world, w.tokenizer, s, w.cfg.chunk_length, w.retriever, w.reference_tokens, progress)
+    return save_chunked_data(data, directory, w.tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m mini_m3.train",
+    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m mini_m3.distributed",
                                 description="Two-stage Memory³ pretraining (§3.6), sharded with FSDP2 when "
                                             "WORLD_SIZE > 1; single-process otherwise.")
     src = p.add_mutually_exclusive_group(required=True)
@@ -703,3 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if owns_group:
         dist.destroy_process_group()
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 from .config import iter_jsonl
 from .data.world import qa_prompt
 from .inference import MODES, generate_batch, memory_for
-from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
+from .memory.overlap import EVAL_LEAKAGE_THRESHOLD, exceeds_overlap
 from .model import Memory3
+from .train import TrainConfig, evaluate_loss
 
 
 @torch.inference_mode()
@@ -326,7 +327,6 @@ def compare_decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[
 @torch.inference_mode()
 def lm_loss(model: Memory3, data, *, with_memory: bool, batch_size: int = 16, max_batches: int = 8) -> float:
     """Mean LM loss on `ChunkedData`, with or without the chunks' retrieved memories."""
-    from .train import TrainConfig, evaluate_loss
     cfg = TrainConfig(stage="continual" if with_memory else "warmup", batch_size=batch_size)
     return evaluate_loss(model, data, cfg, max_batches=max_batches)
 
@@ -341,7 +341,6 @@ def _chunk_retrieval(bank, tokenizer, x: list[int], targets: list[int], chunk_le
     (§4.3) drops a candidate holding more than `leakage_threshold` of the query or of the chunk's own target
     tokens (a bank that holds this very document must not hand a chunk its own sentences).
     `ref_ids` caches the references' token ids. Returns the ids per chunk and how many candidates the filter removed."""
-    from .memory.retrieve import exceeds_overlap
     n_chunks = -(-len(x) // chunk_length)
     plain = lambda ids: [t for t in ids if t > 3]  # special tokens are not text
     queries = [tokenizer.decode(plain(x[(c - 1) * chunk_length:c * chunk_length])) for c in range(1, n_chunks)]

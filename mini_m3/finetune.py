@@ -49,7 +49,7 @@ from .data.instructions import (PreferencePair, ProbeItem, SFTExample, answer_se
 from .data.world import qa_prompt
 from .inference import generate_batch, memory_for
 from .memory.encode import encode_reference_tokens
-from .memory.retrieve import EVAL_LEAKAGE_THRESHOLD
+from .memory.overlap import EVAL_LEAKAGE_THRESHOLD
 from .model import Memory3
 from .train import (batch_order, latest_checkpoint, load_checkpoint, make_optimizer, prepare_log, read_train_state,
                     save_checkpoint)

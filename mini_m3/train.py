@@ -44,7 +44,7 @@ from .config import MEMORY_SELECTORS
 from .utils import atomic_path, atomic_write_text, sha256_file
 from .data.text import training_sequences
 from .memory.encode import encode_reference_tokens
-from .memory.retrieve import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
+from .memory.overlap import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
 from .model import Memory3
 from .tokenizer import Tokenizer
 
@@ -665,6 +665,6 @@ def plot_losses(log_paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     plt.close(fig)
 
 
-if __name__ == "__main__":  # `torchrun --nproc_per_node=N -m mini_m3.train ...`: see mini_m3/distributed.py
-    from mini_m3.distributed import main
-    raise SystemExit(main())
+if __name__ == "__main__":  # a library module: the pretraining command is `mini_m3.distributed` (imports go one way)
+    raise SystemExit("python -m mini_m3.train is no command: run `torchrun --nproc_per_node=N -m mini_m3.distributed "
+                     "...` (or `python -m mini_m3.distributed ...` for one process)")

@@ -20,7 +20,7 @@ from mini_m3.data.pipeline import (forbidden_pairs, is_reference_document, leaka
                                    read_references, run_pipeline)
 from mini_m3.data.quality import LogisticQualityScorer, evaluate, heuristic_grade, roc_auc, select_by_quality
 from mini_m3.data.text import TextCorpus, chunk_references, iter_documents, training_sequences, words
-from mini_m3.memory import retrieve
+import mini_m3.memory.overlap as eq6
 from mini_m3.tokenizer import Tokenizer
 
 # ---- synthetic text -------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def test_run_pipeline_options(tmp_path):
 
 
 def test_leakage_rule_uses_the_shared_overlap(monkeypatch):
-    assert pipeline_module.exceeds_overlap is retrieve.exceeds_overlap  # imported, never copied
+    assert pipeline_module.exceeds_overlap is eq6.exceeds_overlap  # imported from the Eq. 6 module, never copied
     rng = np.random.default_rng(0)
     reference = rng.integers(4, 4000, size=128).tolist()
     other = rng.integers(4, 4000, size=256).tolist()
@@ -456,13 +456,13 @@ def test_leakage_rule_uses_the_shared_overlap(monkeypatch):
     near = list(reference)
     for i in range(0, 128, 8):  # 16 of 128 tokens changed: overlap 0.875 <= 0.9, allowed
         near[i] = 5000 + i
-    assert retrieve.overlap(near, reference) == pytest.approx(112 / 128)
+    assert eq6.overlap(near, reference) == pytest.approx(112 / 128)
     assert leakage_ok(near, reference)
     assert forbidden_pairs([reference, other, containing], [reference, other[:128]], progress=False) == [
         (0, 0), (1, 1), (2, 0)]
 
     calls = []
     monkeypatch.setattr(pipeline_module, "exceeds_overlap",
-                        lambda t, r, threshold: calls.append(threshold) or retrieve.exceeds_overlap(t, r, threshold))
+                        lambda t, r, threshold: calls.append(threshold) or eq6.exceeds_overlap(t, r, threshold))
     leakage_ok(other, reference)
-    assert calls == [retrieve.TRAIN_LEAKAGE_THRESHOLD]
+    assert calls == [eq6.TRAIN_LEAKAGE_THRESHOLD]

@@ -22,6 +22,7 @@ from mini_m3.train import (ChunkedData, TrainConfig, batch_order, make_optimizer
                            retrieve_for_chunks, train)
 
 pytestmark = pytest.mark.xdist_group("distributed")
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 ARGS = ["--preset", "tiny", "--warmup-steps", "4", "--continual-steps", "4", "--batch-size", "6",
         "--checkpoint-every", "2", "--lr", "3e-3", "--quiet"]
@@ -68,7 +69,7 @@ def runs(tmp_path_factory):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
-    # the single-process reference: the same library loop `python -m mini_m3.train` runs without torchrun
+    # the single-process reference: the same library loop `python -m mini_m3.distributed` runs without torchrun
     a = build_parser().parse_args(["--data", str(root / "data"), "--out", str(root / "single"), *ARGS])
     data, tok2 = load_chunked_data(root / "data")
     model = build_model(model_config(a, tok2), a.seed)
@@ -207,10 +208,22 @@ def test_the_payloads_would_run_without_the_allow_list(tmp_path):
         marker.unlink()
 
 
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
 def test_module_entry_point_parses():
-    p = subprocess.run([sys.executable, "-m", "mini_m3.train", "--help"], capture_output=True, text=True,
-                       timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0 and "--nproc_per_node" in p.stdout and "--stop-at" in p.stdout
+    p = _run_module("mini_m3.distributed", "--help")
+    assert p.returncode == 0 and "-m mini_m3.distributed" in p.stdout and "--stop-at" in p.stdout
+
+
+def test_the_train_module_is_no_command():
+    """`python -m mini_m3.train` (the old entry point) says in one line where the command went, and runs nothing:
+    the library module no longer imports `mini_m3.distributed`."""
+    p = _run_module("mini_m3.train", "--help")  # was the pretraining command's help
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "-m mini_m3.distributed" in p.stderr
 
 
 def test_the_selector_option_is_the_models_memory_format(capsys):
@@ -242,7 +255,8 @@ def test_paper_2p4b_runs_one_training_step():
     through the encoding) on one CPU: bf16 weights, SGD applied inside backward (no fp32 copy, no Adam
     state: see README "The 2.4B recipe" for why). In a subprocess, so the ~12 GB are returned at once.
     ~12.4 GB and up to 20 minutes on a busy machine, so it runs only when asked for: `-m bigmem`."""
-    code = "import json; from mini_m3.distributed import bf16_sgd_step; print(json.dumps(bf16_sgd_step()))"
+    code = (f"import json, sys; sys.path.insert(0, {str(EXPERIMENTS)!r}); from recipe_2p4b import bf16_sgd_step; "
+            "print(json.dumps(bf16_sgd_step()))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1200,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -252,6 +266,14 @@ def test_paper_2p4b_runs_one_training_step():
     assert abs(r["loss_before"] - torch.log(torch.tensor(60416.0)).item()) < 1.5  # untrained: ~ln(vocab)
     assert 0 < r["grad_norm"] < float("inf")
     assert r["loss_after"] < r["loss_before"]  # the step moved the weights downhill on its batch
+
+
+def test_bf16_sgd_step_on_the_tiny_preset():
+    """The one-big-step check lives with its experiment (experiments/recipe_2p4b.py), not in the library: on `tiny`
+    it updates every weight inside backward, memory layers included, and moves downhill on its batch."""
+    r = load_experiment("recipe_2p4b").bf16_sgd_step("tiny", seq_len=128)
+    assert r["references"] == 2 and r["parameters_updated"] == r["n_parameter_tensors"]
+    assert r["loss_after"] < r["loss_before"]
 
 
 def test_recipe_2p4b_quick(tmp_path):

@@ -1,23 +1,21 @@
-"""Tests for mini_m3.memory.retrieve: Eq. 6 overlap, leakage filter, embedders and the retriever."""
+"""Tests for mini_m3.memory.overlap (Eq. 6 overlap, leakage filter) and mini_m3.memory.retrieve (embedders, the
+retriever and its leakage-filtered search)."""
 import json
 import random
 
 import numpy as np
 import pytest
 
-from mini_m3.memory.retrieve import (
+from mini_m3.memory.overlap import (
     EVAL_LEAKAGE_THRESHOLD,
     TRAIN_LEAKAGE_THRESHOLD,
-    Embedder,
-    HashedNgramEmbedder,
-    Retriever,
-    SentenceTransformerEmbedder,
+    _lcs_windowed,
     exceeds_overlap,
     leakage_filter,
     overlap,
     overlap_upper_bound,
 )
-from mini_m3.memory.retrieve import _lcs_windowed
+from mini_m3.memory.retrieve import Embedder, HashedNgramEmbedder, Retriever, SentenceTransformerEmbedder
 
 
 # -----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from mini_m3.utils import atomic_write_text, new_file_mode
 from mini_m3.data.quality import (LogisticQualityScorer, QualityScorer, heuristic_grade,
                                   select_by_quality)
 from mini_m3.data.text import SkippedFile, batched, iter_documents, printable_path
-from mini_m3.memory.retrieve import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
+from mini_m3.memory.overlap import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
 from mini_m3.tokenizer import Tokenizer
 
 # ---- §4.4 leakage rule -------------------------------------------------------------
