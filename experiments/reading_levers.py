@@ -7,6 +7,7 @@ seed, versions). `experiments/results/reading_levers.md` keeps the table of runs
     python experiments/reading_levers.py --out runs/deep --model n_layers=8 --curriculum-steps 300
     python experiments/reading_levers.py table runs/*/results.json     # the markdown table of runs
     python experiments/reading_levers.py formats OUT.json runs/a runs/b  # each model read in 4 memory formats
+    python experiments/reading_levers.py diagnose OUT.json runs/a runs/b # kept answer tokens, top-16, distractors
 """
 
 from __future__ import annotations
@@ -88,6 +89,109 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
     return result
 
 
+class _ChosenDistractors:
+    """A bank whose search returns the asked person's biography first and `kind` distractors after it: "retrieved"
+    (retrieval's other candidates: look-alikes) or "random" (people drawn at random, as the paper's training
+    reads the previous chunks' unrelated references). It reads the label (the asked person): a diagnostic of what
+    breaks reading, never an evaluation."""
+
+    def __init__(self, bank, people: list[int], kind: str, n_bank: int, seed: int = 0):
+        import numpy as np
+        self._bank, self._people, self._kind, self._n, self._i = bank, people, kind, n_bank, 0
+        self._rng = np.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        return getattr(self._bank, name)
+
+    def __len__(self):
+        return len(self._bank)
+
+    def search(self, prompts, k, **kw):
+        rows = []
+        for row in self._bank.search(prompts, k, **kw):
+            own = self._people[self._i]
+            self._i += 1
+            if self._kind == "retrieved":
+                others = [r for r in row if r != own]
+            else:
+                others = [int(x) for x in self._rng.choice(self._n, k + 1, replace=False) if x != own]
+            rows.append([own] + others[:k - 1])
+        return rows
+
+
+def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> dict:
+    """What stops a model from reading in the paper's format, on the held-out axis: (1) the share of each
+    attribute's answer tokens that the top-8 selection keeps (per memory layer, and in any memory layer), over
+    `n_bios` held-out bank biographies; (2) held-out QA read with 8 and 16 tokens per head (more tokens kept per
+    head stand in for more KV heads), 1 and 5 memories; (3) 5 memories with the right biography always first and
+    the other 4 either retrieval's look-alikes or random people (label-reading diagnostic). All runs must share
+    the world settings of the first."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from mini_m3.checkpoint import load_pretrained
+    from mini_m3.data.bios import ATTRIBUTES
+    from mini_m3.evaluate import qa_eval
+    from mini_m3.memory.bank import MemoryBank
+    from mini_m3.memory.encode import encode_reference_tokens
+    from mini_m3.memory.retrieve import Retriever
+    from mini_m3.reading import build_reading_data, reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    items = reading_questions(world, others, n, s.seed)["heldout"]
+    heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
+
+    def span(ids, value):  # token positions of an answer inside a reference
+        for v in (tok.encode(" " + value), tok.encode(value)):
+            hits = [i for i in range(len(ids) - len(v) + 1) if ids[i:i + len(v)] == v]
+            if hits:
+                return list(range(hits[0], hits[0] + len(v)))
+        return None
+
+    result = {"question_set": "heldout", "n": n, "n_biographies": n_bios, "runs": {}}
+    for run in run_dirs:
+        model, run_tok = load_pretrained(Path(run) / "model")
+        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        top8 = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
+        kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
+        for p in heldout:
+            ids = tok.encode_references([refs[p.pid]])[0]
+            with torch.no_grad():
+                mem = encode_reference_tokens(top8, [ids])
+            layers = [set((mem.positions[0, l][mem.mask[0, l]] - cfg.prefix_length).tolist())
+                      for l in range(mem.positions.shape[1])]
+            for a in ATTRIBUTES:
+                sp = span(ids, p.facts()[a])
+                if sp:
+                    kept[a]["per_layer"].append(np.mean([[i in L for i in sp] for L in layers]))
+                    kept[a]["any_layer"].append(np.mean([any(i in L for L in layers) for i in sp]))
+        row = {"answer_tokens_kept_top8": {a: {k: float(np.mean(v)) for k, v in d.items()} for a, d in kept.items()}}
+        qa = {}
+        for k_tok, k_mem in ((8, 1), (8, 5), (16, 1), (16, 5)):
+            m = model.with_memory_format(selector="attention", tokens_per_head=k_tok, memories_per_chunk=k_mem)
+            with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+                bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False)
+                qa[f"top{k_tok}/{k_mem}"] = qa_eval(m, tok, items, mode="memory", bank=bank)["accuracy"]
+                if k_tok == 8 and k_mem == 5:
+                    for kind in ("retrieved", "random"):
+                        b = _ChosenDistractors(bank, [it.person for it in items], kind, len(refs) - len(others),
+                                               seed=s.seed)
+                        qa[f"top8/5, own first + {kind} distractors"] = qa_eval(m, tok, items, mode="memory",
+                                                                               bank=b)["accuracy"]
+            print(run, {k: round(v, 3) for k, v in qa.items()}, flush=True)
+        row["heldout_qa"] = qa
+        result["runs"][run] = {"trained_in": model.cfg.memory_format, **row}
+        print(run, json.dumps(row["answer_tokens_kept_top8"]), flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
@@ -95,6 +199,9 @@ def main(argv=None) -> None:
         return
     if argv[:1] == ["formats"]:  # formats OUT.json RUN_DIR [RUN_DIR ...]
         formats(argv[2:], argv[1])
+        return
+    if argv[:1] == ["diagnose"]:  # diagnose OUT.json RUN_DIR [RUN_DIR ...]
+        diagnose(argv[2:], argv[1])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
