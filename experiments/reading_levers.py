@@ -1,7 +1,8 @@
 """Issue 15: which levers make a mini model read memory in the paper's format (top-8 tokens, 5 memories)?
 
 One run = `mini_m3.reading.run_reading` with the settings given here; each run writes OUT/results.json (argv, commit,
-seed, versions). `experiments/results/reading_levers.md` keeps the table of runs, failures included.
+seed, versions). `experiments/README.md`, "Reading in the paper's format (issue 15)", keeps the table of runs,
+failures included.
 
     python experiments/reading_levers.py --out runs/base --preset small --continual-steps 2000
     python experiments/reading_levers.py --out runs/deep --model n_layers=8 --curriculum-steps 300

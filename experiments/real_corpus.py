@@ -2,7 +2,7 @@
 
 A corpus no one here wrote and that a fresh machine gets offline (`apt-get install manpages manpages-dev man-db`):
 the English manual pages of sections 2, 3, 5 and 7, rendered to plain UTF-8 text by `man -l`. Then, per seed, the
-commands a user runs (README "Your own corpus"), in this process through `mini_m3.cli.main`:
+commands a user runs (paper_notes/own_data.md, "Your own corpus"), in this process through `mini_m3.cli.main`:
 
     mini-m3 train --text-dir CORPUS --out SEED_DIR --control --eval-every N ...     (tokenizer: training split only)
     mini-m3 build-bank --model SEED_DIR/best_model --text-dir CORPUS --out SEED_DIR/bank_without

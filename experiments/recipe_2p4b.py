@@ -18,7 +18,7 @@ Three ingredients, each from something measured or from the cost model:
    memories). Throughput = MFU x peak bf16 FLOP/s / FLOPs per token, at an assumed MFU.
 
 `bf16_sgd_step` takes one real continual-stage step of paper-2.4b on one device (bf16 weights, SGD inside backward):
-the README's check that the full-size shape trains at all.
+the check (paper_notes/scaling.md) that the full-size shape trains at all.
 
     python experiments/recipe_2p4b.py [--quick] [--out experiments/results/recipe_2p4b.json]
 """

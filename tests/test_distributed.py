@@ -253,7 +253,7 @@ def _available_gb() -> float:
 def test_paper_2p4b_runs_one_training_step():
     """The paper's shape (2.82e9 parameters) takes one continual-stage step (live-encoded memories, backward
     through the encoding) on one CPU: bf16 weights, SGD applied inside backward (no fp32 copy, no Adam
-    state: see README "The 2.4B recipe" for why). In a subprocess, so the ~12 GB are returned at once.
+    state: see paper_notes/scaling.md, "The 2.4B recipe", for why). In a subprocess, so the ~12 GB are returned at once.
     ~12.4 GB and up to 20 minutes on a busy machine, so it runs only when asked for: `-m bigmem`."""
     code = (f"import json, sys; sys.path.insert(0, {str(EXPERIMENTS)!r}); from recipe_2p4b import bf16_sgd_step; "
             "print(json.dumps(bf16_sgd_step()))")
@@ -277,7 +277,7 @@ def test_bf16_sgd_step_on_the_tiny_preset():
 
 
 def test_recipe_2p4b_quick(tmp_path):
-    """experiments/recipe_2p4b.py --quick: the numbers the README's 2.4B recipe quotes, on a 2-layer measurement."""
+    """experiments/recipe_2p4b.py --quick: the numbers the 2.4B recipe (paper_notes/scaling.md) quotes, on a 2-layer measurement."""
     r = load_experiment("recipe_2p4b").main(["--quick", "--out", str(tmp_path / "r.json"), "--quiet"])
     assert r["parameters"] == 2_819_971_200
     assert 60e3 < r["activations"]["per_token_per_layer_bytes"] < 200e3  # bf16 block at d = W = 3200
