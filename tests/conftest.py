@@ -36,6 +36,16 @@ def tok(world):
     return Tokenizer.train(world.tokenizer_corpus(), 512)
 
 
+def shifted_chunk_loop(real, shift: float = 1e-2):
+    """A per-chunk prefill loop made wrong by `shift` in every logit: the equality checks of the prefill benchmark
+    and the GPU check must catch it."""
+    def wrong(model, idx, memory, **kw):
+        out = real(model, idx, memory, **kw)
+        out.logits = out.logits + shift
+        return out
+    return wrong
+
+
 def load_experiment(name: str):
     """The module of `experiments/{name}.py` (not a package; its own imports of `_common` need the folder on the path)."""
     import importlib.util

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_experiment as load
+from conftest import load_experiment as load, shifted_chunk_loop
 
 
 def run(name: str, tmp_path: Path) -> dict:
@@ -37,11 +37,7 @@ def test_bench_prefill(tmp_path):
 def test_bench_prefill_equality_check_fires(tmp_path, monkeypatch):
     mod = load("bench_prefill")
     real = mod.prefill_chunk_loop
-
-    def wrong(model, idx, memory, **kw):
-        out = real(model, idx, memory, **kw)
-        out.logits = out.logits + 1e-2
-        return out
+    wrong = shifted_chunk_loop(real)
     monkeypatch.setattr(mod, "prefill_chunk_loop", wrong)
     with pytest.raises(AssertionError):
         mod.main(["--quick", "--out", str(tmp_path / "x.json"), "--quiet"])

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import load_experiment
+from conftest import load_experiment, shifted_chunk_loop
 
 SECTIONS = ("correctness", "prefill", "decode", "train")
 
@@ -59,11 +59,7 @@ def test_a_failing_check_and_a_failing_section_are_recorded(tmp_path, monkeypatc
     its error, and the train section after it still runs."""
     mod = load_experiment("gpu_check")
     real = mod.prefill_chunk_loop
-
-    def wrong(model, idx, memory, **kw):
-        out = real(model, idx, memory, **kw)
-        out.logits = out.logits + 1e-2
-        return out
+    wrong = shifted_chunk_loop(real)
 
     def broken(*a, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
