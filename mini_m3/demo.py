@@ -314,12 +314,11 @@ def _ratio_text(r: dict) -> str:
 
 
 def plot_results(r: dict, path: str | os.PathLike) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) is left alone
     keys = list(NAMES)
     x = np.arange(len(keys))
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 1.3]})
+    fig = Figure(figsize=(10, 3.6))
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1.3]})
     ax.bar(x - 0.2, [r["qa"]["trained"][k] for k in keys], 0.4, label="trained people")
     ax.bar(x + 0.2, [r["qa"]["heldout"][k] for k in keys], 0.4, label="held-out people (bank only)")
     ax.set_xticks(x, [NAMES[k] for k in keys], rotation=20, ha="right", fontsize=8)
@@ -334,4 +333,3 @@ def plot_results(r: dict, path: str | os.PathLike) -> None:
     fig.suptitle(f"mini_m3 demo ({r['config']['name']}, seed {r['seed']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

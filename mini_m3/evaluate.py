@@ -462,12 +462,11 @@ def heldout_lm_eval(model: Memory3, tokenizer, documents: Sequence[dict], *, ban
 
 def plot_heldout(result: dict, out_png) -> None:
     """Per-document held-out loss of each mode (bars) with the overall loss in the legend."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) is left alone
     modes = list(result["overall"])
     docs = result["documents"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(docs) * len(modes) / 2), 4))
+    fig = Figure(figsize=(max(6.0, 0.5 * len(docs) * len(modes) / 2), 4))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(modes))
     for j, m in enumerate(modes):
         ax.bar([i + j * width for i in range(len(docs))], [d[m]["loss"] for d in docs], width,
@@ -478,4 +477,3 @@ def plot_heldout(result: dict, out_png) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
-    plt.close(fig)

@@ -652,17 +652,15 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
 def plot_losses(log_paths: Sequence[str | os.PathLike], out_png: str | os.PathLike, labels: Sequence[str] | None = None,
                 title: str = "training loss") -> None:
     """Plot loss curves from JSONL logs (one curve per log, steps concatenated in order given)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) is left alone
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for i, p in enumerate(log_paths):
         recs = [json.loads(l) for l in Path(p).read_text().splitlines() if l]
         ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=labels[i] if labels else Path(p).stem, lw=1)
     ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.set_title(title); ax.legend(); ax.grid(alpha=.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":  # a library module: the pretraining command is `mini_m3.distributed` (imports go one way)

@@ -83,3 +83,15 @@ def test_demo_speed_table_and_plot_show_medians_of_interleaved_rounds(tmp_path, 
 def test_demo_settings_reject_a_throughput_without_rounds():
     with pytest.raises(ValueError, match="throughput_rounds"):
         demo.DemoSettings(throughput_rounds=0)  # at once, not after ten minutes of training
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend survives the library's PNGs (they used to switch the process to Agg)."""
+    import matplotlib
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        demo.plot_results(_speed_results(), tmp_path / "results.png")
+        assert matplotlib.get_backend() == "svg" and (tmp_path / "results.png").stat().st_size > 0
+    finally:
+        matplotlib.use(before)
