@@ -60,7 +60,9 @@ def read_memory(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: MemoryK
     and the log-sum-exp (B, H, T); NO_WEIGHT where a query has no valid slot and in non-memory heads."""
     B, H, T, dh = q.shape
     Hkv, g, cl = cfg.n_kv_heads, cfg.n_query_groups, cfg.chunk_length
-    mk, mv, valid = memory.layer(cfg.memory_layers.index(layer))  # (B, C, H_mem, M, d_h) x2, (B, C, H_mem, M)
+    li = cfg.memory_layers.index(layer)
+    mk, mv, valid = memory.layer(li)  # (B, C, H_mem, M, d_h) x2, (B, C, H_mem, M)
+    bias = memory.layer_bias(li)  # (B, C, H_mem, M) log-weights (soft selection in training) or None
     C, Hm, M = mk.shape[1], mk.shape[2], mk.shape[3]
     qg = q.reshape(B, Hkv, g, T, dh)
     if Hm != Hkv:
@@ -71,6 +73,8 @@ def read_memory(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: MemoryK
         n = C * cl
         qb = F.pad(qg, (0, 0, 0, n - T)).reshape(B, Hm, g, C, cl, dh).transpose(2, 3)
         s = qb.reshape(B, Hm, C, g * cl, dh) @ mk.permute(0, 2, 1, 4, 3)  # (B, H_mem, C, g·cl, M)
+        if bias is not None:
+            s = s + bias.transpose(1, 2)[:, :, :, None, :].to(s.dtype)
         s = s.masked_fill(~valid.transpose(1, 2)[:, :, :, None, :], float("-inf"))
         lse = s.logsumexp(-1, keepdim=True).clamp(min=NO_WEIGHT)
         o = torch.exp(s - lse) @ mv.transpose(1, 2)  # (B, H_mem, C, g·cl, d_h)
@@ -83,7 +87,10 @@ def read_memory(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: MemoryK
         if C > 1:
             own = query_chunks[..., :, None] == torch.arange(C, device=q.device).repeat_interleave(M)
             ok = ok & (own[None, None, None] if own.dim() == 2 else own[:, None, None])  # (B, H_mem, 1, T, C·M)
-        s = (qg @ keys.transpose(-1, -2)).masked_fill(~ok, float("-inf"))  # (B, H_mem, g, T, C·M)
+        s = qg @ keys.transpose(-1, -2)  # (B, H_mem, g, T, C·M)
+        if bias is not None:
+            s = s + bias.transpose(1, 2).reshape(B, Hm, 1, 1, C * M).to(s.dtype)
+        s = s.masked_fill(~ok, float("-inf"))
         lse = s.logsumexp(-1, keepdim=True).clamp(min=NO_WEIGHT)
         o = torch.exp(s - lse) @ values  # (B, H_mem, g, T, d_h)
         lse = lse.squeeze(-1)

@@ -154,6 +154,9 @@ def row_chunks(query_chunks: torch.Tensor, B: int) -> torch.Tensor | None:
 def row_slots(cfg: Memory3Config, layer: int, memory: MemoryKV, chunks: torch.Tensor | None):
     """Memory K/V of layer `layer` for chunk `chunks[b]` of each row (None: the only chunk): (B, H_kv, M, d_h)
     x2 and the slot validity (B, H_kv, M); heads that are not memory heads get invalid slots."""
+    if memory.bias is not None:
+        raise ValueError("MemoryKV.bias (the soft token selection of continual training) is read by a forward "
+                         "without a cache; decoding reads memories in the hard format (bias=None)")
     mk, mv, ok = memory.layer(cfg.memory_layers.index(layer))  # (B, C, H_mem, M, d_h) x2, (B, C, H_mem, M)
     if chunks is None:
         mk, mv, ok = mk[:, 0], mv[:, 0], ok[:, 0]

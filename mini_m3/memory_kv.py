@@ -21,12 +21,17 @@ class MemoryKV:
     keys, values: (B, C, L_mem, H_mem, M, d_h) — C chunks, M = memory slots per chunk (memories x tokens),
                   keys already rotated by RoPE at their reference positions.
     mask:         (B, C, M) or (B, C, L_mem, H_mem, M) bool, True where a slot holds a real token; None = all.
+    bias:         (B, C, L_mem, H_mem, M) float or None: a log-weight added to each slot's attention score. Only
+                  the soft token selection of continual training sets it (`TrainConfig.soft_selection`: a slot
+                  whose token is barely selected weighs little); a bias of log 2 counts a slot twice. The
+                  paper's hard format, banks and decoding have none.
     Query t of a forward call reads chunk `query_chunks[t]` (default: t // chunk_length, clipped to C-1).
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -54,6 +59,11 @@ class MemoryKV:
             if self.mask.dtype != torch.bool or tuple(self.mask.shape) not in ((B, C, M), (B, C, Lm, Hm, M)):
                 raise ValueError(f"MemoryKV.mask must be bool of shape {(B, C, M)} or {(B, C, Lm, Hm, M)}, "
                                  f"got {self.mask.dtype} {tuple(self.mask.shape)}")
+        if self.bias is not None:
+            B, C, Lm, Hm, M, _ = self.keys.shape
+            if not self.bias.is_floating_point() or tuple(self.bias.shape) != (B, C, Lm, Hm, M):
+                raise ValueError(f"MemoryKV.bias must be float of shape {(B, C, Lm, Hm, M)}, "
+                                 f"got {self.bias.dtype} {tuple(self.bias.shape)}")
 
     def full_mask(self) -> torch.Tensor:
         B, C, Lm, Hm, M, _ = self.keys.shape
@@ -66,6 +76,10 @@ class MemoryKV:
     def layer(self, li: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Memory layer `li`'s keys and values (B, C, H_mem, M, d_h) and which slots hold a token (B, C, H_mem, M)."""
         return self.keys[:, :, li], self.values[:, :, li], self.full_mask()[:, :, li]
+
+    def layer_bias(self, li: int) -> torch.Tensor | None:
+        """Memory layer `li`'s slot log-weights (B, C, H_mem, M), or None (the hard format: every slot weighs 1)."""
+        return None if self.bias is None else self.bias[:, :, li]
 
     def chunk_of_queries(self, query_chunks: torch.Tensor | None, past: int, B: int, T: int, chunk_length: int,
                          device) -> torch.Tensor:

@@ -147,8 +147,9 @@ class Attention(nn.Module):
         pk, pv = prefix_kv  # "<s>Reference:" (1, H_kv, p, d_h)
         keys, values = [pk.expand(B, -1, -1, -1)], [pv.expand(B, -1, -1, -1)]
         sees = [torch.ones(B, Hkv, T, pk.shape[2], dtype=torch.bool, device=q.device)]  # (B, H_kv, T, p)
+        log_w = None  # MemoryKV.bias: soft selection in training only
         if memory is not None:  # K_j, V_j: (B, H_kv, C·M, d_h); which query sees which slot: (B, H_kv, T, C·M)
-            mk, mv, m_sees = self.memory_slots(memory, query_chunks, T)
+            mk, mv, m_sees, log_w = self.memory_slots(memory, query_chunks, T)
             keys.append(mk); values.append(mv); sees.append(m_sees)
         S_past = 0 if past_kv is None else past_kv[0].shape[2]
         if past_kv is not None:  # context keys/values of earlier calls (B, H_kv, S_past, d_h)
@@ -160,31 +161,31 @@ class Attention(nn.Module):
             ctx_sees = ctx_sees & context_mask[:, None, None, :]
         sees.append(ctx_sees)
         keys, values, sees = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(sees, 3)  # (B, H_kv, T|S, ...)
-        keys, values = self.hook_k(keys), self.hook_v(values)
-        q = self.hook_q(q)
+        keys, values, q = self.hook_k(keys), self.hook_v(values), self.hook_q(q)
         # GQA: each KV head serves its group of g query heads -> (B, H, S, d_h), mask (B, H, T, S)
         keys_h, values_h, sees_h = (t.repeat_interleave(g, dim=1) for t in (keys, values, sees))
+        if log_w is not None:  # the mask becomes additive: -inf where unseen, log g_j on memory slot j, else 0
+            log_w = F.pad(log_w, (pk.shape[2], keys.shape[2] - pk.shape[2] - log_w.shape[-1])).repeat_interleave(g, 1)
+            sees_h = torch.zeros_like(sees_h, dtype=q.dtype).masked_fill(~sees_h, float("-inf")) + log_w.to(q.dtype)
         if impl == "plain" or self.hook_attn_scores.active or self.hook_pattern.active:
             scores = (q @ keys_h.transpose(-1, -2)) / math.sqrt(dh)  # (B, H, T, S)
-            scores = self.hook_attn_scores(scores.masked_fill(~sees_h, float("-inf")))
-            pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).type_as(q))
+            scores = scores + sees_h if sees_h.is_floating_point() else scores.masked_fill(~sees_h, float("-inf"))
+            pattern = self.hook_pattern(torch.softmax(self.hook_attn_scores(scores).float(), dim=-1).type_as(q))
             return pattern @ values_h  # (B, H, T, d_h)
         return F.scaled_dot_product_attention(q, keys_h, values_h, attn_mask=sees_h)  # the same, one kernel
 
     def memory_slots(self, memory: MemoryKV, query_chunks: torch.Tensor, T: int):
-        """This layer's memory K/V for all chunks side by side (B, H_kv, C·M, d_h) x2, and which query sees which
-        slot (B, H_kv, T, C·M): query t only the valid slots of its own chunk, in memory heads only."""
-        cfg = self.cfg
-        mk, mv, valid = memory.layer(cfg.memory_layers.index(self.layer))  # (B, C, H_mem, M, d_h), (B, C, H_mem, M)
-        mk, mv, valid = (scatter_heads(t, cfg.memory_heads, cfg.n_kv_heads, dim=2) for t in (mk, mv, valid))
-        B, C, Hkv, M, dh = mk.shape
-        keys = mk.permute(0, 2, 1, 3, 4).reshape(B, Hkv, C * M, dh)
-        values = mv.permute(0, 2, 1, 3, 4).reshape(B, Hkv, C * M, dh)
-        slot_chunk = torch.arange(C, device=mk.device).repeat_interleave(M)  # (C·M,)
+        """This layer's memory K/V for all chunks side by side (B, H_kv, C·M, d_h) x2, which query sees which slot
+        (B, H_kv, T, C·M: valid slots of its own chunk, memory heads only), slot log-weights (B, H_kv, 1, C·M)|None."""
+        cfg, li = self.cfg, self.cfg.memory_layers.index(self.layer)
+
+        def side_by_side(t):  # (B, C, H_mem, M, ...) -> (B, H_kv, C·M, ...), memory heads over all KV heads
+            return None if t is None else scatter_heads(t, cfg.memory_heads, cfg.n_kv_heads, 2).transpose(1, 2).flatten(2, 3)
+        keys, values, valid, log_w = map(side_by_side, (*memory.layer(li), memory.layer_bias(li)))
+        slot_chunk = torch.arange(memory.n_chunks, device=keys.device).repeat_interleave(memory.slots)  # (C·M,)
         same_chunk = query_chunks[..., :, None] == slot_chunk  # (T, C·M) or (B, T, C·M)
         same_chunk = same_chunk[None, None] if same_chunk.dim() == 2 else same_chunk[:, None]
-        slot_valid = valid.permute(0, 2, 1, 3).reshape(B, Hkv, 1, C * M)
-        return keys, values, same_chunk & slot_valid
+        return keys, values, same_chunk & valid[:, :, None], None if log_w is None else log_w[:, :, None]
 
 
 class MLP(nn.Module):

@@ -184,6 +184,11 @@ class TrainConfig:
     selector: str | None = None  # None: the model's memory format (Memory3Config.memory_selector); else an override
     tokens_per_head: int | None = None  # None: the model's (Memory3Config.memory_tokens_per_head)
     memory_grad: bool = True
+    # soft selection (a named lever, not the paper's): a training-time relaxation of the top-k token choice whose
+    # temperature starts here and falls linearly to 0 at `soft_selection_until` x steps; the hard top-k after that
+    # and at inference. 0 = the paper's hard top-k throughout. See `encode.soft_selection_bias`.
+    soft_selection: float = 0.0
+    soft_selection_until: float = 0.5
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -205,6 +210,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: must be a positive integer")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"TrainConfig.decay_fraction={self.decay_fraction}: must be in [0, 1]")
+        if self.soft_selection < 0 or not 0 < self.soft_selection_until <= 1:
+            raise ValueError(f"TrainConfig.soft_selection={self.soft_selection} must be >= 0 and "
+                             f"soft_selection_until={self.soft_selection_until} in (0, 1]")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive")
         k = self.keep_checkpoints
@@ -250,9 +258,19 @@ def batch_order(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
-def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig):
+def soft_temperature(step: int | None, cfg: TrainConfig) -> float:
+    """The soft-selection temperature at `step`: cfg.soft_selection falling linearly to 0 at soft_selection_until x
+    steps (0: the hard top-k). None (an evaluation, not a training step) reads the hard format."""
+    if step is None or cfg.soft_selection == 0:
+        return 0.0
+    return max(0.0, cfg.soft_selection * (1 - step / (cfg.soft_selection_until * cfg.steps)))
+
+
+def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig,
+                     temperature: float = 0.0):
     """Encode the references a batch reads (live, through the memory layers) and lay them out per chunk: in the
-    model's memory format (memories per chunk, selector, tokens per head) unless `cfg` overrides the latter two."""
+    model's memory format (memories per chunk, selector, tokens per head) unless `cfg` overrides the latter two;
+    `temperature` > 0: soft selection (`soft_temperature`)."""
     mcfg = model.cfg
     refs = data.chunk_refs[rows]  # (B, C)
     index = memory_index(refs, mcfg.memories_per_chunk)  # (B, C, n) reference ids
@@ -264,17 +282,21 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
         mem = encode_reference_tokens(model, [data.references[r] for r in used], selector=cfg.selector,
                                       tokens_per_head=cfg.tokens_per_head,
                                       generator=torch.Generator().manual_seed(cfg.seed),
-                                      score_dtype=torch.float32)  # 2-3x faster selection; see selection_scores
+                                      score_dtype=torch.float32,  # 2-3x faster selection; see selection_scores
+                                      soft_temperature=temperature)
     local = index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
     mem = mem.to(model.tok_emb.weight.dtype)  # under autocast the encoding comes out in bf16; the model reads its own
     return mem.to_memory_kv(local.to(mem.keys.device))
 
 
-def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """The loss of batch `rows` (forward only), in `cfg.dtype` on the model's device; the caller runs backward."""
+def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig,
+               step: int | None = None) -> torch.Tensor:
+    """The loss of batch `rows` (forward only), in `cfg.dtype` on the model's device; the caller runs backward.
+    `step` sets the soft-selection temperature (`soft_temperature`); None reads the hard format."""
     dev = model.tok_emb.weight.device
     with autocast_to(dev, cfg.dtype):
-        memory = continual_memory(model, data, rows, cfg) if cfg.stage == "continual" else None
+        memory = (continual_memory(model, data, rows, cfg, soft_temperature(step, cfg))
+                  if cfg.stage == "continual" else None)
         out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory,
                     target_logits_only=True)
     return out.loss
@@ -620,7 +642,7 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
         for g in opt.param_groups:
             g["lr"] = lr
         rows = batch_order(len(data), cfg.batch_size, step, cfg.seed)
-        loss = train_step(model, data, rows, cfg)
+        loss = train_step(model, data, rows, cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))

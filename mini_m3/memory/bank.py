@@ -571,6 +571,9 @@ class MemoryBank:
         cfg, m = self.model.cfg, self.manifest
         want = (len(cfg.memory_layers), len(cfg.memory_heads), m["tokens_per_head"], cfg.head_dim)
         n = len(mem)
+        if mem.bias is not None:
+            raise ValueError("these memories carry soft-selection weights (training only): a bank stores the hard "
+                             "format; encode them with encode_references")
         if (tuple(mem.keys.shape[1:]) != want or mem.values.shape != mem.keys.shape
                 or tuple(mem.positions.shape) != (n, *want[:3]) or tuple(mem.mask.shape) != (n, *want[:3])):
             raise ValueError(f"memories of shape {tuple(mem.keys.shape)} do not fit this model: expected "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..config import MEMORY_SELECTORS as SELECTORS
 from ..model import Memory3, MemoryKV
@@ -32,6 +33,8 @@ class ExplicitMemory:
     positions:    (N, L_mem, H_mem, k) long — absolute RoPE position of each kept token (p + index in reference)
     mask:         (N, L_mem, H_mem, k) bool — False for empty slots (reference shorter than k tokens)
     reference_ids:(N,) long — ids of the references in their bank (or -1)
+    bias:         (N, L_mem, H_mem, k) float or None — soft selection in continual training only: each slot's
+                  log-weight log g_j (see `soft_selection_bias`); None in the paper's hard format (banks, inference)
     """
 
     keys: torch.Tensor
@@ -39,6 +42,7 @@ class ExplicitMemory:
     positions: torch.Tensor
     mask: torch.Tensor
     reference_ids: torch.Tensor
+    bias: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -51,24 +55,29 @@ class ExplicitMemory:
         if isinstance(idx, int):
             idx = [idx]
         return ExplicitMemory(self.keys[idx], self.values[idx], self.positions[idx], self.mask[idx],
-                              self.reference_ids[idx])
+                              self.reference_ids[idx], None if self.bias is None else self.bias[idx])
 
     @staticmethod
     def cat(memories: Sequence["ExplicitMemory"]) -> "ExplicitMemory":
         if not memories:
             raise ValueError("nothing to concatenate")
-        return ExplicitMemory(*(torch.cat([getattr(m, f) for m in memories]) for f in
-                                ("keys", "values", "positions", "mask", "reference_ids")))
+        if len({m.bias is None for m in memories}) > 1:
+            raise ValueError("cannot concatenate memories with and without soft-selection bias")
+        fields = ("keys", "values", "positions", "mask", "reference_ids") + (("bias",) if memories[0].bias is not None
+                                                                              else ())
+        return ExplicitMemory(*(torch.cat([getattr(m, f) for m in memories]) for f in fields))
 
     def to(self, *args, **kw) -> "ExplicitMemory":
         """Move/cast keys and values (positions, mask and ids only move)."""
         dev = next((a for a in args if isinstance(a, (str, torch.device))), kw.get("device"))
         k, v = self.keys.to(*args, **kw), self.values.to(*args, **kw)
         other = [t.to(dev) if dev is not None else t for t in (self.positions, self.mask, self.reference_ids)]
-        return ExplicitMemory(k, v, *other)
+        bias = None if self.bias is None else self.bias.to(dev) if dev is not None else self.bias
+        return ExplicitMemory(k, v, *other, bias)
 
     def detach(self) -> "ExplicitMemory":
-        return ExplicitMemory(self.keys.detach(), self.values.detach(), self.positions, self.mask, self.reference_ids)
+        return ExplicitMemory(self.keys.detach(), self.values.detach(), self.positions, self.mask, self.reference_ids,
+                              None if self.bias is None else self.bias.detach())
 
     def to_memory_kv(self, index: torch.Tensor) -> MemoryKV:
         """Lay memories out for one attention call. index: (B, C, n) rows of this object per chunk, -1 = none.
@@ -84,7 +93,10 @@ class ExplicitMemory:
         k = k.permute(0, 1, 3, 4, 2, 5, 6).reshape(B, C, Lm, Hm, n * kk, d)
         v = v.permute(0, 1, 3, 4, 2, 5, 6).reshape(B, C, Lm, Hm, n * kk, d)
         m = m.permute(0, 1, 3, 4, 2, 5).reshape(B, C, Lm, Hm, n * kk)
-        return MemoryKV(k, v, m)
+        bias = None
+        if self.bias is not None:  # soft selection: each slot's log-weight, laid out like the mask
+            bias = self.bias[safe].permute(0, 1, 3, 4, 2, 5).reshape(B, C, Lm, Hm, n * kk)
+        return MemoryKV(k, v, m, bias)
 
 
 def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tensor, n_groups: int,
@@ -160,17 +172,46 @@ def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selecto
     return index, kept
 
 
+def soft_selection_bias(scores: torch.Tensor, index: torch.Tensor, kept: torch.Tensor, k: int, selector: str,
+                        temperature: float) -> torch.Tensor:
+    """Log-weights log g_j of the gathered tokens under soft selection, a training-time relaxation of the top-k
+    (the paper leaves gradients through the selection open, spec open item 4):
+
+        g_j = sigmoid((s_j - τ) / T),   s_j = log w_j ("attention") or the "exp" score,
+
+    τ halfway between the k-th and (k+1)-th best s of the head (no gradient). The k best tokens weigh ~1 and the
+    others less the further they fall below; as T → 0 this is the paper's hard top-k. With T > 0 the loss reaches
+    every token's selection score, so training can move which tokens the hard top-k keeps: no labels are used.
+    scores: (N, H, R) selection scores (with autograd), -inf on padding; index, kept: (N, H, R') the gathered
+    tokens (`select_top_tokens`). Returns (N, H, R') log-weights, 0 on empty slots."""
+    if temperature <= 0:
+        raise ValueError(f"soft selection needs a temperature > 0, got {temperature}")
+    s = scores.clamp_min(1e-30).log() if selector == "attention" else scores.clamp_min(-1e30)
+    best = s.detach().sort(dim=-1, descending=True).values  # (N, H, R)
+    if best.shape[-1] <= k:  # a reference of at most k tokens keeps them all
+        return torch.zeros(index.shape, dtype=s.dtype, device=s.device)
+    tau = (best[..., k - 1:k] + best[..., k:k + 1]) / 2  # (N, H, 1)
+    log_g = F.logsigmoid((s - tau) / temperature).gather(-1, index)  # (N, H, R')
+    return log_g.masked_fill(~kept, 0.0)
+
+
 def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | torch.Tensor, *,
                             selector: str | None = None, tokens_per_head: int | None = None,
                             generator: torch.Generator | None = None, pad_id: int = 0,
                             reference_ids: Sequence[int] | None = None,
-                            score_dtype: torch.dtype = torch.float64) -> ExplicitMemory:
+                            score_dtype: torch.dtype = torch.float64,
+                            soft_temperature: float = 0.0) -> ExplicitMemory:
     """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role), in the model's
     memory format unless `selector` / `tokens_per_head` say otherwise.
     Gradients flow into keys and values when autograd is on (used by continual training, §3.6).
-    score_dtype: precision of the selection scores (see `selection_scores`)."""
+    score_dtype: precision of the selection scores (see `selection_scores`).
+    soft_temperature > 0 (training only, `TrainConfig.soft_selection`): keep every token, each with the log-weight
+    of `soft_selection_bias` in `ExplicitMemory.bias`, and let gradients reach the selection scores."""
     cfg = model.cfg
     selector, k = cfg.written_format(selector, tokens_per_head)
+    soft = soft_temperature > 0
+    if soft and selector not in ("attention", "exp"):
+        raise ValueError(f"soft selection relaxes a scored top-k ('attention' or 'exp'), not selector {selector!r}")
     device = model.tok_emb.weight.device
     if isinstance(ref_ids, torch.Tensor):
         ids = ref_ids.to(device)
@@ -192,16 +233,19 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
     N, R = ids.shape
     layers = model.encode_reference_layers(ids)
     heads = torch.tensor(cfg.memory_heads, device=device)
-    keys, values, positions, masks = [], [], [], []
+    keys, values, positions, masks, biases = [], [], [], [], []
     for layer in layers:
         if selector in ("attention", "exp"):
-            # the top-k choice is not differentiable: scoring without autograd keeps its float64 (N, H, R, R)
-            # matrices out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b)
-            scores = selection_scores(layer["q_raw"].detach(), layer["k_raw"].detach(), valid, cfg.n_query_groups,
-                                      selector, score_dtype)
+            # the hard top-k choice is not differentiable: scoring without autograd keeps its (N, H, R, R) matrices
+            # out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b); soft selection
+            # needs them there
+            qk = (layer["q_raw"], layer["k_raw"]) if soft else (layer["q_raw"].detach(), layer["k_raw"].detach())
+            scores = selection_scores(*qk, valid, cfg.n_query_groups, selector, score_dtype)[:, heads]
         else:
-            scores = torch.zeros(N, cfg.n_kv_heads, R, device=device)
-        index, kept = select_top_tokens(scores[:, heads], valid, k, selector, generator)  # (N, H_mem, k)
+            scores = torch.zeros(N, len(cfg.memory_heads), R, device=device)
+        index, kept = select_top_tokens(scores.detach(), valid, R if soft else k, selector, generator)  # (N, H_mem, k)
+        if soft:
+            biases.append(soft_selection_bias(scores, index, kept, k, selector, soft_temperature))
         gather = index[..., None].expand(-1, -1, -1, cfg.head_dim)
         keys.append(layer["k"][:, heads].gather(2, gather))
         values.append(layer["v"][:, heads].gather(2, gather))
@@ -209,7 +253,7 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
         masks.append(kept)
     ref_tensor = torch.as_tensor(list(reference_ids) if reference_ids is not None else [-1] * N, dtype=torch.long)
     mem = ExplicitMemory(torch.stack(keys, 1), torch.stack(values, 1), torch.stack(positions, 1),
-                         torch.stack(masks, 1), ref_tensor)
+                         torch.stack(masks, 1), ref_tensor, torch.stack(biases, 1) if soft else None)
     mem.keys = mem.keys * mem.mask[..., None]  # empty slots hold zeros (they are masked out anyway)
     mem.values = mem.values * mem.mask[..., None]
     return mem
