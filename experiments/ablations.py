@@ -34,6 +34,7 @@ variant already there (same training run and evaluation knobs) is reused instead
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -51,7 +52,7 @@ from mini_m3.data.world import format_qa  # noqa: E402
 from mini_m3.demo import DemoSettings  # noqa: E402
 from mini_m3.world_data import build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
-from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss, pack_stream, train  # noqa: E402
+from mini_m3.train import ChunkedData, TrainConfig, evaluate_loss, pack_stream, train, two_stage_configs  # noqa: E402
 
 # the paper's setting: top-8 by attention received, chunks of one document each (the layout of the other groups);
 # the selector and tokens per head of a variant are its model's memory format (`variant_config`)
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     W = a.warmup_steps if a.warmup_steps is not None else (10 if a.quick else s.warmup_steps)
     C = a.continual_steps if a.continual_steps is not None else (5 if a.quick else 2000)
     every = a.eval_every if a.eval_every is not None else (0 if a.quick else 500)
+    if W < 1 or C < 1:
+        raise SystemExit(f"--warmup-steps={W}, --continual-steps={C}: every variant continues one warmup, so both "
+                         f"stages need at least one step")
     w = setup_world(s)
     world, tok, base_cfg, refs = w.world, w.tokenizer, w.cfg, w.references
     docs = world.training_documents(s.n_docs, seed=s.seed, mix=dict(s.mix))
@@ -233,10 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(s.seed)
     warm = Memory3(base_cfg)
-    common = dict(lr=s.lr, seed=s.seed, quiet=a.quiet, threads=1)
-    total = W + C
-    train(warm, data, TrainConfig(stage="warmup", steps=W, warmup_steps=max(1, total // 10), decay_fraction=0.0,
-                                  batch_size=s.batch_size, **common))
+    warm_tc, cont_tc = two_stage_configs(W, C, batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet, threads=1)
+    train(warm, data, warm_tc)
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(warm, Path(tmp) / "warm.safetensors")
         tok.save(Path(tmp) / "tokenizer.json")
@@ -249,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 if key not in jobs:
                     cfg = variant_config(base_cfg, cfg_over, knobs)
                     d, h, bs, _ = layout(knobs, cfg.chunk_length)
-                    tc = TrainConfig(stage="continual", steps=C, warmup_steps=0, eval_every=every, batch_size=bs,
-                                     decay_fraction=min(1.0, 0.1 * total / C), **common)
+                    tc = dataclasses.replace(cont_tc, eval_every=every, batch_size=bs)
                     jobs[key] = {"key": key, "cfg": cfg.to_dict(), "tc": tc.__dict__,
                                  "warm": str(Path(tmp) / "warm.safetensors"), "tokenizer": str(Path(tmp) / "tokenizer.json"),
                                  "data": d, "held": h, "refs": refs, "items": items, "evals": []}

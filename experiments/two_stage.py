@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -23,14 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import plt as pyplot, png_path, save_figure, write_json  # noqa: E402
 
-from mini_m3 import Memory3, MemoryBank  # noqa: E402
-from mini_m3.demo import DemoSettings  # noqa: E402
+from mini_m3.demo import FIG11_ARMS, DemoSettings, two_stage_arm  # noqa: E402
 from mini_m3.world_data import build_world_data, setup_world  # noqa: E402
-from mini_m3.evaluate import qa_eval  # noqa: E402
-from mini_m3.train import TrainConfig, train  # noqa: E402
-
-ARMS = {"control-control": ("warmup", "warmup"), "memory-memory": ("continual", "continual"),
-        "control-memory": ("warmup", "continual")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,28 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     work = out.with_suffix("")
     w = setup_world(s)
-    world, tok, cfg, refs = w.world, w.tokenizer, w.cfg, w.references
+    world, tok, cfg = w.world, w.tokenizer, w.cfg
     data = build_world_data(world, tok, s, cfg.chunk_length, w.retriever, w.reference_tokens, not a.quiet)
     items = {split: world.eval_questions(people, s.eval_questions, seed=s.seed, phrasing=s.eval_phrasing)
              for split, people in (("trained", "memory"), ("heldout", "heldout"))}
     results = {"settings": {**s.__dict__, "warmup_steps": W, "continual_steps": C}, "arms": {}}
-    total = W + C
-    for arm, (stage1, stage2) in ARMS.items():
-        t0 = time.perf_counter()
-        torch.manual_seed(s.seed)
-        model = Memory3(cfg)  # in the demo's memory format (setup_world writes s.selector into cfg)
-        common = dict(batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=a.quiet)
-        # one WSD schedule over both stages: warmup ramps, the decay sits in the last 10 % of all steps
-        r1 = train(model, data, TrainConfig(stage=stage1, steps=W, warmup_steps=max(1, total // 10),
-                                            decay_fraction=0.0, **common))
-        r2 = train(model, data, TrainConfig(stage=stage2, steps=C, warmup_steps=0,
-                                            decay_fraction=min(1.0, 0.1 * total / C), **common))
-        bank = MemoryBank.build(work / arm / "bank", model, tok, refs, overwrite=True, progress=False, seed=s.seed)
-        qa = {split: {mode: qa_eval(model, tok, its, mode=mode, bank=bank if mode == "memory" else None)["accuracy"]
-                      for mode in ("memory", "none")} for split, its in items.items()}
-        results["arms"][arm] = {"loss": r1["losses"] + r2["losses"], "qa": qa, "seconds": time.perf_counter() - t0}
+    for arm in FIG11_ARMS:  # one WSD schedule over both stages, the same learning rate at every step in each arm
+        r = two_stage_arm(arm, w, data, items, s, W, C, work / arm / "bank", quiet=a.quiet)
+        results["arms"][arm] = {k: r[k] for k in ("loss", "qa", "seconds")}
         if not a.quiet:
-            print(arm, qa, f"final loss {r2['final_loss']:.3f}", flush=True)
+            print(arm, r["qa"], f"final loss {r['final_loss']:.3f}", flush=True)
     write_json(out, results, seed=s.seed)
     plot(results, png_path(out))
     return 0

@@ -55,7 +55,7 @@ from .model import Memory3, rope_tables
 from .tokenizer import Tokenizer
 from .train import (ChunkedData, TrainConfig, batch_order, check_finite_step, checkpoint_to_resume, continual_memory,
                     data_fingerprint, file_manifest, make_optimizer, memory_index, prepare_log, publish_checkpoint,
-                    read_train_state, train, verify_checkpoint, wsd_lr)
+                    read_train_state, train, two_stage_configs, verify_checkpoint, wsd_lr)
 from .utils import atomic_path, atomic_write_text
 from .world_data import WorldSettings, build_world_data, setup_world
 
@@ -581,15 +581,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stage_configs(a: argparse.Namespace) -> list[TrainConfig]:
     """The TrainConfig of each stage for these arguments (as `mini-m3 train` sets them)."""
-    out = []
-    for stage, steps in (("warmup", a.warmup_steps), ("continual", a.continual_steps)):
-        if steps:
-            lr = a.continual_lr if stage == "continual" and a.continual_lr else a.lr
-            out.append(TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=lr, seed=a.seed,
-                                   checkpoint_every=a.checkpoint_every, quiet=a.quiet,
-                                   threads=a.threads, warmup_steps=max(1, steps // 10) if stage == "warmup" else 0,
-                                   decay_fraction=0.0 if stage == "warmup" and a.continual_steps else 0.1))
-    return out
+    # Not `two_stage_configs`' single schedule but two separately scheduled stages, as §5's continual training (which
+    # may have its own peak, --continual-lr): the LR warms up over 10 % of the warmup stage only (none without one)
+    # and decays over the last 10 % of the continual stage. Checkpoints of earlier runs resume only on this schedule.
+    warm, cont = two_stage_configs(a.warmup_steps, a.continual_steps,
+                                   lr_warmup=max(1, a.warmup_steps // 10) if a.warmup_steps else 0,
+                                   last_decay_fraction=TrainConfig.decay_fraction, batch_size=a.batch_size, lr=a.lr,
+                                   seed=a.seed, checkpoint_every=a.checkpoint_every, quiet=a.quiet, threads=a.threads)
+    if cont is not None and a.continual_lr:
+        cont = dataclasses.replace(cont, lr=a.continual_lr)
+    return [tc for tc in (warm, cont) if tc is not None]
 
 
 def model_config(a: argparse.Namespace, tokenizer: Tokenizer | None) -> Memory3Config:

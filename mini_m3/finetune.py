@@ -21,8 +21,8 @@ who never appeared in any training text: exact match; (b) people who exist nowhe
 asserts a specific attribute value (made up) instead of abstaining. With and without memory.
 
 Checkpoints use `train.save_checkpoint` (safetensors + JSON, atomic, `latest` pointer) with ``kind`` =
-"sft" / "dpo" in the train state; resuming continues the same schedule and data order exactly.
-"""
+"sft" / "dpo" in the train state; resuming continues the same schedule and data order exactly. SFT and DPO share one
+loop built from pretraining's pieces (`_tune`): a NaN/inf loss or gradient norm stops it at that step."""
 
 from __future__ import annotations
 
@@ -51,8 +51,8 @@ from .inference import generate_batch, memory_for
 from .memory.encode import encode_reference_tokens
 from .memory.overlap import EVAL_LEAKAGE_THRESHOLD
 from .model import Memory3
-from .train import (batch_order, latest_checkpoint, load_checkpoint, make_optimizer, prepare_log, read_train_state,
-                    save_checkpoint)
+from .train import (batch_order, check_finite_step, latest_checkpoint, load_checkpoint, make_optimizer, prepare_log,
+                    read_train_state, reference_rows, save_checkpoint)
 
 MEMORY_SOURCES = ("live", "bank")
 # config fields that do not change the result: they may differ between a run and its resumption
@@ -188,7 +188,7 @@ class _MemoryReader:
         table = table[:, None, :]
         if self.cfg.memory_source == "bank":
             return memory_for(self.bank, table)
-        used = sorted({int(i) for i in table.flatten().tolist() if i >= 0})
+        used, local = reference_rows(table)
         if not used:
             return None
         for i in used:
@@ -198,9 +198,7 @@ class _MemoryReader:
             mem = encode_reference_tokens(model, [self._tokens[i] for i in used], selector=self.selector,
                                           tokens_per_head=self.tokens_per_head, pad_id=self.tokenizer.pad_id,
                                           generator=torch.Generator().manual_seed(self.cfg.seed))
-        row_of = {r: j for j, r in enumerate(used)}
-        local = torch.tensor([[row_of.get(int(i), -1) if i >= 0 else -1 for i in row] for row in table[:, 0].tolist()])
-        return mem.to_memory_kv(local[:, None, :].to(mem.keys.device))
+        return mem.to_memory_kv(local.to(mem.keys.device))
 
 
 # ----------------------------------------------------------------------------------------------- batches
@@ -290,6 +288,51 @@ def _prepare_log(out: Path | None, name: str, start: int) -> Path | None:
     return path
 
 
+def _tune(kind: str, model: Memory3, tokenizer, cfg, n_items: int, batch_loss, shown, *, out_dir, resume: bool,
+          log_name: str, extra: dict) -> dict:
+    """The loop SFT and DPO share, built from pretraining's pieces (`train.train`): AdamW without decay on gains
+    (`make_optimizer`), the seeded batch order (`batch_order`), a diverged step stopped (`check_finite_step`), the log
+    of a resumed run cut back (`prepare_log`) and checkpoints (`save_checkpoint`); the learning rate is cosine.
+    `batch_loss(rows)` -> (the loss of the items `rows`, the step's own log fields); `shown(loss, lr, fields)`: the
+    progress bar's fields; `extra`: recorded in every checkpoint and checked on resume."""
+    torch.manual_seed(cfg.seed)
+    model.train()
+    opt = make_optimizer(model, cfg)
+    out = Path(out_dir) if out_dir is not None else None
+    start = _resume_step(out, kind, cfg, model, opt, resume, extra)
+    model.train()
+    log_path = _prepare_log(out, log_name, start)
+    losses, times = [], []
+    bar = tqdm(range(start, cfg.steps), disable=cfg.quiet, desc=kind, unit="step", initial=start, total=cfg.steps)
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = cosine_lr(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, fields = batch_loss(batch_order(n_items, cfg.batch_size, step, cfg.seed))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        losses.append(loss.item())
+        check_finite_step(kind, step, lr, loss=losses[-1], grad_norm=gnorm)
+        opt.step()
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        if step % cfg.log_every == 0:
+            bar.set_postfix(**shown(losses[-1], lr, fields))
+        if log_path is not None:
+            rec = {"step": step, "kind": kind, "loss": losses[-1], **fields, "lr": lr, "grad_norm": gnorm,
+                   "step_time": dt}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if out is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(out, model, opt, step + 1, cfg, tokenizer, extra={"kind": kind, **extra})
+    model.eval()
+    steady = times[min(len(times) - 1, 3):] if times else []
+    return {"losses": losses, "final_loss": losses[-1] if losses else None, "steps_run": len(losses),
+            "start_step": start, "step_time": float(np.median(steady)) if steady else None}
+
+
 # ----------------------------------------------------------------------------------------------- SFT
 def sft(model: Memory3, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfig | None = None, *, bank=None,
         out_dir: str | os.PathLike | None = None, resume: bool = True, log_name: str = "sft.jsonl") -> dict:
@@ -308,47 +351,19 @@ def sft(model: Memory3, tokenizer, examples: Sequence[SFTExample], cfg: SFTConfi
     reader = _MemoryReader(bank, tokenizer, model, cfg, "sft") if cfg.with_memory else None
     table = reader.retrieve([e.query for e in examples], not cfg.quiet) if reader else None
     dev = model.tok_emb.weight.device
-    torch.manual_seed(cfg.seed)
-    model.train()
-    opt = make_optimizer(model, cfg)
-    out = Path(out_dir) if out_dir is not None else None
-    start = _resume_step(out, "sft", cfg, model, opt, resume, {})
-    model.train()
-    log_path = _prepare_log(out, log_name, start)
-    losses, times = [], []
-    bar = tqdm(range(start, cfg.steps), disable=cfg.quiet, desc="sft", unit="step", initial=start, total=cfg.steps)
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = cosine_lr(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rows = batch_order(len(examples), cfg.batch_size, step, cfg.seed)
+
+    def batch_loss(rows: torch.Tensor):
         tokens = _pad([encoded[i][0] for i in rows.tolist()], tokenizer.pad_id)
         targets = _pad([sft_targets(*encoded[i]) for i in rows.tolist()], -100)
         memory = reader.memory(model, table[rows], cfg.memory_grad) if reader else None
         qc = torch.zeros(tokens.shape[1], dtype=torch.long, device=dev) if memory is not None else None
         loss = model(tokens.to(dev), targets=targets.to(dev), memory=memory, query_chunks=qc).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())
-        times.append(dt)
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.1e}")
-        if log_path is not None:
-            rec = {"step": step, "kind": "sft", "loss": losses[-1], "lr": lr, "grad_norm": float(gnorm),
-                   "step_time": dt, "answer_tokens": int((targets != -100).sum()), "with_memory": cfg.with_memory}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if out is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(out, model, opt, step + 1, cfg, tokenizer, extra={"kind": "sft"})
-    model.eval()
-    steady = times[min(len(times) - 1, 3):] if times else []
-    return {"losses": losses, "final_loss": losses[-1] if losses else None, "steps_run": len(losses),
-            "start_step": start, "step_time": float(np.median(steady)) if steady else None,
-            "retrieved": table.tolist() if table is not None else None}
+        return loss, {"answer_tokens": int((targets != -100).sum()), "with_memory": cfg.with_memory}
+
+    shown = lambda loss, lr, fields: {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}"}
+    r = _tune("sft", model, tokenizer, cfg, len(examples), batch_loss, shown, out_dir=out_dir, resume=resume,
+              log_name=log_name, extra={})
+    return {**r, "retrieved": table.tolist() if table is not None else None}
 
 
 # ----------------------------------------------------------------------------------------------- DPO
@@ -387,16 +402,10 @@ def dpo(policy: Memory3, reference: Memory3 | None, tokenizer, pairs: Sequence[P
     reader = _MemoryReader(bank, tokenizer, policy, cfg, "dpo") if cfg.with_memory else None
     table = reader.retrieve([p.query for p in pairs], not cfg.quiet) if reader else None
     ref_digest = _params_digest(ref)
-    torch.manual_seed(cfg.seed)
-    policy.train()
-    opt = make_optimizer(policy, cfg)
-    out = Path(out_dir) if out_dir is not None else None
-    start = _resume_step(out, "dpo", cfg, policy, opt, resume, {"reference_digest": ref_digest})
-    policy.train()
-    log_path = _prepare_log(out, log_name, start)
     ref_cache: dict[int, tuple[float, float]] = {}
+    margins, accs = [], []
 
-    def batch(model, rows: list[int], grad: bool):
+    def logprobs(model, rows: list[int], grad: bool):
         toks = _pad([encoded[i][0] for i in rows] + [encoded[i][2] for i in rows], tokenizer.pad_id)
         mask = _pad([encoded[i][1] for i in rows] + [encoded[i][3] for i in rows], 0).float()
         memory = None
@@ -406,50 +415,28 @@ def dpo(policy: Memory3, reference: Memory3 | None, tokenizer, pairs: Sequence[P
         lp = sequence_logprobs(model, toks, mask, memory)
         return lp[:len(rows)], lp[len(rows):]
 
-    losses, margins, accs, times = [], [], [], []
-    bar = tqdm(range(start, cfg.steps), disable=cfg.quiet, desc="dpo", unit="step", initial=start, total=cfg.steps)
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = cosine_lr(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        rows = batch_order(len(pairs), cfg.batch_size, step, cfg.seed).tolist()
+    def batch_loss(rows: torch.Tensor):
+        rows = rows.tolist()
         need = [i for i in rows if i not in ref_cache]
         if need:
             with torch.no_grad():
-                rc, rr = batch(ref, need, False)
+                rc, rr = logprobs(ref, need, False)
             ref_cache.update({i: (float(a), float(b)) for i, a, b in zip(need, rc, rr)})
         dev = policy.tok_emb.weight.device
         ref_c = torch.tensor([ref_cache[i][0] for i in rows], device=dev)
         ref_r = torch.tensor([ref_cache[i][1] for i in rows], device=dev)
-        pi_c, pi_r = batch(policy, rows, cfg.memory_grad)
+        pi_c, pi_r = logprobs(policy, rows, cfg.memory_grad)
         logits = (pi_c - ref_c) - (pi_r - ref_r)
-        loss = -F.logsigmoid(cfg.beta * logits).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-        opt.step()
-        dt = time.perf_counter() - t0
-        margin = float(cfg.beta * logits.detach().mean())
-        acc = float((logits.detach() > 0).float().mean())
-        losses.append(loss.item()); margins.append(margin); accs.append(acc); times.append(dt)
-        if step % cfg.log_every == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", margin=f"{margin:.4f}")
-        if log_path is not None:
-            rec = {"step": step, "kind": "dpo", "loss": losses[-1], "reward_margin": margin,
-                   "reward_chosen": float(cfg.beta * (pi_c.detach() - ref_c).mean()),
-                   "reward_rejected": float(cfg.beta * (pi_r.detach() - ref_r).mean()),
-                   "preference_accuracy": acc, "lr": lr, "grad_norm": float(gnorm), "step_time": dt}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if out is not None and cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(out, policy, opt, step + 1, cfg, tokenizer,
-                            extra={"kind": "dpo", "reference_digest": ref_digest})
-    policy.eval()
-    steady = times[min(len(times) - 1, 3):] if times else []
-    return {"losses": losses, "reward_margins": margins, "preference_accuracy": accs,
-            "final_loss": losses[-1] if losses else None, "steps_run": len(losses), "start_step": start,
-            "step_time": float(np.median(steady)) if steady else None}
+        margins.append(float(cfg.beta * logits.detach().mean()))
+        accs.append(float((logits.detach() > 0).float().mean()))
+        return -F.logsigmoid(cfg.beta * logits).mean(), {
+            "reward_margin": margins[-1], "reward_chosen": float(cfg.beta * (pi_c.detach() - ref_c).mean()),
+            "reward_rejected": float(cfg.beta * (pi_r.detach() - ref_r).mean()), "preference_accuracy": accs[-1]}
+
+    shown = lambda loss, lr, fields: {"loss": f"{loss:.4f}", "margin": f"{fields['reward_margin']:.4f}"}
+    r = _tune("dpo", policy, tokenizer, cfg, len(pairs), batch_loss, shown, out_dir=out_dir, resume=resume,
+              log_name=log_name, extra={"reference_digest": ref_digest})
+    return {**r, "reward_margins": margins, "preference_accuracy": accs}
 
 
 @torch.no_grad()

@@ -6,7 +6,8 @@ references overlapping the sequence by more than 90 % are dropped, Eq. 6). Chunk
 of chunks c-4..c (5 memories, as at inference); the first chunks of a sequence read fewer. References
 are encoded live by the model being trained, through the memory layers only, and gradients flow into
 that encoding (our reading of §3.6: the writer and the reader are the same weights; the top-k choice
-itself is not differentiable). Optimiser: AdamW with a warmup-stable-decay (WSD) schedule (MiniCPM, §5).
+itself is not differentiable). Optimiser: AdamW with a warmup-stable-decay (WSD) schedule (MiniCPM, §5);
+`two_stage_configs` gives both stages' configs under one such schedule.
 `TrainConfig.device` moves the model (None: it stays where it is); `dtype="bfloat16"` runs the forward pass, the live
 reference encoding and the loss under `torch.autocast`, with float32 master weights, gradients and AdamW state.
 
@@ -241,6 +242,43 @@ def wsd_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (1 - frac * (1 - cfg.min_lr_ratio))
 
 
+def two_stage_configs(warmup_steps: int, continual_steps: int, *, lr_warmup: int | None = None,
+                      last_decay_fraction: float | None = None, stages: tuple[str, str] = ("warmup", "continual"),
+                      **common) -> tuple[TrainConfig | None, TrainConfig | None]:
+    """The TrainConfigs of the warmup stage (no memory) and the continual stage (with memory) of §3.6, None for a
+    stage of 0 steps; `common`: the other TrainConfig fields, the same in both stages.
+
+    The rule: both stages follow the one WSD schedule of a single run of all warmup + continual steps (the
+    no-memory control's, so every step of every arm has the same learning rate): a linear LR warmup over the
+    first max(1, total // 10) steps, in the first stage, and the decay over the last 10 % of all steps
+    (`TrainConfig.decay_fraction`), in the last stage. A warmup longer than the first stage is cut at the switch
+    (the second stage starts at the peak); a decay longer than the last stage spans all of it.
+    Call sites that keep another schedule say so: `lr_warmup` (LR warmup steps) and `last_decay_fraction` (the
+    decay_fraction of the last stage) replace the rule's; `stages` gives the arms of Fig 11 (both stages without
+    memory, or both with it)."""
+    for name, v in (("warmup_steps", warmup_steps), ("continual_steps", continual_steps), ("lr_warmup", lr_warmup)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"two_stage_configs: {name}={v!r} must be an integer >= 0")
+    set_here = sorted({"stage", "steps", "decay_fraction"} & set(common))
+    if set_here:
+        raise ValueError(f"two_stage_configs sets {set_here} itself (use stages=, lr_warmup=, last_decay_fraction=)")
+    if len(stages) != 2:
+        raise ValueError(f"two_stage_configs: stages={stages!r} must name two stages")
+    steps = (warmup_steps, continual_steps)
+    total = warmup_steps + continual_steps
+    if total == 0:
+        raise ValueError("two_stage_configs: warmup_steps and continual_steps are both 0: nothing to train")
+    first, last = (0 if warmup_steps else 1), (1 if continual_steps else 0)
+    ramp = max(1, total // 10) if lr_warmup is None else lr_warmup
+    if last_decay_fraction is None:
+        share, n = TrainConfig.decay_fraction, steps[last]  # a single run's share: its last 10 % of steps
+        last_decay_fraction = share if n == total else min(1.0, share * total / n)
+    return tuple(None if n == 0 else
+                 TrainConfig(stage=stage, steps=n, warmup_steps=ramp if i == first else 0,
+                             decay_fraction=last_decay_fraction if i == last else 0.0, **common)
+                 for i, (stage, n) in enumerate(zip(stages, steps)))
+
+
 def make_optimizer(model: Memory3, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms (1-D gains), as is usual."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -266,6 +304,14 @@ def soft_temperature(step: int | None, cfg: TrainConfig) -> float:
     return max(0.0, cfg.soft_selection * (1 - step / (cfg.soft_selection_until * cfg.steps)))
 
 
+def reference_rows(index: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Global reference ids -> rows of one freshly encoded batch: (the distinct ids `index` reads, sorted: encode
+    them in this order; `index` with each id replaced by its row among them, -1 (none) kept)."""
+    used = sorted({int(r) for r in index.flatten().tolist() if r >= 0})
+    row_of = {r: i for i, r in enumerate(used)}
+    return used, index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
+
+
 def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig,
                      temperature: float = 0.0):
     """Encode the references a batch reads (live, through the memory layers) and lay them out per chunk: in the
@@ -274,17 +320,15 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
     mcfg = model.cfg
     refs = data.chunk_refs[rows]  # (B, C)
     index = memory_index(refs, mcfg.memories_per_chunk)  # (B, C, n) reference ids
-    used = sorted({int(r) for r in index.flatten().tolist() if r >= 0})
+    used, local = reference_rows(index)
     if not used:
         return None
-    row_of = {r: i for i, r in enumerate(used)}
     with torch.set_grad_enabled(cfg.memory_grad and torch.is_grad_enabled()):
         mem = encode_reference_tokens(model, [data.references[r] for r in used], selector=cfg.selector,
                                       tokens_per_head=cfg.tokens_per_head,
                                       generator=torch.Generator().manual_seed(cfg.seed),
                                       score_dtype=torch.float32,  # 2-3x faster selection; see selection_scores
                                       soft_temperature=temperature)
-    local = index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
     mem = mem.to(model.tok_emb.weight.dtype)  # under autocast the encoding comes out in bf16; the model reads its own
     return mem.to_memory_kv(local.to(mem.keys.device))
 

@@ -181,6 +181,22 @@ def test_bad_inputs_are_refused_with_clear_errors(world, tok, examples, bank):
         factuality_probe(other, tok, world, bank=bank, n_known=2, n_unknown=2)
 
 
+def test_a_diverged_step_stops_fine_tuning_as_it_stops_pretraining(world, tok, examples, tmp_path):
+    """SFT and DPO share pretraining's check (`train.check_finite_step`): a NaN loss stops the run at that step, and
+    no checkpoint of it is written."""
+    runs = {"sft": lambda m: sft(m, tok, examples[:8], SFTConfig(steps=3, batch_size=4, with_memory=False,
+                                                                  checkpoint_every=1, quiet=True), out_dir=tmp_path),
+            "dpo": lambda m: dpo(m, None, tok, preference_pairs(world, 4), DPOConfig(steps=3, batch_size=4,
+                                 with_memory=False, checkpoint_every=1, quiet=True), out_dir=tmp_path / "dpo")}
+    for kind, run in runs.items():
+        model = tiny_model(0)
+        with torch.no_grad():
+            model.tok_emb.weight.fill_(float("nan"))
+        with pytest.raises(ValueError, match=f"training diverged at {kind} step 0: loss = nan"):
+            run(model)
+    assert not list(tmp_path.rglob("step-*"))
+
+
 # ----------------------------------------------------------------------------------------------- resume
 def test_sft_checkpoint_resume_is_exact(world, tok, examples, bank, tmp_path):
     cfg = SFTConfig(steps=6, batch_size=4, lr=3e-3, checkpoint_every=3, quiet=True)
