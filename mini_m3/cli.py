@@ -141,7 +141,7 @@ def cmd_train(a) -> int:
     from .config import Memory3Config
     from .memory.retrieve import Retriever
     from .model import Memory3
-    from .train import ChunkedData, TrainConfig, plot_losses, retrieve_for_chunks, train
+    from .train import ChunkedData, TrainConfig, plot_losses, retrieve_for_chunks, train, two_stage_configs
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     # check the shape before the (slow) pipeline: a bad preset or a sequence longer than the model's context
@@ -172,30 +172,32 @@ def cmd_train(a) -> int:
         raise ValueError(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
     eval_fn = _heldout_logger(a, out, tok, chunked, T)
 
-    def run_stages(model, stages, log_dir: Path, best_name: str) -> None:
-        keep = _best_keeper(out, best_name, tok, eval_fn, [log_dir / stage for stage, _, _ in stages])
-        for stage, steps, tc_kw in stages:
-            if steps:
-                tc = TrainConfig(stage=stage, steps=steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                                 checkpoint_every=a.checkpoint_every, quiet=a.quiet, eval_every=a.eval_every,
-                                 device=a.device, dtype=a.dtype, **tc_kw)
-                r = train(model, data, tc, out_dir=log_dir / stage, tokenizer=tok, resume=not a.no_resume,
-                          eval_fn=keep and keep(stage))
-                label = stage if log_dir == out else f"{log_dir.name}/{stage}"
-                print(f"{label}: final loss {r['final_loss']}, median step {r['step_time']}s")
+    def run_stages(model, configs, log_dir: Path, best_name: str) -> None:
+        configs = [tc for tc in configs if tc is not None]
+        keep = _best_keeper(out, best_name, tok, eval_fn, [log_dir / tc.stage for tc in configs])
+        for tc in configs:
+            r = train(model, data, tc, out_dir=log_dir / tc.stage, tokenizer=tok, resume=not a.no_resume,
+                      eval_fn=keep and keep(tc.stage))
+            label = tc.stage if log_dir == out else f"{log_dir.name}/{tc.stage}"
+            print(f"{label}: final loss {r['final_loss']}, median step {r['step_time']}s")
 
+    common = dict(batch_size=a.batch_size, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
+                  eval_every=a.eval_every, device=a.device, dtype=a.dtype)
     torch.manual_seed(a.seed)
     model = Memory3(cfg)
-    run_stages(model, [("warmup", a.warmup_steps, dict(warmup_steps=max(1, a.warmup_steps // 10),
-                                                       decay_fraction=0.0 if a.continual_steps else 0.1)),
-                       ("continual", a.continual_steps, dict(warmup_steps=0))], out, "best_model")
+    # two separately scheduled stages, as `distributed.stage_configs`: the LR warms up over 10 % of the warmup stage
+    # only and decays over the last 10 % of the last stage (checkpoints of earlier runs resume on this schedule)
+    total = a.warmup_steps + a.continual_steps  # 0: prepare the data and save the untrained model only
+    run_stages(model, two_stage_configs(a.warmup_steps, a.continual_steps,
+                                        lr_warmup=max(1, a.warmup_steps // 10) if a.warmup_steps else 0,
+                                        last_decay_fraction=TrainConfig.decay_fraction, **common) if total else [],
+               out, "best_model")
     save_pretrained(model, out / "model", tok)
     logs = [p for p in (out / "warmup/warmup.jsonl", out / "continual/continual.jsonl") if p.exists()]
     if a.control:  # the no-memory control: the same tokens and steps, all of them without memory
-        total = a.warmup_steps + a.continual_steps
         torch.manual_seed(a.seed)
         control = Memory3(cfg)
-        run_stages(control, [("warmup", total, dict(warmup_steps=max(1, total // 10)))], out / "control",
+        run_stages(control, two_stage_configs(total, 0, **common) if total else [], out / "control",
                    "control_best_model")
         save_pretrained(control, out / "control_model", tok)
         logs += [p for p in (out / "control/warmup/warmup.jsonl",) if p.exists()]
