@@ -32,6 +32,7 @@ def attend_prefill(cfg: Memory3Config, layer: int, q, k, v, prefix_kv, context_m
         keys = torch.cat([prefix_kv[0].expand(B, -1, -1, -1), k], 2)  # (B, H_kv, p + T, d_h)
         values = torch.cat([prefix_kv[1].expand(B, -1, -1, -1), v], 2)
     front = keys.shape[2] - T
+    q_ctx = q
     if memory is not None:
         o_mem, lse_mem = read_memory(cfg, layer, q, memory, query_chunks)  # (B, H, T, d_h), (B, H, T)
         q = torch.cat([q, lse_mem.unsqueeze(-1).to(q.dtype)], -1)  # (B, H, T, d_h + 1)
@@ -51,8 +52,34 @@ def attend_prefill(cfg: Memory3Config, layer: int, q, k, v, prefix_kv, context_m
         z = F.scaled_dot_product_attention(q, keys, values, attn_mask=F.pad(mask, (front, 0), value=True),
                                            scale=scale, enable_gqa=True)
     if memory is not None:
+        if memory.usage is not None:  # z[..., dh]: each query's share of the softmax that went to its memories
+            memory.usage[layer] = memory_usage(cfg, layer, q_ctx, memory, query_chunks, z[..., dh])
         z = z[..., :dh] + z[..., dh:] * o_mem  # (B, H, T, d_h)
     return z
+
+
+@torch.no_grad()
+def memory_usage(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: MemoryKV, query_chunks: torch.Tensor,
+                 share: torch.Tensor) -> torch.Tensor:
+    """The attention each memory slot receives in this layer (Eq. 4's softmax weight), summed over the call's
+    queries and the query heads of its KV head: share (B, H, T) x the softmax over the query's own chunk's slots.
+    -> (B, C, H_mem, M). One dense (T, C·M) score matrix per head: for training's selection distillation."""
+    B, H, T, dh = q.shape
+    li = cfg.memory_layers.index(layer)
+    mk, _, valid = memory.layer(li)  # (B, C, H_mem, M, d_h), (B, C, H_mem, M)
+    bias = memory.layer_bias(li)
+    C, Hm, M = mk.shape[1], mk.shape[2], mk.shape[3]
+    heads = list(cfg.memory_heads)
+    qg = q.reshape(B, cfg.n_kv_heads, cfg.n_query_groups, T, dh)[:, heads] / math.sqrt(dh)  # (B, H_mem, g, T, d_h)
+    s = qg @ mk.transpose(1, 2).reshape(B, Hm, 1, C * M, dh).transpose(-1, -2)  # (B, H_mem, g, T, C·M)
+    if bias is not None:
+        s = s + bias.transpose(1, 2).reshape(B, Hm, 1, 1, C * M).to(s.dtype)
+    own = query_chunks[..., :, None] == torch.arange(C, device=q.device).repeat_interleave(M)  # (T|B,T, C·M)
+    ok = valid.transpose(1, 2).reshape(B, Hm, 1, 1, C * M) & (own[None, None, None] if own.dim() == 2
+                                                               else own[:, None, None])
+    p = torch.softmax(s.float().masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    w = share.reshape(B, cfg.n_kv_heads, cfg.n_query_groups, T)[:, heads].float()  # (B, H_mem, g, T)
+    return (p * w[..., None]).sum((2, 3)).view(B, Hm, C, M).transpose(1, 2)
 
 
 def read_memory(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: MemoryKV, query_chunks: torch.Tensor):

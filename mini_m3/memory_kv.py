@@ -25,6 +25,8 @@ class MemoryKV:
                   the soft token selection of continual training sets it (`TrainConfig.soft_selection`: a slot
                   whose token is barely selected weighs little); a bias of log 2 counts a slot twice. The
                   paper's hard format, banks and decoding have none.
+    usage:        None, or a dict the fused prefill fills with each memory layer's attention received per slot
+                  ({layer: (B, C, H_mem, M)}, no gradient; `TrainConfig.selection_distill` reads it).
     Query t of a forward call reads chunk `query_chunks[t]` (default: t // chunk_length, clipped to C-1).
     """
 
@@ -32,6 +34,7 @@ class MemoryKV:
     values: torch.Tensor
     mask: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    usage: dict | None = None
 
     @property
     def n_chunks(self) -> int:

@@ -68,7 +68,8 @@ class ReadingSettings:
     eval_questions: int = 200
     eval_every: int = 0  # continual steps between held-out QA checks (a temporary bank each time), 0 = none
     soft_selection: float = 0.0  # TrainConfig.soft_selection of the main continual stage (a lever; 0 = the paper)
-    soft_selection_until: float = 0.5
+    soft_selection_until: float = 0.5  # also the end of selection distillation's phase
+    selection_distill: float = 0.0  # TrainConfig.selection_distill of the main continual stage (a lever)
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps and memory format (a lever)
     threads: int = 2
     progress: bool = True
@@ -190,7 +191,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                   decay_fraction=0.0)
     res["continual"] = stage("continual", s.continual_steps, "continual", data, warmup_steps=0,
                              decay_fraction=min(1.0, 0.1 * total / s.continual_steps),
-                             soft_selection=s.soft_selection, soft_selection_until=s.soft_selection_until)
+                             soft_selection=s.soft_selection, soft_selection_until=s.soft_selection_until,
+                             selection_distill=s.selection_distill)
     t_train = time.perf_counter() - t0
     save_pretrained(model, out / "model", tokenizer)
     bank = MemoryBank.build(out / "bank", model, tokenizer, references, retriever=Retriever(),

@@ -189,7 +189,12 @@ class TrainConfig:
     # temperature starts here and falls linearly to 0 at `soft_selection_until` x steps; the hard top-k after that
     # and at inference. 0 = the paper's hard top-k throughout. See `encode.soft_selection_bias`.
     soft_selection: float = 0.0
-    soft_selection_until: float = 0.5
+    soft_selection_until: float = 0.5  # also ends selection distillation's phase
+    # selection distillation (a named lever, not the paper's): until soft_selection_until x steps every reference
+    # token is kept, and this weight x KL(attention the reader pays each token || the selection score's
+    # distribution) joins the loss, so the top-k learns to keep what the reader reads; the hard top-k after that.
+    # 0 = off. See `selection_distill_loss`.
+    selection_distill: float = 0.0
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -211,9 +216,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{f}={getattr(self, f)!r}: must be a positive integer")
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"TrainConfig.decay_fraction={self.decay_fraction}: must be in [0, 1]")
-        if self.soft_selection < 0 or not 0 < self.soft_selection_until <= 1:
-            raise ValueError(f"TrainConfig.soft_selection={self.soft_selection} must be >= 0 and "
-                             f"soft_selection_until={self.soft_selection_until} in (0, 1]")
+        if self.soft_selection < 0 or self.selection_distill < 0 or not 0 < self.soft_selection_until <= 1:
+            raise ValueError(f"TrainConfig.soft_selection={self.soft_selection} and selection_distill="
+                             f"{self.selection_distill} must be >= 0 and soft_selection_until="
+                             f"{self.soft_selection_until} in (0, 1]")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive")
         k = self.keep_checkpoints
@@ -312,25 +318,58 @@ def reference_rows(index: torch.Tensor) -> tuple[list[int], torch.Tensor]:
     return used, index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
 
 
+def distill_phase(step: int | None, cfg: TrainConfig) -> bool:
+    """Whether `step` is in selection distillation's phase (the first soft_selection_until x steps)."""
+    return step is not None and cfg.selection_distill > 0 and step < cfg.soft_selection_until * cfg.steps
+
+
 def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig,
-                     temperature: float = 0.0):
+                     temperature: float = 0.0, distill: bool = False):
     """Encode the references a batch reads (live, through the memory layers) and lay them out per chunk: in the
     model's memory format (memories per chunk, selector, tokens per head) unless `cfg` overrides the latter two;
-    `temperature` > 0: soft selection (`soft_temperature`)."""
+    `temperature` > 0: soft selection (`soft_temperature`). distill=True: every token kept, and returns
+    (MemoryKV collecting each slot's attention, the ExplicitMemory with its selection scores, the (B, C, n) rows)."""
     mcfg = model.cfg
     refs = data.chunk_refs[rows]  # (B, C)
     index = memory_index(refs, mcfg.memories_per_chunk)  # (B, C, n) reference ids
     used, local = reference_rows(index)
     if not used:
-        return None
+        return (None, None, None) if distill else None
     with torch.set_grad_enabled(cfg.memory_grad and torch.is_grad_enabled()):
         mem = encode_reference_tokens(model, [data.references[r] for r in used], selector=cfg.selector,
                                       tokens_per_head=cfg.tokens_per_head,
                                       generator=torch.Generator().manual_seed(cfg.seed),
                                       score_dtype=torch.float32,  # 2-3x faster selection; see selection_scores
-                                      soft_temperature=temperature)
+                                      soft_temperature=temperature, keep_scores=distill)
     mem = mem.to(model.tok_emb.weight.dtype)  # under autocast the encoding comes out in bf16; the model reads its own
-    return mem.to_memory_kv(local.to(mem.keys.device))
+    kv = mem.to_memory_kv(local.to(mem.keys.device))
+    if not distill:
+        return kv
+    kv.usage = {}
+    return kv, mem, local
+
+
+def selection_distill_loss(kv, mem, local: torch.Tensor, memory_layers) -> torch.Tensor:
+    """Selection distillation: for each reference read in the batch, memory layer and memory head, the attention
+    the context's queries paid each of its tokens (`MemoryKV.usage`, summed over every chunk that read it; no
+    gradient) is the target distribution, and the selection score's own distribution over the reference's tokens
+    (w_j / Σ w, from `ExplicitMemory.selection`) is fitted to it: mean KL(target || selection) over the
+    (reference, layer, head) triples that received any attention. No labels: the reader's attention decides."""
+    missing = [l for l in memory_layers if l not in kv.usage]
+    if missing:
+        raise RuntimeError(f"selection distillation needs the fused prefill's attention in memory layers {missing}")
+    usage = torch.stack([kv.usage[l] for l in memory_layers], 2)  # (B, C, L_mem, H_mem, n·R)
+    N, Lm, Hm, R = mem.selection.shape
+    B, C, n = local.shape
+    u = usage.view(B, C, Lm, Hm, n, R).permute(0, 1, 4, 2, 3, 5).reshape(B * C * n, Lm, Hm, R)
+    rows = local.reshape(-1).to(u.device)
+    target = u.new_zeros(N, Lm, Hm, R).index_add_(0, rows[rows >= 0], u[rows >= 0])
+    total = target.sum(-1, keepdim=True)
+    read = total.squeeze(-1) > 0  # (N, L_mem, H_mem)
+    target = target / total.clamp_min(1e-12)
+    log_p = torch.log_softmax(mem.selection.float(), -1)
+    kl = (target * (target.clamp_min(1e-12).log() - log_p)).sum(-1)  # (N, L_mem, H_mem)
+    return kl[read].mean() if bool(read.any()) else log_p.sum() * 0
 
 
 def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig,
@@ -338,11 +377,16 @@ def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: Train
     """The loss of batch `rows` (forward only), in `cfg.dtype` on the model's device; the caller runs backward.
     `step` sets the soft-selection temperature (`soft_temperature`); None reads the hard format."""
     dev = model.tok_emb.weight.device
+    distill = cfg.stage == "continual" and distill_phase(step, cfg)
     with autocast_to(dev, cfg.dtype):
-        memory = (continual_memory(model, data, rows, cfg, soft_temperature(step, cfg))
+        memory = (continual_memory(model, data, rows, cfg, soft_temperature(step, cfg), distill)
                   if cfg.stage == "continual" else None)
+        if distill:
+            memory, mem, local = memory
         out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory,
                     target_logits_only=True)
+    if distill and memory is not None:
+        return out.loss + cfg.selection_distill * selection_distill_loss(memory, mem, local, model.cfg.memory_layers)
     return out.loss
 
 

@@ -120,3 +120,78 @@ def test_soft_temperature_schedule_and_validation():
     for bad in ({"soft_selection": -1.0}, {"soft_selection_until": 0.0}, {"soft_selection_until": 1.5}):
         with pytest.raises(ValueError, match="soft_selection"):
             TrainConfig(**bad)
+
+
+# ---------------------------------------------------------------- selection distillation (TrainConfig.selection_distill)
+@pytest.mark.parametrize("chunks", [1, 3])
+@torch.no_grad()
+def test_memory_usage_is_the_attention_eq4_pays_each_slot(chunks):
+    """The fused prefill's per-slot attention (MemoryKV.usage) equals Eq. 4's softmax pattern summed over queries
+    and query heads on the memory columns, read from the literal path's hook."""
+    cfg = small_cfg()
+    model = Memory3(cfg).eval()
+    idx = torch.randint(0, 97, (2, 50 * chunks))
+    mem = memory(cfg, 2, chunks, 6, seed=3)
+    mem.mask[0, 0, 1] = False  # an empty slot gets no attention
+    bias = torch.randn(mem.keys.shape[:-1])
+    fused = MemoryKV(mem.keys, mem.values, mem.mask, bias, usage={})
+    model(idx, memory=fused)
+    _, cache = model.run_with_cache(idx, memory=MemoryKV(mem.keys, mem.values, mem.mask, bias), impl="plain",
+                                    names=lambda n: n.endswith("hook_pattern"))
+    p, M, g = cfg.prefix_length, 6, cfg.n_query_groups  # keys: [prefix (p) | C·M memory slots | context]
+    for li, layer in enumerate(cfg.memory_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"]  # (B, H, T, S)
+        slots = pattern[..., p:p + chunks * M].sum(2)  # (B, H, C·M)
+        want = slots.view(2, cfg.n_kv_heads, g, chunks, M).sum(2).transpose(1, 2)  # (B, C, H_kv, M)
+        torch.testing.assert_close(fused.usage[layer], want[:, :, list(cfg.memory_heads)], atol=1e-4, rtol=1e-4)
+        assert fused.usage[layer][0, 0, :, 1].abs().max() == 0
+
+
+def test_selection_distillation_fits_the_score_to_the_readers_attention():
+    """One reference, one layer/head: the loss is 0 when the selection distribution equals the attention the reader
+    paid, positive otherwise, and gradient steps on the scores alone move them toward the reader's choice."""
+    from mini_m3.memory.encode import ExplicitMemory
+    from mini_m3.train import selection_distill_loss
+    R = 6
+    usage = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0, 0.0])
+    kv = MemoryKV(torch.zeros(1, 1, 1, 1, 2 * R, 4), torch.zeros(1, 1, 1, 1, 2 * R, 4),
+                  usage={0: torch.cat([usage, usage]).view(1, 1, 1, 2 * R)})  # read twice by one chunk
+    local = torch.tensor([[[0, 0]]])
+
+    def loss_for(scores):
+        mem = ExplicitMemory(*(torch.zeros(1) for _ in range(5)), selection=scores.view(1, 1, 1, R))
+        return selection_distill_loss(kv, mem, local, [0])
+    assert float(loss_for(torch.log(torch.tensor([1e-9, 0.75, 1e-9, 0.25, 1e-9, 1e-9])))) < 1e-6
+    scores = torch.zeros(R, requires_grad=True)
+    first = loss_for(scores).item()
+    opt = torch.optim.SGD([scores], lr=1.0)
+    for _ in range(50):
+        opt.zero_grad()
+        loss_for(scores).backward()
+        opt.step()
+    assert first > 0.5 and loss_for(scores).item() < first / 4
+    assert scores.argsort(descending=True)[:2].tolist() == [1, 3]  # the top-2 are now the tokens the reader used
+
+
+def test_distillation_trains_the_selection_score_and_then_reads_the_hard_format():
+    from mini_m3.memory.encode import encode_reference_tokens
+    from mini_m3.train import ChunkedData, continual_memory, train_step
+    cfg = small_cfg(memories_per_chunk=2)
+    torch.manual_seed(0)
+    model = Memory3(cfg).train()
+    refs = [torch.randint(4, 97, (20,)).tolist() for _ in range(6)]
+    tokens = torch.randint(4, 97, (4, 64))
+    data = ChunkedData(tokens, tokens.roll(-1, 1), torch.tensor([[[0, 1]], [[2, 3]], [[4, 5]], [[1, 2]]]), refs)
+    tc = TrainConfig(stage="continual", steps=10, selection_distill=1.0, soft_selection_until=0.5)
+    rows = torch.arange(4)
+    wq = model.blocks[cfg.memory_layers[-1]].attn.wq.weight
+    with_distill = train_step(model, data, rows, tc, step=0)
+    with_distill.backward()
+    assert wq.grad.abs().max() > 0  # the selection score is trained
+    model.zero_grad()
+    plain = train_step(model, data, rows, dataclasses.replace(tc, selection_distill=0.0), step=0)
+    assert float(with_distill) > float(plain)  # the KL term joined the loss
+    hard = continual_memory(model, data, rows, tc)  # after the phase (and in evaluation): the paper's top-k
+    assert hard.slots == 2 * cfg.memory_tokens_per_head and hard.usage is None
+    kv, mem, local = continual_memory(model, data, rows, tc, distill=True)
+    assert kv.slots == 2 * 20 and mem.selection.shape == (6, len(cfg.memory_layers), len(cfg.memory_heads), 20)

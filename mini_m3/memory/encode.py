@@ -35,6 +35,8 @@ class ExplicitMemory:
     reference_ids:(N,) long — ids of the references in their bank (or -1)
     bias:         (N, L_mem, H_mem, k) float or None — soft selection in continual training only: each slot's
                   log-weight log g_j (see `soft_selection_bias`); None in the paper's hard format (banks, inference)
+    selection:    (N, L_mem, H_mem, R) or None — selection distillation in training only: every token's log
+                  selection score (log w_j, with autograd; the memory then keeps all R tokens in reading order)
     """
 
     keys: torch.Tensor
@@ -43,6 +45,7 @@ class ExplicitMemory:
     mask: torch.Tensor
     reference_ids: torch.Tensor
     bias: torch.Tensor | None = None
+    selection: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.keys.shape[0]
@@ -51,33 +54,35 @@ class ExplicitMemory:
     def tokens_per_head(self) -> int:
         return self.keys.shape[3]
 
+    FIELDS = ("keys", "values", "positions", "mask", "reference_ids", "bias", "selection")
+
+    def _map(self, fn, fields=FIELDS) -> "ExplicitMemory":  # fn applied to the named fields that are set
+        return ExplicitMemory(*(fn(getattr(self, f)) if f in fields and getattr(self, f) is not None
+                                else getattr(self, f) for f in self.FIELDS))
+
     def __getitem__(self, idx) -> "ExplicitMemory":
         if isinstance(idx, int):
             idx = [idx]
-        return ExplicitMemory(self.keys[idx], self.values[idx], self.positions[idx], self.mask[idx],
-                              self.reference_ids[idx], None if self.bias is None else self.bias[idx])
+        return self._map(lambda t: t[idx])
 
     @staticmethod
     def cat(memories: Sequence["ExplicitMemory"]) -> "ExplicitMemory":
         if not memories:
             raise ValueError("nothing to concatenate")
-        if len({m.bias is None for m in memories}) > 1:
-            raise ValueError("cannot concatenate memories with and without soft-selection bias")
-        fields = ("keys", "values", "positions", "mask", "reference_ids") + (("bias",) if memories[0].bias is not None
-                                                                              else ())
-        return ExplicitMemory(*(torch.cat([getattr(m, f) for m in memories]) for f in fields))
+        for f in ("bias", "selection"):
+            if len({getattr(m, f) is None for m in memories}) > 1:
+                raise ValueError(f"cannot concatenate memories with and without {f} (training-only fields)")
+        return ExplicitMemory(*(None if getattr(memories[0], f) is None else torch.cat([getattr(m, f) for m in memories])
+                                for f in ExplicitMemory.FIELDS))
 
     def to(self, *args, **kw) -> "ExplicitMemory":
-        """Move/cast keys and values (positions, mask and ids only move)."""
+        """Move/cast keys and values (the other fields only move)."""
         dev = next((a for a in args if isinstance(a, (str, torch.device))), kw.get("device"))
-        k, v = self.keys.to(*args, **kw), self.values.to(*args, **kw)
-        other = [t.to(dev) if dev is not None else t for t in (self.positions, self.mask, self.reference_ids)]
-        bias = None if self.bias is None else self.bias.to(dev) if dev is not None else self.bias
-        return ExplicitMemory(k, v, *other, bias)
+        out = self._map(lambda t: t.to(*args, **kw), ("keys", "values"))
+        return out if dev is None else out._map(lambda t: t.to(dev), self.FIELDS[2:])
 
     def detach(self) -> "ExplicitMemory":
-        return ExplicitMemory(self.keys.detach(), self.values.detach(), self.positions, self.mask, self.reference_ids,
-                              None if self.bias is None else self.bias.detach())
+        return self._map(lambda t: t.detach(), ("keys", "values", "bias", "selection"))
 
     def to_memory_kv(self, index: torch.Tensor) -> MemoryKV:
         """Lay memories out for one attention call. index: (B, C, n) rows of this object per chunk, -1 = none.
@@ -200,17 +205,19 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
                             generator: torch.Generator | None = None, pad_id: int = 0,
                             reference_ids: Sequence[int] | None = None,
                             score_dtype: torch.dtype = torch.float64,
-                            soft_temperature: float = 0.0) -> ExplicitMemory:
+                            soft_temperature: float = 0.0, keep_scores: bool = False) -> ExplicitMemory:
     """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role), in the model's
     memory format unless `selector` / `tokens_per_head` say otherwise.
     Gradients flow into keys and values when autograd is on (used by continual training, §3.6).
     score_dtype: precision of the selection scores (see `selection_scores`).
     soft_temperature > 0 (training only, `TrainConfig.soft_selection`): keep every token, each with the log-weight
-    of `soft_selection_bias` in `ExplicitMemory.bias`, and let gradients reach the selection scores."""
+    of `soft_selection_bias` in `ExplicitMemory.bias`, and let gradients reach the selection scores.
+    keep_scores (training only, `TrainConfig.selection_distill`): keep every token and return each token's log
+    selection score, with autograd, in `ExplicitMemory.selection`."""
     cfg = model.cfg
     selector, k = cfg.written_format(selector, tokens_per_head)
     soft = soft_temperature > 0
-    if soft and selector not in ("attention", "exp"):
+    if (soft or keep_scores) and selector not in ("attention", "exp"):
         raise ValueError(f"soft selection relaxes a scored top-k ('attention' or 'exp'), not selector {selector!r}")
     device = model.tok_emb.weight.device
     if isinstance(ref_ids, torch.Tensor):
@@ -233,19 +240,22 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
     N, R = ids.shape
     layers = model.encode_reference_layers(ids)
     heads = torch.tensor(cfg.memory_heads, device=device)
-    keys, values, positions, masks, biases = [], [], [], [], []
+    keys, values, positions, masks, biases, log_scores = [], [], [], [], [], []
+    relaxed = soft or keep_scores  # keep every token (training's relaxed selection)
     for layer in layers:
         if selector in ("attention", "exp"):
             # the hard top-k choice is not differentiable: scoring without autograd keeps its (N, H, R, R) matrices
             # out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b); soft selection
             # needs them there
-            qk = (layer["q_raw"], layer["k_raw"]) if soft else (layer["q_raw"].detach(), layer["k_raw"].detach())
+            qk = (layer["q_raw"], layer["k_raw"]) if relaxed else (layer["q_raw"].detach(), layer["k_raw"].detach())
             scores = selection_scores(*qk, valid, cfg.n_query_groups, selector, score_dtype)[:, heads]
         else:
             scores = torch.zeros(N, len(cfg.memory_heads), R, device=device)
-        index, kept = select_top_tokens(scores.detach(), valid, R if soft else k, selector, generator)  # (N, H_mem, k)
+        index, kept = select_top_tokens(scores.detach(), valid, R if relaxed else k, selector, generator)  # (N, H_mem, k)
         if soft:
             biases.append(soft_selection_bias(scores, index, kept, k, selector, soft_temperature))
+        if keep_scores:  # (N, H_mem, R) log w_j, very negative on padding
+            log_scores.append(scores.clamp_min(1e-30).log() if selector == "attention" else scores.clamp_min(-1e4))
         gather = index[..., None].expand(-1, -1, -1, cfg.head_dim)
         keys.append(layer["k"][:, heads].gather(2, gather))
         values.append(layer["v"][:, heads].gather(2, gather))
@@ -253,7 +263,8 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
         masks.append(kept)
     ref_tensor = torch.as_tensor(list(reference_ids) if reference_ids is not None else [-1] * N, dtype=torch.long)
     mem = ExplicitMemory(torch.stack(keys, 1), torch.stack(values, 1), torch.stack(positions, 1),
-                         torch.stack(masks, 1), ref_tensor, torch.stack(biases, 1) if soft else None)
+                         torch.stack(masks, 1), ref_tensor, torch.stack(biases, 1) if soft else None,
+                         torch.stack(log_scores, 1) if keep_scores else None)
     mem.keys = mem.keys * mem.mask[..., None]  # empty slots hold zeros (they are masked out anyway)
     mem.values = mem.values * mem.mask[..., None]
     return mem
