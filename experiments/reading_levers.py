@@ -42,6 +42,10 @@ def table(paths: list[str]) -> str:
         model = (f"{c['n_layers']}L d{c['d_model']} kv{c['n_kv_heads']}, memory layers {c['memory_layers']}, "
                  f"{r['memory_settings']['selector']}/{r['memory_settings']['tokens_per_head']}/"
                  f"{r['memory_settings']['memories_per_chunk']}")
+        if s.get("soft_selection"):  # training-time levers of the top-k (deviations 70, 71)
+            model += f", soft selection T0 {s['soft_selection']} to {s['soft_selection_until']}"
+        if s.get("selection_distill"):
+            model += f", selection distillation {s['selection_distill']} to {s['soft_selection_until']}"
         cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
         world = f"{s.get('name_share', 4)} / {s.get('value_share', 8)}, {s['vocab_size']}"
         init = f" (from `{s['init_model']}`)" if s.get("init_model") else ""

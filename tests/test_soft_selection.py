@@ -190,7 +190,7 @@ def test_distillation_trains_the_selection_score_and_then_reads_the_hard_format(
     assert wq.grad.abs().max() > 0  # the selection score is trained
     model.zero_grad()
     plain = train_step(model, data, rows, dataclasses.replace(tc, selection_distill=0.0), step=0)
-    assert float(with_distill) > float(plain)  # the KL term joined the loss
+    assert with_distill.item() > plain.item()  # the KL term joined the loss
     hard = continual_memory(model, data, rows, tc)  # after the phase (and in evaluation): the paper's top-k
     assert hard.slots == 2 * cfg.memory_tokens_per_head and hard.usage is None
     kv, mem, local = continual_memory(model, data, rows, tc, distill=True)
