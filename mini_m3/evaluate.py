@@ -376,10 +376,13 @@ def _token_nll(model: Memory3, row: list[int], targets: list[int], memory=None, 
     return F.cross_entropy(logits, torch.tensor(targets, device=dev), reduction="none").cpu()
 
 
-def _document_nll(model: Memory3, tokenizer, x: list[int], y: list[int], mode: str, bank, refs: list[list[int]],
-                  k: int) -> torch.Tensor:
-    """Per-token NLL of one document. "memory"/"none": windows of whole chunks up to max_seq_len, each read on
-    its own. "rag": one forward per chunk, the chunk's reference texts put before as much preceding text as fits."""
+def document_nll(model: Memory3, tokenizer, x: list[int], y: list[int], mode: str, bank, refs: list[list[int]],
+                 k: int) -> torch.Tensor:
+    """Per-token NLL (nats, (len(y),)) of one document, inputs `x` and next-token targets `y`, as
+    `evaluate --text-dir` sums it per document. mode "memory" reads `refs[c]` (the bank ids chunk c retrieved,
+    `k` of them, from `bank`) in chunk c; "none" reads nothing: both in windows of whole chunks up to max_seq_len,
+    each read on its own. "rag": one forward per chunk, the chunk's reference texts put before as much preceding
+    text as fits."""
     cfg = model.cfg
     cl = cfg.chunk_length
     if mode == "rag":
@@ -446,7 +449,7 @@ def heldout_lm_eval(model: Memory3, tokenizer, documents: Sequence[dict], *, ban
         chunks_with_memory += sum(1 for ids_ in refs if ids_)
         entry = {"doc_id": doc["doc_id"], "references_per_chunk": refs}
         for name, m in runs:
-            nll = _document_nll(m, tokenizer, x, y, "none" if name == "control" else name, bank, refs, k)
+            nll = document_nll(m, tokenizer, x, y, "none" if name == "control" else name, bank, refs, k)
             entry[name] = _loss_entry(float(nll.sum()), len(y))
             t = totals.setdefault(name, [0.0, 0])
             t[0] += float(nll.sum())
