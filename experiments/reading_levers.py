@@ -9,6 +9,7 @@ failures included.
     python experiments/reading_levers.py table runs/*/results.json     # the markdown table of runs
     python experiments/reading_levers.py formats OUT.json runs/a runs/b  # each model read in 4 memory formats
     python experiments/reading_levers.py diagnose OUT.json runs/a runs/b # kept answer tokens, top-16, distractors
+    python experiments/reading_levers.py sink OUT.json runs/a runs/b     # where memory attention goes
 """
 
 from __future__ import annotations
@@ -197,6 +198,56 @@ def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> 
     return result
 
 
+def sink(run_dirs: list[str], out: str, batches: int = 4, batch_size: int = 32) -> dict:
+    """Where a model's memory attention goes, on training chunks read with every reference token kept (5 memories):
+    per memory layer, the share of the context's attention that goes to memory slots at all, the part of it on the
+    chunk's own (first-retrieved) reference, and the part of that held by the 8 tokens it attends to most
+    (`MemoryKV.usage`, summed over queries and query heads). All runs must share the world settings of the first."""
+    import torch
+
+    from mini_m3.checkpoint import load_pretrained
+    from mini_m3.reading import build_reading_data
+    from mini_m3.train import TrainConfig, batch_order, continual_memory
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    *_, data, _ = build_reading_data(s)
+    keep_all = TrainConfig(stage="continual", steps=1, selection_distill=1.0, selector="attention")
+    result = {"batches": batches, "batch_size": batch_size, "runs": {}}
+    for run in run_dirs:
+        model, _ = load_pretrained(Path(run) / "model")
+        model.eval()
+        acc = {}
+        with torch.no_grad():
+            for b in range(batches):
+                rows = batch_order(len(data), batch_size, b, s.seed)
+                kv, mem, local = continual_memory(model, data, rows, keep_all, distill=True)
+                model(data.tokens[rows], memory=kv)
+                B, C, n = local.shape
+                R = mem.selection.shape[-1]
+                queries = B * data.tokens.shape[1] * model.cfg.n_query_groups  # per memory head
+                for layer in model.cfg.memory_layers:
+                    u = kv.usage[layer].reshape(B, C, -1, n, R)  # (B, C, H_mem, n, R)
+                    own = u[:, :, :, 0]
+                    a = acc.setdefault(layer, {"share": 0.0, "own": 0.0, "top8_of_own": 0.0, "heads": 0})
+                    H = u.shape[2]
+                    a["share"] += float(u.sum()) / queries
+                    a["own"] += float(own.sum() / u.sum())
+                    a["top8_of_own"] += float((own.sort(-1, descending=True).values[..., :8].sum(-1)
+                                               / own.sum(-1).clamp_min(1e-9)).mean())
+                    a["heads"] += H
+        row = {}
+        for layer, a in acc.items():
+            row[f"layer {layer}"] = {"memory_share": a["share"] / a["heads"], "own_reference": a["own"] / batches,
+                                     "top8_of_own": a["top8_of_own"] / batches}
+        result["runs"][run] = row
+        print(run, json.dumps(row), flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["table"]:
@@ -207,6 +258,9 @@ def main(argv=None) -> None:
         return
     if argv[:1] == ["diagnose"]:  # diagnose OUT.json RUN_DIR [RUN_DIR ...]
         diagnose(argv[2:], argv[1])
+        return
+    if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
+        sink(argv[2:], argv[1])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
