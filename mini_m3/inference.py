@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from .memory.encode import reference_rows
 from .model import Memory3
 
 MODES = ("memory", "rag", "none")
@@ -183,13 +184,10 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
 def memory_for(bank, table: torch.Tensor):
     """MemoryKV for a (B, C, n) table of reference ids (-1 = none), read through the bank's cache;
     None when the table holds no reference at all."""
-    flat = table.reshape(-1)
-    used = sorted({int(i) for i in flat.tolist() if i >= 0})
+    used, index = reference_rows(table)
     if not used:
         return None
     mem = bank.get(used)
-    row_of = {rid: r for r, rid in enumerate(used)}
-    index = torch.tensor([row_of.get(int(i), -1) for i in flat.tolist()]).view(table.shape)
     return mem.to_memory_kv(index.to(mem.keys.device))
 
 

@@ -42,7 +42,7 @@ from .memory.retrieve import Retriever
 from .model import Memory3
 from .provenance import fixed_numerics, provenance
 from .tokenizer import Tokenizer
-from .train import ChunkedData, TrainConfig, pack_documents, retrieve_for_chunks, train
+from .train import ChunkedData, pack_documents, retrieve_for_chunks, train, two_stage_configs
 from .utils import atomic_write_text
 
 AXES = ("heldout", "new_bio_wording", "new_question_wording", "all_new", "other_style_names", "trained")
@@ -173,26 +173,26 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         say(f"step {step + 1}: {r}")
         return r
 
-    def stage(name, steps, kind, d, **kw):
-        tc = TrainConfig(stage=kind, steps=steps, batch_size=s.batch_size, lr=s.lr, seed=s.seed,
-                         quiet=not s.progress, threads=s.threads,
-                         eval_every=s.eval_every if kind == "continual" else 0, **kw)
+    def stage(name, tc, d):
+        tc = dataclasses.replace(tc, eval_every=s.eval_every if tc.stage == "continual" else 0)
         return train(model, d, tc, out_dir=out / name, tokenizer=tokenizer, resume=False,
-                     eval_fn=check if kind == "continual" and s.eval_every else None)
+                     eval_fn=check if tc.stage == "continual" and s.eval_every else None)
 
-    total = s.warmup_steps + s.continual_steps
+    # §3.6's two stages (`two_stage_configs`), each scheduled on its own as `mini-m3 train` does: the LR warms up
+    # over 10 % of the warmup stage only; the decay covers the last 10 % of warmup + main continual steps
+    warm, cont = two_stage_configs(s.warmup_steps, s.continual_steps,
+                                   lr_warmup=max(1, s.warmup_steps // 10) if s.warmup_steps else 0,
+                                   batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=not s.progress,
+                                   threads=s.threads, soft_selection=s.soft_selection,
+                                   soft_selection_until=s.soft_selection_until, selection_distill=s.selection_distill)
     res = {}
-    if s.warmup_steps:
-        res["warmup"] = stage("warmup", s.warmup_steps, "warmup", data, warmup_steps=max(1, s.warmup_steps // 10),
-                              decay_fraction=0.0)
-    if s.curriculum_steps:
+    if warm is not None:
+        res["warmup"] = stage("warmup", warm, data)
+    if s.curriculum_steps:  # between the two: continual steps reading only the top-1 memory, no LR warmup or decay
         one = ChunkedData(data.tokens, data.targets, data.chunk_refs[..., :1].contiguous(), data.references)
-        res["curriculum"] = stage("curriculum", s.curriculum_steps, "continual", one, warmup_steps=0,
-                                  decay_fraction=0.0)
-    res["continual"] = stage("continual", s.continual_steps, "continual", data, warmup_steps=0,
-                             decay_fraction=min(1.0, 0.1 * total / s.continual_steps),
-                             soft_selection=s.soft_selection, soft_selection_until=s.soft_selection_until,
-                             selection_distill=s.selection_distill)
+        res["curriculum"] = stage("curriculum", dataclasses.replace(cont, steps=s.curriculum_steps, decay_fraction=0.0,
+                                                                   soft_selection=0.0, selection_distill=0.0), one)
+    res["continual"] = stage("continual", cont, data)
     t_train = time.perf_counter() - t0
     save_pretrained(model, out / "model", tokenizer)
     bank = MemoryBank.build(out / "bank", model, tokenizer, references, retriever=Retriever(),

@@ -44,7 +44,7 @@ from .checkpoint import autocast_to, fsync_dir, load_weights, read_config, resol
 from .config import MEMORY_SELECTORS
 from .utils import atomic_path, atomic_write_text, sha256_file
 from .data.text import training_sequences
-from .memory.encode import encode_reference_tokens
+from .memory.encode import encode_reference_tokens, reference_rows
 from .memory.overlap import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
 from .model import Memory3
 from .tokenizer import Tokenizer
@@ -308,14 +308,6 @@ def soft_temperature(step: int | None, cfg: TrainConfig) -> float:
     if step is None or cfg.soft_selection == 0:
         return 0.0
     return max(0.0, cfg.soft_selection * (1 - step / (cfg.soft_selection_until * cfg.steps)))
-
-
-def reference_rows(index: torch.Tensor) -> tuple[list[int], torch.Tensor]:
-    """Global reference ids -> rows of one freshly encoded batch: (the distinct ids `index` reads, sorted: encode
-    them in this order; `index` with each id replaced by its row among them, -1 (none) kept)."""
-    used = sorted({int(r) for r in index.flatten().tolist() if r >= 0})
-    row_of = {r: i for i, r in enumerate(used)}
-    return used, index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
 
 
 def distill_phase(step: int | None, cfg: TrainConfig) -> bool:

@@ -104,6 +104,14 @@ class ExplicitMemory:
         return MemoryKV(k, v, m, bias)
 
 
+def reference_rows(index: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    """Global reference ids -> rows of one freshly encoded batch: (the distinct ids `index` reads, sorted: encode
+    them in this order; `index` with each id replaced by its row among them, -1 (none) kept)."""
+    used = sorted({int(r) for r in index.flatten().tolist() if r >= 0})
+    row_of = {r: i for i, r in enumerate(used)}
+    return used, index.clone().apply_(lambda r: row_of.get(r, -1) if r >= 0 else -1)
+
+
 def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tensor, n_groups: int,
                      selector: str = "attention", dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Score w_j of each reference token j for each KV head: the attention it receives from all tokens.
