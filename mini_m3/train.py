@@ -6,7 +6,8 @@ references overlapping the sequence by more than 90 % are dropped, Eq. 6). Chunk
 of chunks c-4..c (5 memories, as at inference); the first chunks of a sequence read fewer. References
 are encoded live by the model being trained, through the memory layers only, and gradients flow into
 that encoding (our reading of §3.6: the writer and the reader are the same weights; the top-k choice
-itself is not differentiable). Optimiser: AdamW with a warmup-stable-decay (WSD) schedule (MiniCPM, §5);
+itself is not differentiable; `soft_selection` and `selection_distill` are training-time levers around it, off by
+default). Optimiser: AdamW with a warmup-stable-decay (WSD) schedule (MiniCPM, §5);
 `two_stage_configs` gives both stages' configs under one such schedule.
 `TrainConfig.device` moves the model (None: it stays where it is); `dtype="bfloat16"` runs the forward pass, the live
 reference encoding and the loss under `torch.autocast`, with float32 master weights, gradients and AdamW state.
