@@ -58,6 +58,22 @@ def attend_prefill(cfg: Memory3Config, layer: int, q, k, v, prefix_kv, context_m
     return z
 
 
+def all_slot_scores(qg: torch.Tensor, mk: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor | None,
+                    query_chunks: torch.Tensor) -> torch.Tensor:
+    """Scores of scaled queries qg (B, H_mem, g, T, d_h) against every memory slot of the call, mk (B, C, H_mem, M,
+    d_h), + the slot log-weights `bias` (B, C, H_mem, M) if any: (B, H_mem, g, T, C·M), -inf where a slot is empty
+    (`valid` False) or belongs to another chunk than the query's (`query_chunks` (T,) or (B, T))."""
+    B, C, Hm, M, dh = mk.shape
+    s = qg @ mk.transpose(1, 2).reshape(B, Hm, 1, C * M, dh).transpose(-1, -2)
+    if bias is not None:
+        s = s + bias.transpose(1, 2).reshape(B, Hm, 1, 1, C * M).to(s.dtype)
+    ok = valid.transpose(1, 2).reshape(B, Hm, 1, 1, C * M)
+    if C > 1:
+        own = query_chunks[..., :, None] == torch.arange(C, device=qg.device).repeat_interleave(M)
+        ok = ok & (own[None, None, None] if own.dim() == 2 else own[:, None, None])  # (B, H_mem, 1, T, C·M)
+    return s.masked_fill(~ok, float("-inf"))
+
+
 @torch.no_grad()
 def memory_usage(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: MemoryKV, query_chunks: torch.Tensor,
                  share: torch.Tensor) -> torch.Tensor:
@@ -67,17 +83,11 @@ def memory_usage(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: Memory
     B, H, T, dh = q.shape
     li = cfg.memory_layers.index(layer)
     mk, _, valid = memory.layer(li)  # (B, C, H_mem, M, d_h), (B, C, H_mem, M)
-    bias = memory.layer_bias(li)
     C, Hm, M = mk.shape[1], mk.shape[2], mk.shape[3]
     heads = list(cfg.memory_heads)
     qg = q.reshape(B, cfg.n_kv_heads, cfg.n_query_groups, T, dh)[:, heads] / math.sqrt(dh)  # (B, H_mem, g, T, d_h)
-    s = qg @ mk.transpose(1, 2).reshape(B, Hm, 1, C * M, dh).transpose(-1, -2)  # (B, H_mem, g, T, C·M)
-    if bias is not None:
-        s = s + bias.transpose(1, 2).reshape(B, Hm, 1, 1, C * M).to(s.dtype)
-    own = query_chunks[..., :, None] == torch.arange(C, device=q.device).repeat_interleave(M)  # (T|B,T, C·M)
-    ok = valid.transpose(1, 2).reshape(B, Hm, 1, 1, C * M) & (own[None, None, None] if own.dim() == 2
-                                                               else own[:, None, None])
-    p = torch.softmax(s.float().masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    s = all_slot_scores(qg, mk, valid, memory.layer_bias(li), query_chunks)  # (B, H_mem, g, T, C·M)
+    p = torch.softmax(s.float(), -1).nan_to_num(0.0)
     w = share.reshape(B, cfg.n_kv_heads, cfg.n_query_groups, T)[:, heads].float()  # (B, H_mem, g, T)
     return (p * w[..., None]).sum((2, 3)).view(B, Hm, C, M).transpose(1, 2)
 
@@ -108,16 +118,8 @@ def read_memory(cfg: Memory3Config, layer: int, q: torch.Tensor, memory: MemoryK
         o = o.view(B, Hm, C, g, cl, dh).transpose(2, 3).reshape(B, Hm, g, n, dh)[:, :, :, :T]
         lse = lse.view(B, Hm, C, g, cl).transpose(2, 3).reshape(B, Hm, g, n)[..., :T]
     else:  # any other layout: score every slot of the call, keep the query's own chunk
-        keys = mk.transpose(1, 2).reshape(B, Hm, 1, C * M, dh)
+        s = all_slot_scores(qg, mk, valid, bias, query_chunks)  # (B, H_mem, g, T, C·M)
         values = mv.transpose(1, 2).reshape(B, Hm, 1, C * M, dh)
-        ok = valid.transpose(1, 2).reshape(B, Hm, 1, 1, C * M)
-        if C > 1:
-            own = query_chunks[..., :, None] == torch.arange(C, device=q.device).repeat_interleave(M)
-            ok = ok & (own[None, None, None] if own.dim() == 2 else own[:, None, None])  # (B, H_mem, 1, T, C·M)
-        s = qg @ keys.transpose(-1, -2)  # (B, H_mem, g, T, C·M)
-        if bias is not None:
-            s = s + bias.transpose(1, 2).reshape(B, Hm, 1, 1, C * M).to(s.dtype)
-        s = s.masked_fill(~ok, float("-inf"))
         lse = s.logsumexp(-1, keepdim=True).clamp(min=NO_WEIGHT)
         o = torch.exp(s - lse) @ values  # (B, H_mem, g, T, d_h)
         lse = lse.squeeze(-1)
