@@ -142,6 +142,9 @@ _OVERSTRIKE = re.compile(r".\x08")  # x BS x (bold), _ BS x (underline): the ter
 _SGR = re.compile(r"\x1b\[[0-9;]*m")  # colour/bold escape sequences
 
 
+CLEAN_VERSION = 2  # 2: headers squeezed by a long page name are removed too (a corpus cleaned by 1 is redone)
+
+
 def clean(text: str) -> str:
     """Rendered page -> plain text: no overstrikes or escapes, no running header/footer, the 7-column body indent
     and trailing spaces removed, runs of blank lines as one."""
@@ -150,8 +153,10 @@ def clean(text: str) -> str:
     lines = [line.rstrip() for line in _SGR.sub("", text).splitlines()]
     body = [i for i, line in enumerate(lines) if line]
     if len(body) >= 2:  # "open(2)   System Calls Manual   open(2)" ... "Linux man-pages 6.03  2023-02-05  open(2)"
-        first, last = lines[body[0]].split(), lines[body[-1]].split()
-        if first[-1] == last[-1] and re.fullmatch(r"\S+\(\S+\)", first[-1]):
+        # A long name squeezes the header into one run ("pthread_attr_setstacksize(3Library Functions
+        # Manuapthread_attr_setstacksize(3)"), so the header need only *end* with the footer's "name(section)".
+        footer = lines[body[-1]].split()[-1]
+        if re.fullmatch(r"\S+\(\S+\)", footer) and lines[body[0]].endswith(footer):
             lines[body[0]] = lines[body[-1]] = ""
     lines = [line[min(7, len(line) - len(line.lstrip(" "))):] for line in lines]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
@@ -201,7 +206,8 @@ def prepare_settings(a) -> dict:
     return {"man_root": str(root), "sections": list(a.sections), "packages": packages,
             "package_versions": package_versions, "packages_not_installed": missing, "max_docs": a.max_docs,
             "max_bytes": a.max_bytes, "max_page_bytes": a.max_page_bytes, "width": 80, "renderer": versions,
-            "render_command": "LC_ALL=C.UTF-8 MANWIDTH=80 man --nh --nj -l PAGE (then experiments/real_corpus.clean)"}
+            "render_command": "LC_ALL=C.UTF-8 MANWIDTH=80 man --nh --nj -l PAGE (then experiments/real_corpus.clean)",
+            "clean_version": CLEAN_VERSION}
 
 
 def existing_corpus(corpus: Path, settings: dict) -> dict | None:
@@ -332,7 +338,8 @@ def seed_settings(a, corpus_sha: str) -> dict:
     return {"corpus_sha256": corpus_sha, "preset": a.preset, "vocab_size": a.vocab_size,
             "chunks_per_sequence": a.chunks_per_sequence, "batch_size": a.batch_size,
             "warmup_steps": a.warmup_steps, "continual_steps": a.continual_steps, "eval_every": a.eval_every,
-            "heldout_fraction": a.heldout_fraction, "reference_fraction": a.reference_fraction}
+            "heldout_fraction": a.heldout_fraction, "reference_fraction": a.reference_fraction,
+            **({"set": a.set} if a.set else {})}  # absent when empty: seeds run before --set existed stay valid
 
 
 def read_json(path: Path) -> dict:
@@ -365,7 +372,8 @@ def run_seed(a, corpus: Path, corpus_sha: str, seed: int, work: Path, log=print)
     mini_m3(["train", "--text-dir", corpus, "--out", run, "--preset", a.preset, "--vocab-size", a.vocab_size,
              "--chunks-per-sequence", a.chunks_per_sequence, "--batch-size", a.batch_size,
              "--warmup-steps", a.warmup_steps, "--continual-steps", a.continual_steps,
-             "--checkpoint-every", a.eval_every, "--eval-every", a.eval_every, "--control", *common], log)
+             "--checkpoint-every", a.eval_every, "--eval-every", a.eval_every, "--control",
+             *(["--set", *a.set] if a.set else []), *common], log)
     seconds["train"] = time.perf_counter() - t
     # the best checkpoints by held-out loss (README: `best_model`, `control_best_model`); the final ones if none
     models = {n: run / n if (run / n).is_dir() else run / final
@@ -489,6 +497,8 @@ def parse_args(argv) -> argparse.Namespace:
                        ("heldout-fraction", float)):
         g.add_argument(f"--{flag}", type=kind, default=None, help=f"train's --{flag} (default: below)")
     g.add_argument("--reference-fraction", type=float, default=0.5, help="knowledge-base share (train's default)")
+    g.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="train's --set: Memory3Config overrides, e.g. reference_length=64 chunk_length=32")
     a = p.parse_args(argv)
     a.argv = [sys.argv[0] if argv is None else "experiments/real_corpus.py",
               *(sys.argv[1:] if argv is None else argv)]  # the command line, also when called in-process

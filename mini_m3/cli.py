@@ -121,12 +121,13 @@ def cmd_smoke(a) -> int:
     return 0
 
 
-def _load_text_corpus(a, out: Path):
+def _load_text_corpus(a, out: Path, reference_length: int):
     from .data.pipeline import read_references, run_pipeline, load_train_tokens
     from .tokenizer import Tokenizer
     data_dir = out / "data"
     report = run_pipeline(a.text_dir, data_dir, vocab_size=a.vocab_size, seed=a.seed, progress=not a.quiet,
-                          reference_fraction=a.reference_fraction, heldout_fraction=a.heldout_fraction)
+                          reference_fraction=a.reference_fraction, heldout_fraction=a.heldout_fraction,
+                          reference_length=reference_length)
     _print_pipeline(report)
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     refs = list(read_references(data_dir))
@@ -138,21 +139,21 @@ def _load_text_corpus(a, out: Path):
 
 def cmd_train(a) -> int:
     from .checkpoint import save_pretrained
-    from .config import Memory3Config
+    from .config import Memory3Config, parse_overrides
     from .memory.retrieve import Retriever
     from .model import Memory3
     from .train import ChunkedData, TrainConfig, plot_losses, retrieve_for_chunks, train, two_stage_configs
     torch.set_num_threads(a.threads)
     out = Path(a.out)
-    # check the shape before the (slow) pipeline: a bad preset or a sequence longer than the model's context
-    # should fail at once, with a message, not after filtering and retrieval
-    cfg = Memory3Config.from_name(a.preset, vocab_size=a.vocab_size)
+    # check the shape before the (slow) pipeline: a bad preset or override, or a sequence longer than the model's
+    # context should fail at once, with a message, not after filtering and retrieval
+    cfg = Memory3Config.from_name(a.preset, **{"vocab_size": a.vocab_size, **parse_overrides(a.set)})
     T = cfg.chunk_length * a.chunks_per_sequence
     if a.chunks_per_sequence < 1 or T > cfg.max_seq_len:
         raise ValueError(f"--chunks-per-sequence {a.chunks_per_sequence} x {cfg.chunk_length} tokens = {T} does not "
                          f"fit preset {a.preset!r} (max_seq_len={cfg.max_seq_len}); use at most "
                          f"{cfg.max_seq_len // cfg.chunk_length}")
-    tok, ref_texts, ref_tokens, stream = _load_text_corpus(a, out)
+    tok, ref_texts, ref_tokens, stream = _load_text_corpus(a, out, cfg.reference_length)
     if tok.vocab_size > cfg.vocab_size:  # cannot happen with a tokenizer trained here, but never index past the table
         cfg = cfg.replace(vocab_size=tok.vocab_size)
     retriever = Retriever().fit(ref_texts)
@@ -306,7 +307,7 @@ def cmd_build_bank(a) -> int:
         # same seed as `train` -> the same knowledge-base subset of the documents
         report = run_pipeline(a.text_dir, data_dir, tokenizer=tok, seed=a.seed, progress=not a.quiet,
                               reference_fraction=a.reference_fraction, heldout_fraction=a.heldout_fraction,
-                              heldout_references=a.heldout_references)
+                              heldout_references=a.heldout_references, reference_length=model.cfg.reference_length)
         _print_pipeline(report)
         limit = model.cfg.reference_length
 
@@ -625,9 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--text-dir", required=True, help="folder of UTF-8 .txt files (runs the §4 pipeline)")
     t.add_argument("--out", default="runs/train", help="output folder: data/, warmup/, continual/, model/")
     t.add_argument("--preset", default="small", help="model shape (tiny, small, ...; see Memory3Config)")
+    t.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override fields of the preset's Memory3Config, e.g. --set chunk_length=32 "
+                        "reference_length=64 n_layers=8 (VALUE as JSON, else a string); the model's memory "
+                        "format and shape travel with it into build-bank and evaluate")
     t.add_argument("--vocab-size", type=positive_int, default=2048, help="tokenizer vocabulary size")
     t.add_argument("--chunks-per-sequence", type=positive_int, default=4,
-                   help="training sequence length in 64-token chunks")
+                   help="training sequence length in chunks of the config's chunk_length (64) tokens")
     t.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
     t.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
     t.add_argument("--warmup-steps", type=non_negative_int, default=200,

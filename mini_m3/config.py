@@ -68,6 +68,29 @@ def _int_tuple(value: Any, fld: str) -> tuple:
     return tuple(value)
 
 
+def parse_overrides(items) -> dict[str, Any]:
+    """Command-line `KEY=VALUE` items as Memory3Config field overrides (litgpt's `--model_config.KEY`): VALUE is
+    read as JSON (`64`, `[0, 1]`, `"all"`), else taken as a string (`memory_selector=all`). An unknown field, a
+    repeated one, `name`, or an item without `=` is a ValueError naming it; the values are checked by the config."""
+    known = {f.name for f in dataclasses.fields(Memory3Config)} - {"name"}
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"config override {item!r}: expected KEY=VALUE, e.g. chunk_length=32")
+        if key not in known:
+            raise ValueError(f"config override {item!r}: {key!r} is not a Memory3Config field; "
+                             f"fields: {', '.join(sorted(known))}")
+        if key in out:
+            raise ValueError(f"config override {item!r}: {key} is given twice")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
 @dataclass
 class Memory3Config:
     """Shape of a Llama-style Memory³ decoder and of its explicit memories.

@@ -173,3 +173,31 @@ def test_sequence_longer_than_context_fails_before_the_pipeline(tmp_path, traine
     code, _, stderr = run(["train", "--text-dir", str(trained["text_dir"]), "--out", str(out), *args])
     assert code == 2 and "max_seq_len=256" in stderr
     assert not (out / "data").exists()  # refused up front, nothing was filtered or written
+
+
+def test_train_set_overrides_the_config_and_the_pipeline_follows(trained, tmp_path):
+    """`--set reference_length=48 chunk_length=32`: the saved model has them, the pipeline cut references of at
+    most 48 tokens, and build-bank (reading the model) keeps them whole."""
+    out = tmp_path / "run"
+    args = [a for a in TRAIN_ARGS]
+    args[args.index("--warmup-steps") + 1] = args[args.index("--continual-steps") + 1] = "1"
+    code, _, stderr = run(["train", "--text-dir", str(trained["text_dir"]), "--out", str(out), *args,
+                           "--set", "reference_length=48", "--set", "chunk_length=32"])
+    assert code == 0, stderr
+    model, tok = load_pretrained(out / "model")
+    assert (model.cfg.reference_length, model.cfg.chunk_length) == (48, 32)
+    refs = [json.loads(l) for l in (out / "data" / "references.jsonl").read_text().splitlines() if l]
+    assert refs and max(len(r["token_ids"]) for r in refs) <= 48 and max(len(r["token_ids"]) for r in refs) > 32
+    n_default = json.loads((trained["out"] / "data" / "report.json").read_text())["references"]
+    assert len(refs) > n_default  # shorter references: more of them from the same documents
+
+
+@pytest.mark.parametrize("item, says", [("no_such_field=3", "not a Memory3Config field"),
+                                        ("chunk_length", "expected KEY=VALUE"),
+                                        ("chunk_length=abc", "chunk_length"),
+                                        ("name=x", "not a Memory3Config field")])
+def test_train_set_refuses_bad_overrides_before_the_pipeline(tmp_path, item, says):
+    code, stdout, stderr = run(["train", "--text-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+                                *TRAIN_ARGS, "--set", item])
+    assert code == 2 and says in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "o").exists()  # refused before anything was written

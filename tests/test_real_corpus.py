@@ -152,6 +152,13 @@ def test_clean_removes_terminal_formatting_header_footer_and_indent():
     assert rc.clean("alpha(1) beta\ngamma\n") == "alpha(1) beta\ngamma\n"
 
 
+def test_clean_removes_a_header_squeezed_by_a_long_page_name():
+    # man at 80 columns runs a long name's header into one word (Debian's pthread_attr_setstacksize.3)
+    raw = ("pthread_attr_setstacksize(3Library Functions Manuapthread_attr_setstacksize(3)\n\nNAME\n       body\n\n"
+           "Linux man-pages 6.03              2022-12-15      pthread_attr_setstacksize(3)\n")
+    assert rc.clean(raw) == "NAME\nbody\n"
+
+
 def test_verdict_is_paired_over_seeds_and_says_by_how_much():
     wins = rc.verdict({"memory": [4.0, 4.3, 4.1], "none": [4.05, 4.36, 4.14]}, "none")
     assert wins["holds"] and wins["gap"]["min"] == pytest.approx(0.04) and wins["gap_spread"] == pytest.approx(0.02)
