@@ -463,6 +463,27 @@ def plot(results: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def lever_table(paths: list[Path]) -> str:
+    """A markdown table of results JSONs (one row per run and seed): what each changed against FULL's training
+    settings, the held-out losses with the training references in the bank, and the gaps memory-off - memory and
+    control - memory, with and without the held-out pages' references (> 0: memory helps)."""
+    defaults = {k: FULL[k] for k in ("preset", "vocab_size", "chunks_per_sequence", "batch_size", "warmup_steps",
+                                     "continual_steps", "eval_every", "heldout_fraction")} | {"reference_fraction": 0.5}
+    rows = ["| run | seed | changed | memory | memory off | RAG | control | off - memory | control - memory | "
+            "with held-out refs: off - memory, control - memory | train s |", "|" + "---|" * 11]
+    for path in paths:
+        for r in read_json(path)["per_seed"]:
+            st = r["settings"]
+            changed = ", ".join(f"{k} {st[k]}" for k in defaults if st.get(k) != defaults[k])
+            changed = ", ".join(x for x in (changed, " ".join(st.get("set", []))) if x) or "(defaults)"
+            w, h = (r["banks"][b]["overall"] for b in BANKS)
+            rows.append(f"| {path.stem} | {r['seed']} | {changed} | " + " | ".join(
+                f"{w[m]['loss']:.4f}" for m in MODES) + f" | {w['none']['loss'] - w['memory']['loss']:+.4f} | "
+                f"{w['control']['loss'] - w['memory']['loss']:+.4f} | {h['none']['loss'] - h['memory']['loss']:+.4f}, "
+                f"{h['control']['loss'] - h['memory']['loss']:+.4f} | {r['seconds']['train']:.0f} |")
+    return "\n".join(rows)
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 
 QUICK = dict(max_docs=30, max_bytes=60_000, preset="tiny", vocab_size=1000, chunks_per_sequence=2, batch_size=2,
@@ -483,6 +504,8 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (each: split, init, batches)")
     p.add_argument("--corpus", default=None, help="a folder of .txt files to use instead of preparing man pages")
     p.add_argument("--prepare-only", action="store_true", help="prepare the corpus, then stop")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print a markdown table of these results JSONs (one "
+                                                              "row per run and seed: the levers' table), then stop")
     g = p.add_argument_group("corpus (man pages)")
     g.add_argument("--man-root", default=MAN_ROOT, help="holds man2/, man3/, ...")
     g.add_argument("--sections", nargs="+", default=list(SECTIONS), help="manual sections to read")
@@ -555,6 +578,9 @@ def run(a, log=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
+        if a.table:
+            print(lever_table([Path(t) for t in a.table]))
+            return 0
         run(a)
     except (ValueError, OSError) as e:
         print(f"real_corpus: error: {' '.join(str(e).split())}", file=sys.stderr)

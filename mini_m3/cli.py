@@ -1,4 +1,4 @@
-"""Command line: `mini-m3 demo | train | build-bank | generate | evaluate | smoke | sft | dpo`."""
+"""Command line: `mini-m3 demo | train | build-bank | generate | evaluate | smoke | sft | dpo` (`python -m mini_m3`)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,10 @@ def _device(text: str) -> str:
 
 
 def _add_device_flags(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16"),
-                      dtype_help: str = "") -> None:
+                      dtype_help: str = "", device_default: str | None = "cpu", device_help: str = "") -> None:
     """--device and --dtype of `train`, `build-bank`, `generate` and `evaluate`."""
-    p.add_argument("--device", type=_device, default="cpu", help="where the model runs: cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", type=_device, default=device_default,
+                   help="where the model runs: cpu, cuda, cuda:N or mps" + device_help)
     p.add_argument("--dtype", default="float32", choices=dtypes,
                    help="compute precision: bfloat16/float16 run under torch.autocast (weights stay float32, so "
                         "models and banks are the same files)" + dtype_help)
@@ -137,28 +138,107 @@ def _load_text_corpus(a, out: Path, reference_length: int):
     return tok, [r["text"] for r in refs], [r["token_ids"] for r in refs], load_train_tokens(data_dir)
 
 
+SHARDED_FLAGS = ("--bf16", "--meta-init", "--micro-batch", "--stop-at")  # `train` flags that need several processes
+ONE_PROCESS_FLAGS = ("--eval-every", "--control")  # `train` flags refused under torchrun
+
+
 def cmd_train(a) -> int:
-    from .checkpoint import save_pretrained
-    from .config import Memory3Config, parse_overrides
-    from .memory.retrieve import Retriever
-    from .model import Memory3
-    from .train import ChunkedData, TrainConfig, plot_losses, retrieve_for_chunks, train, two_stage_configs
+    """Two-stage pretraining; under torchrun (WORLD_SIZE > 1) the model is sharded with FSDP2 (distributed.py)."""
+    from .distributed import world_info
+    world = world_info()[1]
+    _check_train_flags(a, world)
     torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    # check the shape before the (slow) pipeline: a bad preset or override, or a sequence longer than the model's
-    # context should fail at once, with a message, not after filtering and retrieval
-    cfg = Memory3Config.from_name(a.preset, **{"vocab_size": a.vocab_size, **parse_overrides(a.set)})
+    return _train_sharded(a, Path(a.out)) if world > 1 else _train_one_process(a, Path(a.out))
+
+
+def _check_train_flags(a, world: int) -> None:
+    """Refuse, in one line, the `train` flags that do not apply to one process (world == 1) or to torchrun."""
+    if world == 1:
+        wrong = [f for f in SHARDED_FLAGS if getattr(a, f[2:].replace("-", "_"))]
+        why = "only under torchrun with --nproc_per_node >= 2 (FSDP2 sharding); this is one process"
+    else:
+        wrong = [f for f in ONE_PROCESS_FLAGS if getattr(a, f[2:].replace("-", "_"))]
+        wrong += [f"--dtype {a.dtype}"] if a.dtype != "float32" else []
+        why = "only in one process, not under torchrun" + (" (use --bf16)" if a.dtype != "float32" else "")
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)}: {why}")
+    if world == 1 and a.eval_every and not a.text_dir:
+        raise ValueError("--eval-every needs --text-dir: it logs the loss of the held-out documents")
+    if world > 1 and a.device and torch.device(a.device).type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {a.device}: under torchrun the ranks run on cpu (gloo) or cuda (NCCL)")
+
+
+def model_config(a, tokenizer=None):
+    """`train`'s model config: the --preset with the --set overrides; the vocabulary is --vocab-size with --text-dir
+    (the tokenizer's if that is larger), the tokenizer's with --world/--data (the paper's presets keep theirs).
+    A bad preset or override, or sequences longer than the model's context, fail here, before anything slow."""
+    from .config import Memory3Config, parse_overrides
+    over = parse_overrides(a.set)
+    if a.text_dir:
+        cfg = Memory3Config.from_name(a.preset, **{"vocab_size": a.vocab_size, **over})
+        other_vocab = tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size  # never index past the table
+    else:
+        cfg = Memory3Config.from_name(a.preset, **over)
+        other_vocab = (tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size
+                       and not a.preset.startswith(("paper", "fig10")))
+    if other_vocab:
+        cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
     T = cfg.chunk_length * a.chunks_per_sequence
-    if a.chunks_per_sequence < 1 or T > cfg.max_seq_len:
+    if not a.data and T > cfg.max_seq_len:
         raise ValueError(f"--chunks-per-sequence {a.chunks_per_sequence} x {cfg.chunk_length} tokens = {T} does not "
                          f"fit preset {a.preset!r} (max_seq_len={cfg.max_seq_len}); use at most "
                          f"{cfg.max_seq_len // cfg.chunk_length}")
+    return cfg
+
+
+def _train_fields(a) -> dict:
+    """The TrainConfig fields that every stage of `train`, and its no-memory control, share."""
+    return dict(batch_size=a.batch_size, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
+                threads=a.threads, eval_every=a.eval_every, device=a.device, dtype=a.dtype)
+
+
+def stage_configs(a) -> list:
+    """The TrainConfig of each stage of `train` (none when both step counts are 0: the untrained model is saved)."""
+    import dataclasses
+
+    from .train import TrainConfig, two_stage_configs
+    if not a.warmup_steps + a.continual_steps:
+        return []
+    # Not `two_stage_configs`' single schedule but two separately scheduled stages, as §5's continual training (which
+    # may have its own peak, --continual-lr): the LR warms up over 10 % of the warmup stage only (none without one)
+    # and decays over the last 10 % of the last stage. Checkpoints of earlier runs resume only on this schedule.
+    warm, cont = two_stage_configs(a.warmup_steps, a.continual_steps,
+                                   lr_warmup=max(1, a.warmup_steps // 10) if a.warmup_steps else 0,
+                                   last_decay_fraction=TrainConfig.decay_fraction, **_train_fields(a))
+    if cont is not None and a.continual_lr:
+        cont = dataclasses.replace(cont, lr=a.continual_lr)
+    return [tc for tc in (warm, cont) if tc is not None]
+
+
+def _new_model(a, cfg, meta: bool = False):
+    """A fresh model seeded by --seed. With --text-dir drawn as `train --text-dir` always has (torch's global
+    generator), otherwise by `distributed.build_model` (a generator of its own; meta=True allocates nothing and
+    `shard_model` draws the same weights shard by shard)."""
+    from .distributed import build_model
+    from .model import Memory3
+    if a.text_dir and not meta:
+        torch.manual_seed(a.seed)
+        return Memory3(cfg)
+    return build_model(cfg, a.seed, meta=meta)
+
+
+def _text_dir_data(a, out: Path, cfg):
+    """--text-dir: the §4 pipeline into OUT/data, then its training text as (n, T) sequences, each chunk with its
+    retrieved reference. Returns (cfg with the tokenizer's vocabulary, tokenizer, data, chunked), where `chunked`
+    lays out any token stream the same way (the held-out loss of --eval-every reads it)."""
+    from .memory.retrieve import Retriever
+    from .train import ChunkedData, retrieve_for_chunks
+    T = cfg.chunk_length * a.chunks_per_sequence
     tok, ref_texts, ref_tokens, stream = _load_text_corpus(a, out, cfg.reference_length)
-    if tok.vocab_size > cfg.vocab_size:  # cannot happen with a tokenizer trained here, but never index past the table
-        cfg = cfg.replace(vocab_size=tok.vocab_size)
+    cfg = model_config(a, tok)
     retriever = Retriever().fit(ref_texts)
 
-    def chunked(stream) -> ChunkedData | None:
+    def chunked(stream):
         """A token stream as (n, T) sequences with each chunk's retrieved reference; None if under one sequence."""
         n = (len(stream) - 1) // T
         if n < 1:
@@ -171,44 +251,102 @@ def cmd_train(a) -> int:
     data = chunked(stream)
     if data is None:
         raise ValueError(f"the corpus has {len(stream)} training tokens, fewer than one sequence of {T}")
-    eval_fn = _heldout_logger(a, out, tok, chunked, T)
+    return cfg, tok, data, chunked
 
-    def run_stages(model, configs, log_dir: Path, best_name: str) -> None:
-        configs = [tc for tc in configs if tc is not None]
+
+def _chunked_data(a, out: Path, rank: int = 0):
+    """The training data as a `distributed.save_chunked_data` folder, read back by every rank: --data DIR as given;
+    --world N built by rank 0 into OUT/data once (a later run reuses it); --text-dir (under torchrun) the §4 pipeline's
+    sequences written into OUT/data by rank 0. Returns (model config, tokenizer, data)."""
+    from .distributed import _barrier, load_chunked_data, prepare_world_data, save_chunked_data
+    cfg = model_config(a)
+    data_dir = Path(a.data) if a.data else out / "data"
+    if rank == 0 and a.text_dir:
+        _, tok, data, _ = _text_dir_data(a, out, cfg)
+        save_chunked_data(data, data_dir, tok)
+    elif rank == 0 and a.world and not (data_dir / "data.safetensors").exists():
+        prepare_world_data(data_dir, a.world, preset=a.preset, chunks_per_sequence=a.chunks_per_sequence,
+                           vocab_size=a.vocab_size, seed=a.seed, progress=not a.quiet, chunk_length=cfg.chunk_length)
+    _barrier()
+    data, tok = load_chunked_data(data_dir)
+    cfg = model_config(a, tok)
+    if data.tokens.shape[1] > cfg.max_seq_len:
+        raise ValueError(f"{data_dir}: sequences of {data.tokens.shape[1]} tokens do not fit preset {a.preset!r} "
+                         f"(max_seq_len={cfg.max_seq_len}); pass --set max_seq_len={data.tokens.shape[1]}")
+    return cfg, tok, data
+
+
+def _train_one_process(a, out: Path) -> int:
+    """`train` in one process: `train.train` runs each stage (and, with --control, the no-memory control)."""
+    from .checkpoint import save_pretrained
+    from .train import plot_losses, train, two_stage_configs
+    eval_fn = None
+    if a.text_dir:
+        cfg, tok, data, chunked = _text_dir_data(a, out, model_config(a))
+        eval_fn = _heldout_logger(a, out, tok, chunked, data.tokens.shape[1])
+    else:
+        cfg, tok, data = _chunked_data(a, out)
+
+    def run_stages(model, configs, log_dir: Path, best_name: str, model_name: str) -> None:
         keep = _best_keeper(out, best_name, tok, eval_fn, [log_dir / tc.stage for tc in configs])
         for tc in configs:
             r = train(model, data, tc, out_dir=log_dir / tc.stage, tokenizer=tok, resume=not a.no_resume,
                       eval_fn=keep and keep(tc.stage))
             label = tc.stage if log_dir == out else f"{log_dir.name}/{tc.stage}"
             print(f"{label}: final loss {r['final_loss']}, median step {r['step_time']}s")
+        if not a.no_save_model:
+            save_pretrained(model, out / model_name, tok)
 
-    common = dict(batch_size=a.batch_size, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
-                  eval_every=a.eval_every, device=a.device, dtype=a.dtype)
-    torch.manual_seed(a.seed)
-    model = Memory3(cfg)
-    # two separately scheduled stages, as `distributed.stage_configs`: the LR warms up over 10 % of the warmup stage
-    # only and decays over the last 10 % of the last stage (checkpoints of earlier runs resume on this schedule)
-    total = a.warmup_steps + a.continual_steps  # 0: prepare the data and save the untrained model only
-    run_stages(model, two_stage_configs(a.warmup_steps, a.continual_steps,
-                                        lr_warmup=max(1, a.warmup_steps // 10) if a.warmup_steps else 0,
-                                        last_decay_fraction=TrainConfig.decay_fraction, **common) if total else [],
-               out, "best_model")
-    save_pretrained(model, out / "model", tok)
+    run_stages(_new_model(a, cfg), stage_configs(a), out, "best_model", "model")
     logs = [p for p in (out / "warmup/warmup.jsonl", out / "continual/continual.jsonl") if p.exists()]
     if a.control:  # the no-memory control: the same tokens and steps, all of them without memory
-        torch.manual_seed(a.seed)
-        control = Memory3(cfg)
-        run_stages(control, two_stage_configs(total, 0, **common) if total else [], out / "control",
-                   "control_best_model")
-        save_pretrained(control, out / "control_model", tok)
+        total = a.warmup_steps + a.continual_steps
+        run_stages(_new_model(a, cfg), [two_stage_configs(total, 0, **_train_fields(a))[0]] if total else [],
+                   out / "control", "control_best_model", "control_model")
         logs += [p for p in (out / "control/warmup/warmup.jsonl",) if p.exists()]
-        print(f"no-memory control saved to {out / 'control_model'}")
+        if not a.no_save_model:
+            print(f"no-memory control saved to {out / 'control_model'}")
     plot_losses(logs, out / "loss.png", labels=[str(p.relative_to(out).parent) for p in logs])
     if eval_fn is not None and (out / BEST_FILE).exists():
         kept = ", ".join(str(out / n) for n in ("best_model", "control_best_model") if (out / n).is_dir())
         print(f"lowest held-out loss: {kept} (see {out / BEST_FILE})")
-    print(f"model saved to {out / 'model'}; held-out documents in {out / 'data' / 'heldout.jsonl'} "
-          f"(mini-m3 evaluate --model {out / 'model'} --bank BANK --text-dir {out / 'data'})")
+    saved = "no model saved (--no-save-model)" if a.no_save_model else f"model saved to {out / 'model'}"
+    print(saved + (f"; held-out documents in {out / 'data' / 'heldout.jsonl'} (mini-m3 evaluate --model "
+                   f"{out / 'model'} --bank BANK --text-dir {out / 'data'})" if a.text_dir else ""))
+    return 0
+
+
+def _train_sharded(a, out: Path) -> int:
+    """`train` under torchrun: the model sharded with FSDP2, every rank a slice of each global batch
+    (`distributed.train_distributed`: the single-process run's losses and updates); the full model is gathered into
+    OUT/model at the end."""
+    import torch.distributed as dist
+
+    from .distributed import _gather_and_save, init_distributed, shard_model, train_distributed, world_info
+    rank, world, _ = world_info()
+    owns_group = not dist.is_initialized()  # a caller that started the group keeps it
+    device = init_distributed(torch.device(a.device).type if a.device else None)
+    cfg, tok, data = _chunked_data(a, out, rank)
+    bf16 = (device.type == "cuda") if a.bf16 is None else a.bf16
+    model = shard_model(_new_model(a, cfg, meta=a.meta_init), device, bf16=bf16, seed=a.seed)
+    if rank == 0 and not a.quiet:
+        print(f"{world} ranks on {device.type}, {cfg.name}: {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, bf16={bf16}", flush=True)
+    for tc in stage_configs(a):
+        stop = a.stop_at if tc.stage == "continual" else None
+        r = train_distributed(model, data, tc, out_dir=out / tc.stage, tokenizer=tok, resume=not a.no_resume,
+                              stop_at=stop, micro_batch=a.micro_batch)
+        if rank == 0:
+            print(f"{tc.stage}: final loss {r['final_loss']}, median step {r['step_time']}s", flush=True)
+        if stop is not None and stop < tc.steps:
+            break
+    else:
+        if not a.no_save_model:
+            _gather_and_save(model, out / "model", tok)
+            if rank == 0:
+                print(f"model saved to {out / 'model'}", flush=True)
+    if owns_group:
+        dist.destroy_process_group()
     return 0
 
 
@@ -604,37 +742,62 @@ def cmd_dpo(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mini-m3", description="Memory3 at mini scale (arXiv 2407.01178)")
     sub = p.add_subparsers(dest="command", required=True)
+    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
 
-    d = sub.add_parser("demo", help="the main job: two-stage pretraining on the knowledge world, banks, QA table")
+    d = sub.add_parser("demo", help="the main job: two-stage pretraining on the knowledge world, banks, QA table",
+                       **fmt)
     _add_common(d)
     d.add_argument("--quick", action="store_true", help="a short run of the same pipeline (CI)")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--preset", default=None)
-    d.add_argument("--warmup-steps", type=non_negative_int, default=None)
-    d.add_argument("--continual-steps", type=non_negative_int, default=None)
-    d.add_argument("--selector", default=None, choices=["attention", "exp", "random", "first", "all"])
-    d.add_argument("--tokens-per-head", type=positive_int, default=None)
+    d.add_argument("--out", default="runs/demo", help="output folder: results.json, results.png, models and banks")
+    d.add_argument("--preset", default=None, help="model shape (None: the demo's, tiny)")
+    d.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="steps of the warmup stage, no memory (None: the demo's, 300; 30 with --quick)")
+    d.add_argument("--continual-steps", type=non_negative_int, default=None,
+                   help="steps of the continual stage, with memory (None: the demo's, 3300; 40 with --quick)")
+    d.add_argument("--selector", default=None, choices=["attention", "exp", "random", "first", "all"],
+                   help="memory format: how each memory picks the reference tokens it keeps (None: the demo's, all)")
+    d.add_argument("--tokens-per-head", type=positive_int, default=None,
+                   help="memory format: reference tokens each memory keeps per head (None: the preset's)")
     d.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("smoke", help="build tiny, encode two references, generate a few tokens")
+    s = sub.add_parser("smoke", help="build tiny, encode two references, generate a few tokens", **fmt)
     _add_common(s)
     s.set_defaults(fn=cmd_smoke)
 
-    fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
-    t = sub.add_parser("train", help="two-stage pretraining on a folder of .txt files", **fmt)
+    t = sub.add_parser("train", help="two-stage pretraining (§3.6) on .txt files, the knowledge world or chunked "
+                                     "data; FSDP2-sharded under torchrun", **fmt,
+                       description="Two-stage Memory³ pretraining (§3.6): a warmup stage without memory, then a "
+                                   "continual stage with memory. In one process `train.train` runs it; under "
+                                   "`torchrun --nproc_per_node=N -m mini_m3 train ...` (WORLD_SIZE > 1) the model is "
+                                   "sharded with FSDP2 and every rank takes a slice of each global batch.")
     _add_common(t)
-    t.add_argument("--text-dir", required=True, help="folder of UTF-8 .txt files (runs the §4 pipeline)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text-dir", help="folder of UTF-8 .txt files (runs the §4 pipeline into OUT/data)")
+    src.add_argument("--world", type=positive_int, metavar="N",
+                     help="the synthetic knowledge world of N people (the demo's), built once into OUT/data by "
+                          "rank 0 and reused by later runs")
+    src.add_argument("--data", metavar="DIR", help="training data written by mini_m3.distributed.save_chunked_data "
+                                                   "(data.safetensors, tokenizer.json)")
     t.add_argument("--out", default="runs/train", help="output folder: data/, warmup/, continual/, model/")
     t.add_argument("--preset", default="small", help="model shape (tiny, small, ...; see Memory3Config)")
     t.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override fields of the preset's Memory3Config, e.g. --set chunk_length=32 "
-                        "reference_length=64 n_layers=8 (VALUE as JSON, else a string); the model's memory "
-                        "format and shape travel with it into build-bank and evaluate")
-    t.add_argument("--vocab-size", type=positive_int, default=2048, help="tokenizer vocabulary size")
+                        "reference_length=64 n_layers=8 max_seq_len=4096 memory_selector=all (VALUE as JSON, else a "
+                        "string); the model's memory format and shape travel with it into build-bank and evaluate")
+    t.add_argument("--vocab-size", type=positive_int, default=2048,
+                   help="tokenizer vocabulary size of --text-dir and --world (--data brings its tokenizer)")
     t.add_argument("--chunks-per-sequence", type=positive_int, default=4,
-                   help="training sequence length in chunks of the config's chunk_length (64) tokens")
-    t.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step")
+                   help="training sequence length of --text-dir and --world, in chunks of the config's chunk_length "
+                        "(64) tokens")
+    t.add_argument("--batch-size", type=positive_int, default=16,
+                   help="sequences per step (the global batch: under torchrun split across the ranks)")
+    t.add_argument("--micro-batch", type=positive_int, default=None,
+                   help="torchrun only: sequences per rank per forward pass, gradients accumulated over them (the "
+                        "same update, less activation memory; None: the rank's whole slice at once)")
     t.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate")
+    t.add_argument("--continual-lr", type=positive_float, default=None,
+                   help="peak learning rate of the continual stage (None: --lr; §5 used ~5e-5 after a warmup peak "
+                        "of ~8e-4)")
     t.add_argument("--warmup-steps", type=non_negative_int, default=200,
                    help="steps of the warmup stage (no memory); 0 skips the stage")
     t.add_argument("--continual-steps", type=non_negative_int, default=200,
@@ -643,13 +806,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true",
                    help="never resume: a run into an OUT that holds checkpoints of this stage is refused "
                         "(nothing is deleted); without it, training resumes from them")
+    t.add_argument("--stop-at", type=positive_int, default=None,
+                   help="torchrun only: end the continual stage after this many steps, as if the job were killed "
+                        "(only its periodic checkpoints remain, and no OUT/model)")
+    t.add_argument("--no-save-model", action="store_true",
+                   help="do not write OUT/model (nor OUT/control_model) at the end")
     t.add_argument("--eval-every", type=non_negative_int, default=0,
-                   help="log the held-out loss with and without memory every N steps (0 = never) and keep the "
-                        "lowest-loss model in OUT/best_model (record in OUT/best.json)")
+                   help="one process and --text-dir only: log the held-out loss with and without memory every N "
+                        "steps (0 = never) and keep the lowest-loss model in OUT/best_model (record in "
+                        "OUT/best.json)")
     t.add_argument("--control", action="store_true",
-                   help="also train the no-memory control on the same tokens and steps into OUT/control_model")
-    _add_device_flags(t, ("float32", "bfloat16"), "; training takes float32 or bfloat16 (float16 would need loss "
-                                                  "scaling), with float32 master weights and AdamW state")
+                   help="one process only: also train the no-memory control on the same tokens and steps into "
+                        "OUT/control_model")
+    _add_device_flags(t, ("float32", "bfloat16"),
+                      "; training takes float32 or bfloat16 (float16 would need loss scaling), with float32 master "
+                      "weights and AdamW state; one process only (under torchrun: --bf16)", device_default=None,
+                      device_help=" (None: cpu; under torchrun, every rank on cuda:LOCAL_RANK when CUDA is available, "
+                                  "else cpu; give cpu or cuda there)")
+    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="torchrun only: FSDP2 mixed precision, bf16 parameters for compute with fp32 master weights "
+                        "and gradient reduction (None: on for cuda, off for cpu)")
+    t.add_argument("--meta-init", action="store_true",
+                   help="torchrun only: build the model on the meta device and draw each rank's shards after "
+                        "sharding (for models one rank cannot hold); the weights of --world/--data's one-process "
+                        "initialisation (with --text-dir they differ from a one-process run's)")
     _add_split_flags(t)
     t.set_defaults(fn=cmd_train)
 
@@ -707,7 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("sft", "supervised fine-tuning on world conversations, with explicit memory (§6.1)"),
                            ("dpo", "DPO alignment against a frozen copy of --model (§6.2)")):
-        f = sub.add_parser(name, help=helptext)
+        f = sub.add_parser(name, help=helptext, **fmt)
         _add_common(f)
         f.add_argument("--model", required=True, help="model directory (e.g. runs/demo/memory3_model, or an "
                                                       "sft OUT/model)")
@@ -715,20 +895,27 @@ def build_parser() -> argparse.ArgumentParser:
         f.add_argument("--n-people", type=positive_int, default=2000,
                        help="world size used by the demo (--seed is the world's seed, as in the demo)")
         f.add_argument("--data-seed", type=int, default=0, help="seed of the generated data and batch order")
-        f.add_argument("--steps", type=positive_int, default=300 if name == "sft" else 100)
-        f.add_argument("--batch-size", type=positive_int, default=16)
-        f.add_argument("--lr", type=positive_float, default=None, help="peak LR (default: SFTConfig / DPOConfig)")
+        f.add_argument("--steps", type=positive_int, default=300 if name == "sft" else 100, help="optimizer steps")
+        f.add_argument("--batch-size", type=positive_int, default=16,
+                       help="conversations per step" if name == "sft" else "preference pairs per step")
+        f.add_argument("--lr", type=positive_float, default=None,
+                       help=f"peak LR (None: {'SFTConfig' if name == 'sft' else 'DPOConfig'}'s)")
         if name == "sft":
-            f.add_argument("--n-examples", type=positive_int, default=3000)
+            f.add_argument("--n-examples", type=positive_int, default=3000,
+                           help="SFT conversations generated from the world")
         else:
-            f.add_argument("--n-pairs", type=positive_int, default=2000)
-            f.add_argument("--beta", type=positive_float, default=0.01)
+            f.add_argument("--n-pairs", type=positive_int, default=2000,
+                           help="preference pairs generated from the world")
+            f.add_argument("--beta", type=positive_float, default=0.01,
+                           help="DPO's beta: how far the policy may move from the frozen --model")
         f.add_argument("--no-memory", action="store_true", help="fine-tune without explicit memory")
         f.add_argument("--probe-questions", type=non_negative_int, default=60,
                        help="factuality probe size (0 = skip)")
-        f.add_argument("--checkpoint-every", type=positive_int, default=100)
-        f.add_argument("--no-resume", action="store_true")
-        f.add_argument("--out", default=f"runs/{name}")
+        f.add_argument("--checkpoint-every", type=positive_int, default=100, help="steps between checkpoints")
+        f.add_argument("--no-resume", action="store_true",
+                       help="start at step 0 even if OUT holds checkpoints; without it, training resumes from them")
+        f.add_argument("--out", default=f"runs/{name}",
+                       help="output folder: checkpoints, log, model/, bank/ (with memory), summary.json")
         f.set_defaults(fn=cmd_sft if name == "sft" else cmd_dpo)
     return p
 

@@ -1,9 +1,11 @@
 """§5 pretraining at scale: the two stages of §3.6 on many processes (FSDP2), with distributed checkpoints.
 
-    torchrun --nproc_per_node=N -m mini_m3.distributed --world 2000 --preset small --out runs/dist
-    torchrun --nproc_per_node=N -m mini_m3.distributed --data DIR --preset paper-2.4b --meta-init --bf16 ...
+The library behind `mini-m3 train` under torchrun (the command is in cli.py):
 
-With WORLD_SIZE > 1 this module
+    torchrun --nproc_per_node=N -m mini_m3 train --world 2000 --preset small --out runs/dist
+    torchrun --nproc_per_node=N -m mini_m3 train --data DIR --preset paper-2.4b --meta-init --bf16 ...
+
+With WORLD_SIZE > 1 the command
 - starts a process group (gloo on CPU, NCCL on GPU) and shards the model with FSDP2 `fully_shard`: every
   transformer block is one unit, then the root (embedding, final norm, LM head); optional
   `MixedPrecisionPolicy` (bf16 parameters for compute, fp32 master weights and gradient reduction; off on CPU
@@ -25,12 +27,13 @@ With WORLD_SIZE > 1 this module
 
 With WORLD_SIZE = 1 the same command runs the single-process loop `mini_m3.train.train` unchanged.
 At the end the full model is gathered and written as an ordinary model directory (`OUT/model`,
-`checkpoint.load_pretrained` reads it); `export_model` does the same for any DCP checkpoint, at any world size.
+`checkpoint.load_pretrained` reads it, `_gather_and_save`); `export_model` does the same for any DCP checkpoint,
+at any world size. `save_chunked_data` / `load_chunked_data` hold the training data every rank reads, and
+`prepare_world_data` writes the knowledge world's (`train --world N`).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -50,12 +53,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import read_config, save_pretrained
-from .config import MEMORY_SELECTORS, Memory3Config
+from .config import Memory3Config
 from .model import Memory3, rope_tables
 from .tokenizer import Tokenizer
 from .train import (ChunkedData, TrainConfig, batch_order, check_finite_step, checkpoint_to_resume, continual_memory,
                     data_fingerprint, file_manifest, make_optimizer, memory_index, prepare_log, publish_checkpoint,
-                    read_train_state, train, two_stage_configs, verify_checkpoint, wsd_lr)
+                    read_train_state, verify_checkpoint, wsd_lr)
 from .utils import atomic_path, atomic_write_text
 from .world_data import WorldSettings, build_world_data, setup_world
 
@@ -513,7 +516,8 @@ def save_chunked_data(data: ChunkedData, directory: str | os.PathLike, tokenizer
     flat = torch.tensor([t for r in data.references for t in r], dtype=torch.long)
     from .utils import atomic_path
     with atomic_path(d / "data.safetensors") as tmp:
-        save_file({"tokens": data.tokens.contiguous(), "targets": data.targets.contiguous(),
+        # the targets may share the tokens' storage (shifted by one, `train --text-dir`): safetensors refuses that
+        save_file({"tokens": data.tokens.contiguous(), "targets": data.targets.clone(),
                    "chunk_refs": data.chunk_refs.contiguous(), "reference_lengths": lens, "reference_tokens": flat},
                   tmp, metadata={"format": DATA_FORMAT})
     if tokenizer is not None:
@@ -532,122 +536,12 @@ def load_chunked_data(directory: str | os.PathLike) -> tuple[ChunkedData, Tokeni
 
 
 def prepare_world_data(directory: str | os.PathLike, n_people: int, *, preset: str, chunks_per_sequence: int,
-                       vocab_size: int, seed: int, progress: bool) -> Path:
-    """The demo's synthetic knowledge world as training data (tokenizer, documents, retrieved references)."""
+                       vocab_size: int, seed: int, progress: bool, chunk_length: int | None = None) -> Path:
+    """The demo's synthetic knowledge world as training data (tokenizer, documents, retrieved references), in
+    chunks of `chunk_length` tokens (None: the preset's)."""
     s = WorldSettings(seed=seed, preset=preset, n_people=n_people, vocab_size=vocab_size, n_docs=12 * n_people,
                       chunks_per_sequence=chunks_per_sequence)
     w = setup_world(s)
-    data = build_world_data(w.world, w.tokenizer, s, w.cfg.chunk_length, w.retriever, w.reference_tokens, progress)
+    data = build_world_data(w.world, w.tokenizer, s, chunk_length or w.cfg.chunk_length, w.retriever,
+                            w.reference_tokens, progress)
     return save_chunked_data(data, directory, w.tokenizer)
-
-
-# ----------------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchrun --nproc_per_node=N -m mini_m3.distributed",
-                                description="Two-stage Memory³ pretraining (§3.6), sharded with FSDP2 when "
-                                            "WORLD_SIZE > 1; single-process otherwise.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="directory written by save_chunked_data (data.safetensors, tokenizer.json)")
-    src.add_argument("--world", type=int, help="build the synthetic knowledge world of this many people (rank 0), "
-                                               "saved to OUT/data")
-    p.add_argument("--out", required=True)
-    p.add_argument("--preset", default="small")
-    p.add_argument("--max-seq-len", type=int, help="override the preset's context length (e.g. a shrunk 2.4B)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer size for --world")
-    p.add_argument("--chunks-per-sequence", type=int, default=4, help="for --world")
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--continual-steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences), split across ranks")
-    p.add_argument("--micro-batch", type=int, help="sequences per rank per forward pass (gradient accumulation)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--continual-lr", type=float, help="peak LR of the continual stage (default: --lr; §5 used "
-                                                      "~5e-5 after a warmup peak of ~8e-4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--selector", default=None, choices=MEMORY_SELECTORS,
-                   help="memory token selector, written into the model's config (default: the preset's)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
-    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="FSDP2 mixed precision: bf16 parameters, fp32 reduction (default: on for CUDA, off on CPU)")
-    p.add_argument("--meta-init", action="store_true", help="build on the meta device and initialise shards after "
-                                                           "sharding (needed for models that do not fit one rank)")
-    p.add_argument("--stop-at", type=int, help="end the continual stage after this many steps, as if killed")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--no-save-model", action="store_true", help="skip gathering the final model to OUT/model")
-    p.add_argument("--quiet", action="store_true")
-    return p
-
-
-def stage_configs(a: argparse.Namespace) -> list[TrainConfig]:
-    """The TrainConfig of each stage for these arguments (as `mini-m3 train` sets them)."""
-    # Not `two_stage_configs`' single schedule but two separately scheduled stages, as §5's continual training (which
-    # may have its own peak, --continual-lr): the LR warms up over 10 % of the warmup stage only (none without one)
-    # and decays over the last 10 % of the continual stage. Checkpoints of earlier runs resume only on this schedule.
-    warm, cont = two_stage_configs(a.warmup_steps, a.continual_steps,
-                                   lr_warmup=max(1, a.warmup_steps // 10) if a.warmup_steps else 0,
-                                   last_decay_fraction=TrainConfig.decay_fraction, batch_size=a.batch_size, lr=a.lr,
-                                   seed=a.seed, checkpoint_every=a.checkpoint_every, quiet=a.quiet, threads=a.threads)
-    if cont is not None and a.continual_lr:
-        cont = dataclasses.replace(cont, lr=a.continual_lr)
-    return [tc for tc in (warm, cont) if tc is not None]
-
-
-def model_config(a: argparse.Namespace, tokenizer: Tokenizer | None) -> Memory3Config:
-    over = {"max_seq_len": a.max_seq_len} if a.max_seq_len else {}
-    if a.selector:  # the memory format is the model's: the config records what the continual stage trains with
-        over["memory_selector"] = a.selector
-    cfg = Memory3Config.from_name(a.preset, **over)
-    if tokenizer is not None and tokenizer.vocab_size != cfg.vocab_size and not a.preset.startswith(("paper", "fig10")):
-        cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-    return cfg
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
-    rank, world, _ = world_info()
-    torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    owns_group = world > 1 and not dist.is_initialized()  # callers that started the group keep it
-    device = init_distributed(a.device) if world > 1 else torch.device(a.device or "cpu")
-    data_dir = Path(a.data) if a.data else out / "data"
-    if a.world and rank == 0 and not (data_dir / "data.safetensors").exists():
-        prepare_world_data(data_dir, a.world, preset=a.preset, chunks_per_sequence=a.chunks_per_sequence,
-                           vocab_size=a.vocab_size, seed=a.seed, progress=not a.quiet)
-    _barrier()
-    data, tok = load_chunked_data(data_dir)
-    cfg = model_config(a, tok)
-    if world == 1:
-        if a.bf16 or a.meta_init or a.stop_at or a.micro_batch:
-            raise SystemExit("--bf16, --meta-init, --micro-batch and --stop-at need torchrun with "
-                             "--nproc_per_node >= 2")
-        model = build_model(cfg, a.seed).to(device)
-        for tc in stage_configs(a):
-            r = train(model, data, tc, out_dir=out / tc.stage, tokenizer=tok, resume=not a.no_resume)
-            print(f"{tc.stage}: final loss {r['final_loss']}, median step {r['step_time']}s")
-        if not a.no_save_model:
-            save_pretrained(model, out / "model", tok)
-        return 0
-    bf16 = (device.type == "cuda") if a.bf16 is None else a.bf16
-    model = shard_model(build_model(cfg, a.seed, meta=a.meta_init), device, bf16=bf16, seed=a.seed)
-    if rank == 0 and not a.quiet:
-        print(f"{world} ranks on {device.type}, {cfg.name}: {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, bf16={bf16}", flush=True)
-    for tc in stage_configs(a):
-        stop = a.stop_at if tc.stage == "continual" else None
-        r = train_distributed(model, data, tc, out_dir=out / tc.stage, tokenizer=tok, resume=not a.no_resume,
-                              stop_at=stop, micro_batch=a.micro_batch)
-        if rank == 0:
-            print(f"{tc.stage}: final loss {r['final_loss']}, median step {r['step_time']}s", flush=True)
-        if stop is not None and stop < tc.steps:
-            break
-    else:
-        if not a.no_save_model:
-            _gather_and_save(model, out / "model", tok)
-    if owns_group:
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

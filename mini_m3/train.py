@@ -766,6 +766,6 @@ def plot_losses(log_paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     fig.savefig(out_png, dpi=110)
 
 
-if __name__ == "__main__":  # a library module: the pretraining command is `mini_m3.distributed` (imports go one way)
-    raise SystemExit("python -m mini_m3.train is no command: run `torchrun --nproc_per_node=N -m mini_m3.distributed "
-                     "...` (or `python -m mini_m3.distributed ...` for one process)")
+if __name__ == "__main__":  # a library module: the pretraining command is `mini-m3 train` (imports go one way)
+    raise SystemExit("python -m mini_m3.train is no command: run `mini-m3 train ...` (one process) or "
+                     "`torchrun --nproc_per_node=N -m mini_m3 train ...` (FSDP2)")

@@ -1,6 +1,6 @@
 """§3.6 and §5 training data on the synthetic knowledge world: world, tokenizer, retriever, chunks with references.
 
-What every run on the knowledge world starts from (the demo, `mini_m3.distributed --world N`, the experiments,
+What every run on the knowledge world starts from (the demo, `mini-m3 train --world N`, the experiments,
 notebook 05): `setup_world` generates the world and trains its tokenizer, builds the model config in the run's
 memory format and fits a retriever on the references (the bank's texts); `build_world_data` tokenizes the training
 documents into chunks and retrieves each chunk's reference once, before training (`train.retrieve_for_chunks`).

@@ -201,6 +201,21 @@ def test_bad_numeric_argument_is_one_usage_error(capsys, tmp_path, argv, flag):
     assert "must be" in line
 
 
+@pytest.mark.parametrize("flags", [["--bf16"], ["--meta-init"], ["--micro-batch", "2"], ["--stop-at", "3"],
+                                   ["--bf16", "--stop-at", "3"]])
+def test_train_flags_for_torchrun_are_one_error_in_one_process(capsys, tmp_path, flags):
+    """FSDP2's flags need several processes: in one process `train` refuses them in one line, before any data."""
+    code, _, err = cli(capsys, "train", "--world", "20", "--out", tmp_path / "o", "--preset", "tiny", *flags)
+    line = assert_user_error(code, err, "train", "only under torchrun", *[f for f in flags if f.startswith("--")])
+    assert "one process" in line and not (tmp_path / "o").exists()
+
+
+def test_train_eval_every_needs_the_held_out_documents(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", "--world", "20", "--out", tmp_path / "o", "--eval-every", "5")
+    assert_user_error(code, err, "train", "--eval-every needs --text-dir")
+    assert not (tmp_path / "o").exists()
+
+
 def test_generate_refuses_nan_temperature(model_dir):
     model, tok = load_pretrained(model_dir)
     for t in (float("nan"), float("inf"), -0.5):

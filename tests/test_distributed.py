@@ -1,5 +1,6 @@
-"""§5 distributed pretraining: 2 CPU processes (gloo, FSDP2) reproduce the single-process run of both stages,
-resume exactly after a stop, initialise identically from the meta device, and load checkpoints without pickles."""
+"""§5 distributed pretraining: `mini-m3 train` under torchrun, 2 CPU processes (gloo, FSDP2), reproduces the
+single-process run of both stages, resumes exactly after a stop, initialises identically from the meta device, and
+loads checkpoints without pickles."""
 import json
 import os
 import pickle
@@ -16,8 +17,9 @@ from conftest import load_experiment
 from mini_m3 import Retriever, Tokenizer
 from mini_m3.data.world import World
 from mini_m3 import Memory3Config
-from mini_m3.distributed import (build_model, build_parser, export_model, load_chunked_data, load_dist_checkpoint,
-                                 model_config, rank_rows, save_chunked_data, stage_configs)
+from mini_m3.cli import build_parser, main, model_config, stage_configs
+from mini_m3.distributed import (build_model, export_model, load_chunked_data, load_dist_checkpoint, rank_rows,
+                                 save_chunked_data)
 from mini_m3.train import (ChunkedData, TrainConfig, batch_order, make_optimizer, pack_documents,
                            retrieve_for_chunks, train)
 
@@ -25,19 +27,24 @@ pytestmark = pytest.mark.xdist_group("distributed")
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 ARGS = ["--preset", "tiny", "--warmup-steps", "4", "--continual-steps", "4", "--batch-size", "6",
-        "--checkpoint-every", "2", "--lr", "3e-3", "--quiet"]
+        "--checkpoint-every", "2", "--lr", "3e-3", "--threads", "1", "--quiet"]
 
 WORKER = """
 import sys
 import torch.distributed as dist
-from mini_m3.distributed import main
-dist.init_process_group("gloo")  # one group for the four runs (main() leaves a group it did not start alone)
+from mini_m3.cli import main
+dist.init_process_group("gloo")  # one group for all the runs (`train` leaves a group it did not start alone)
 data, root, *args = sys.argv[1:]
-main(["--data", data, "--out", root + "/full", *args])                     # uninterrupted
-main(["--data", data, "--out", root + "/stopped", "--stop-at", "3", *args])  # "killed" after continual step 2
-main(["--data", data, "--out", root + "/stopped", *args])                  # resumed from the step-2 checkpoint
-main(["--data", data, "--out", root + "/meta", "--meta-init", "--continual-steps", "0", *args])
-main(["--data", data, "--out", root + "/micro", "--micro-batch", "1", "--no-save-model", *args])  # accumulation
+
+def train(out, *more, code=0):
+    assert main(["train", "--data", data, "--out", root + out, *more, *args]) == code, out
+
+train("/full")                                   # uninterrupted
+train("/stopped", "--stop-at", "3")              # "killed" after continual step 2
+train("/stopped")                                # resumed from the step-2 checkpoint
+train("/meta", "--meta-init", "--continual-steps", "0")
+train("/micro", "--micro-batch", "1", "--no-save-model")  # gradient accumulation
+train("/refused", "--eval-every", "2", code=2)   # one process only: a one-line error, nothing run
 dist.destroy_process_group()
 """
 
@@ -69,8 +76,8 @@ def runs(tmp_path_factory):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
 
-    # the single-process reference: the same library loop `python -m mini_m3.distributed` runs without torchrun
-    a = build_parser().parse_args(["--data", str(root / "data"), "--out", str(root / "single"), *ARGS])
+    # the single-process reference: the library loop `mini-m3 train --data` runs without torchrun
+    a = build_parser().parse_args(["train", "--data", str(root / "data"), "--out", str(root / "single"), *ARGS])
     data, tok2 = load_chunked_data(root / "data")
     model = build_model(model_config(a, tok2), a.seed)
     for tc in stage_configs(a):
@@ -214,8 +221,35 @@ def _run_module(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_module_entry_point_parses():
-    p = _run_module("mini_m3.distributed", "--help")
-    assert p.returncode == 0 and "-m mini_m3.distributed" in p.stdout and "--stop-at" in p.stdout
+    p = _run_module("mini_m3", "train", "--help")  # what `torchrun ... -m mini_m3 train` runs on every rank
+    assert p.returncode == 0 and "-m mini_m3 train" in p.stdout and "--stop-at" in p.stdout
+
+
+ONE_CMD_ARGS = ["--preset", "tiny", "--warmup-steps", "3", "--continual-steps", "3", "--batch-size", "4",
+                "--checkpoint-every", "3", "--lr", "3e-3", "--threads", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("source", ["world", "text-dir"])
+def test_torchrun_train_gives_the_one_process_losses(tmp_path, monkeypatch, source):
+    """`mini-m3 train` in one process and `torchrun --nproc_per_node=2 -m mini_m3 train` with the same flags (rank 0
+    builds the knowledge world, or runs the §4 pipeline on the .txt files, into OUT/data) log the same losses, and
+    both save OUT/model."""
+    from test_cli_text import write_corpus
+    src = (["--world", "40", "--vocab-size", "1024"] if source == "world" else
+           ["--text-dir", str(write_corpus(tmp_path / "texts")), "--vocab-size", "512", "--chunks-per-sequence", "2"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mini_m3",
+           "train", "--out", str(tmp_path / "two"), *src, *ONE_CMD_ARGS]
+    p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what --quiet sets, undone after the test
+    assert main(["train", "--out", str(tmp_path / "one"), *src, *ONE_CMD_ARGS]) == 0
+    for stage in ("warmup", "continual"):
+        one, two = (_log(tmp_path / run / stage / f"{stage}.jsonl") for run in ("one", "two"))
+        assert [r["step"] for r in two] == list(range(3)) and all(r["world_size"] == 2 for r in two)
+        torch.testing.assert_close(torch.tensor([r["loss"] for r in two]), torch.tensor([r["loss"] for r in one]),
+                                   rtol=1e-4, atol=0)
+        assert one[0]["loss"] != one[-1]["loss"]  # the runs do move
+    assert all((tmp_path / run / "model" / "model.safetensors").is_file() for run in ("one", "two"))
 
 
 def test_the_train_module_is_no_command():
@@ -223,21 +257,21 @@ def test_the_train_module_is_no_command():
     the library module no longer imports `mini_m3.distributed`."""
     p = _run_module("mini_m3.train", "--help")  # was the pretraining command's help
     assert p.returncode == 1 and p.stdout == ""
-    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "-m mini_m3.distributed" in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "-m mini_m3 train" in p.stderr
 
 
 def test_the_selector_option_is_the_models_memory_format(capsys):
-    """--selector defaults to the preset's memory format; given, it is written into the model's config (so the saved
-    model records what it trained with), and the stages leave the format to the model; a typo is refused."""
-    args = ["--data", "d", "--out", "o", "--preset", "tiny"]
+    """--set memory_selector=... (the old --selector) defaults to the preset's memory format; given, it is written
+    into the model's config (so the saved model records what it trained with), and the stages leave the format to
+    the model; a typo is refused."""
+    args = ["train", "--data", "d", "--out", "o", "--preset", "tiny"]
     a = build_parser().parse_args(args)
-    assert a.selector is None and model_config(a, None).memory_selector == "attention"
-    a = build_parser().parse_args(args + ["--selector", "all"])
+    assert a.set == [] and model_config(a, None).memory_selector == "attention"
+    a = build_parser().parse_args(args + ["--set", "memory_selector=all"])
     assert model_config(a, None).memory_format == {"selector": "all", "tokens_per_head": 128, "memories_per_chunk": 5}
     assert [(tc.selector, tc.tokens_per_head) for tc in stage_configs(a)] == [(None, None)] * 2
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(args + ["--selector", "oracle"])
-    assert "--selector: invalid choice: 'oracle'" in capsys.readouterr().err
+    assert main(args + ["--set", "memory_selector=oracle"]) == 2
+    assert "memory_selector='oracle': must be one of" in capsys.readouterr().err
 
 
 def _available_gb() -> float:

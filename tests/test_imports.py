@@ -13,7 +13,7 @@ from pathlib import Path
 import mini_m3
 
 PACKAGE = Path(mini_m3.__file__).resolve().parent
-COMMANDS = {"mini_m3.demo", "mini_m3.distributed"}  # commands: they import the library, never the other way
+COMMANDS = {"mini_m3.demo", "mini_m3.distributed"}  # the demo and the FSDP2 layer of `mini-m3 train`: never imported by the library
 # cli.py is the command dispatcher: it may import the commands, inside the function of each subcommand (lazily, so
 # `mini-m3 --help` does not load them)
 DISPATCHER = "mini_m3.cli"

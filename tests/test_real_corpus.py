@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -249,3 +250,23 @@ def test_quick_seeds_are_reused_with_the_same_settings_and_rerun_with_others(qui
     other = json.loads((root / "other.json").read_text())
     assert other["per_seed"][0]["settings"]["continual_steps"] == 2
     assert other["per_seed"][0]["banks"] != again["per_seed"][0]["banks"]
+
+
+@pytest.mark.slow
+def test_quick_set_lever_reaches_the_model_and_the_levers_table(quick, capsys, monkeypatch):
+    """`--set reference_length=64` (a lever of issue 18) is a setting of its own (rerun, recorded), reaches the trained
+    model, and the table names it against the defaults' rows."""
+    root, argv = quick["root"], quick["argv"]
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = root / "ref64.json"
+    assert rc.main([*argv, "--seeds", "0", "--set", "reference_length=64", "--work", str(root / "work64"),
+                    "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["per_seed"][0]
+    assert r["settings"]["set"] == ["reference_length=64"]
+    assert json.loads((Path(r["models"]["best_model"]) / "config.json").read_text())["reference_length"] == 64
+    capsys.readouterr()
+    assert rc.main(["--table", str(root / "r.json"), str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 3  # header, rule, seeds 0 and 1 of r.json, seed 0 of ref64.json
+    assert lines[2].startswith("| r | 0 | ") and "batch_size 2" in lines[2] and lines[4].startswith("| ref64 | 0 |")
+    assert "reference_length=64" in lines[4] and "reference_length=64" not in lines[2]

@@ -1,5 +1,5 @@
 """§3.6 the two training stages under one schedule (`train.two_stage_configs`): its rule, and every call site
-(demo, Fig 11 arms, ablations, distributed) building the very TrainConfigs it built before (issue 17)."""
+(demo, Fig 11 arms, ablations, `mini-m3 train`) building the very TrainConfigs it built before (issue 17)."""
 import dataclasses
 from types import SimpleNamespace
 
@@ -9,7 +9,7 @@ import torch
 import mini_m3.demo as demo
 from mini_m3.config import Memory3Config
 from mini_m3.demo import FIG11_ARMS, DemoSettings
-from mini_m3.distributed import build_parser, stage_configs
+from mini_m3.cli import build_parser, stage_configs
 from mini_m3.train import TrainConfig, reference_rows, two_stage_configs, wsd_lr
 
 
@@ -35,7 +35,7 @@ def old_arm(stage1: str, stage2: str, W: int, C: int, **common) -> list[TrainCon
 
 
 def old_distributed(a) -> list[TrainConfig]:
-    """distributed.stage_configs."""
+    """distributed.stage_configs (now cli.stage_configs, the stages of `mini-m3 train`)."""
     out = []
     for stage, steps in (("warmup", a.warmup_steps), ("continual", a.continual_steps)):
         if steps:
@@ -45,6 +45,16 @@ def old_distributed(a) -> list[TrainConfig]:
                                    threads=a.threads, warmup_steps=max(1, steps // 10) if stage == "warmup" else 0,
                                    decay_fraction=0.0 if stage == "warmup" and a.continual_steps else 0.1))
     return out
+
+
+def old_train(a) -> list[TrainConfig]:
+    """cli.cmd_train's stages (one process, --text-dir) before `mini_m3.distributed`'s command joined it (9318a7a)."""
+    W, C = a.warmup_steps, a.continual_steps
+    kw = dict(batch_size=a.batch_size, lr=a.lr, seed=a.seed, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
+              eval_every=a.eval_every, device=a.device or "cpu", dtype=a.dtype)
+    configs = two_stage_configs(W, C, lr_warmup=max(1, W // 10) if W else 0,
+                                last_decay_fraction=TrainConfig.decay_fraction, **kw) if W + C else []
+    return [tc for tc in configs if tc is not None]
 
 
 # ---- call sites
@@ -100,8 +110,20 @@ def test_the_ablation_stages_are_the_configs_they_were(W, C):
 @pytest.mark.parametrize("args", [[], ["--continual-lr", "1e-4"], ["--warmup-steps", "0"], ["--continual-steps", "0"],
                                   ["--warmup-steps", "7", "--continual-steps", "3", "--checkpoint-every", "2"]])
 def test_the_distributed_stages_keep_their_own_schedule(args):
-    a = build_parser().parse_args(["--data", "d", "--out", "o", *args])
+    a = build_parser().parse_args(["train", "--data", "d", "--out", "o", *args])
     assert stage_configs(a) == old_distributed(a)
+
+
+@pytest.mark.parametrize("args", [[], ["--warmup-steps", "0"], ["--continual-steps", "0", "--eval-every", "5"],
+                                  ["--warmup-steps", "0", "--continual-steps", "0"],
+                                  ["--dtype", "bfloat16", "--device", "cpu", "--threads", "1", "--lr", "1e-3"]])
+def test_the_text_dir_stages_are_the_ones_train_had(args):
+    """`mini-m3 train --text-dir` in one process trains with the configs it had, up to two fields a resume ignores
+    (train.RESUME_FREE_FIELDS): threads is now passed (the same count cmd_train set), and device is None unless
+    given (the model stays on the CPU, as --device cpu put it)."""
+    a = build_parser().parse_args(["train", "--text-dir", "t", *args])
+    free = lambda tc: dataclasses.replace(tc, threads=None, device=None)  # noqa: E731
+    assert [free(tc) for tc in stage_configs(a)] == [free(tc) for tc in old_train(a)]
 
 
 # ---- the rule
