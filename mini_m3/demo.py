@@ -111,18 +111,23 @@ class ControlJob:
         return model.eval(), json.loads((self.out_dir / "summary.json").read_text())
 
 
+def demo_lr_warmup(s: DemoSettings) -> int:
+    """LR warmup steps of both demo models: 10 % of the warmup stage (30 of the default 300), as `mini-m3 train`
+    does, not the rule's 10 % of all steps (360 of 3600), which would ramp past the switch to memory."""
+    return max(1, s.warmup_steps // 10)
+
+
 def control_train_config(s: DemoSettings, *, quiet: bool, threads: int) -> TrainConfig:
-    """The no-memory control's schedule: all warmup + continual steps as one no-memory stage (WSD over all of it)."""
+    """The no-memory control's schedule: all warmup + continual steps as one no-memory stage, at the same learning
+    rate as Memory³'s two stages at every step (the same LR warmup, the decay over the last 10 % of all steps)."""
     total = s.warmup_steps + s.continual_steps
-    return two_stage_configs(total, 0, batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=quiet,
-                             threads=threads)[0]
+    return two_stage_configs(total, 0, lr_warmup=demo_lr_warmup(s), batch_size=s.batch_size, lr=s.lr, seed=s.seed,
+                             quiet=quiet, threads=threads)[0]
 
 
 def memory3_train_configs(s: DemoSettings, *, quiet: bool, threads: int) -> tuple[TrainConfig, TrainConfig]:
     """Memory³'s two stages: warmup without memory, then continual with memory, in the demo's memory format."""
-    # the LR warms up over the first 10 % of the warmup stage (30 of the default 300 steps), not of all steps (360
-    # of 3600) as the rule and the control do: the demo's published numbers were trained so (issue 17)
-    return two_stage_configs(s.warmup_steps, s.continual_steps, lr_warmup=max(1, s.warmup_steps // 10),
+    return two_stage_configs(s.warmup_steps, s.continual_steps, lr_warmup=demo_lr_warmup(s),
                              batch_size=s.batch_size, lr=s.lr, seed=s.seed, selector=s.selector,
                              tokens_per_head=s.tokens_per_head, quiet=quiet, threads=threads)
 

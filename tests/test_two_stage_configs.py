@@ -63,7 +63,18 @@ def test_the_demo_trains_with_the_configs_it_had(s):
     for quiet, threads in ((False, 1), (True, 2)):
         warm, cont, control = old_demo(s, quiet, threads)
         assert demo.memory3_train_configs(s, quiet=quiet, threads=threads) == (warm, cont)
-        assert demo.control_train_config(s, quiet=quiet, threads=threads) == control
+        # the control alone changed (issue 17): it warms its LR up as Memory³ does (30 steps, not 360)
+        assert demo.control_train_config(s, quiet=quiet, threads=threads) == dataclasses.replace(
+            control, warmup_steps=warm.warmup_steps)
+
+
+@pytest.mark.parametrize("s", [DemoSettings(), DemoSettings.quick()], ids=["full", "quick"])
+def test_the_demo_control_has_memory3s_learning_rate_at_every_step(s):
+    warm, cont = demo.memory3_train_configs(s, quiet=True, threads=1)
+    control = demo.control_train_config(s, quiet=True, threads=1)
+    memory3 = [wsd_lr(i, warm) for i in range(warm.steps)] + [wsd_lr(i, cont) for i in range(cont.steps)]
+    assert control.steps == len(memory3)
+    assert [wsd_lr(i, control) for i in range(control.steps)] == pytest.approx(memory3, rel=1e-12)
 
 
 def test_a_demo_without_one_of_its_stages_is_refused_before_training():
