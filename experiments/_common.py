@@ -19,13 +19,20 @@ from mini_m3.utils import atomic_write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps a docstring description's layout and shows each flag's default (argparse allows both)."""
+
+
 def parse_args(name: str, argv: Sequence[str] | None, doc: str, extra: Callable | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a short run of the same code")
-    p.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="JSON output (a PNG is written next to it)")
+    p.add_argument("--out", default=str(RESULTS / f"{name}.json"),
+                   help="JSON output (a script that plots writes its PNG next to it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the random generators (seed_everything); most scripts also draw their data with it")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (and faiss where the script uses it)")
     if extra is not None:
         extra(p)
     return p.parse_args(list(argv) if argv is not None else None)

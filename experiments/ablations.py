@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, plt as pyplot, png_path, save_figure, write_json  # noqa: E402
+from _common import HelpFormatter, machine, plt as pyplot, png_path, save_figure, write_json  # noqa: E402
 
 from mini_m3 import Memory3, Memory3Config, MemoryBank, Tokenizer  # noqa: E402
 from mini_m3.checkpoint import load_weights, save_weights  # noqa: E402
@@ -163,20 +163,25 @@ def run_variant(job: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="experiments/results/ablations.json")
-    p.add_argument("--only", default=None, help="comma-separated groups to run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--continual-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None, help="QA curve every N continual steps (0: off)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="a short run of the same code (DemoSettings.quick; 10 warmup and 5 continual steps, no curve)")
+    p.add_argument("--out", default="experiments/results/ablations.json",
+                   help="result JSON (a PNG is drawn next to it)")
+    p.add_argument("--only", default=None, help="comma-separated groups to run (None: every group)")
+    p.add_argument("--seed", type=int, default=0, help="DemoSettings seed: world, data, initialisation, questions")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of the shared no-memory warmup (None: 10 with --quick, else DemoSettings' 300)")
+    p.add_argument("--continual-steps", type=int, default=None,
+                   help="continual (memory) steps of each variant (None: 5 with --quick, else 2000)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="QA curve every N continual steps (0: off; None: 0 with --quick, else 500)")
     p.add_argument("--mix", default="qa=1", help="training documents (qa only: the fastest route to reading)")
     p.add_argument("--questions", type=int, default=200, help="held-out questions per evaluation")
     p.add_argument("--jobs", type=int, default=1, help="training runs in parallel, one thread each")
     p.add_argument("--merge", action="store_true", help="update --out in place, reusing the variants it holds")
     p.add_argument("--replot", action="store_true", help="only redraw the PNG of an existing --out file")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-variant lines")
     a = p.parse_args(argv)
     if a.replot:
         plot(json.loads(Path(a.out).read_text()), png_path(Path(a.out)))

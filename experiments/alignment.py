@@ -51,7 +51,8 @@ QUICK = dict(n_sft=400, sft_steps=40, n_pairs=160, dpo_steps=20, probe=30, batch
 
 def _extra(p):
     p.add_argument("--demo-dir", default="runs/demo", help="output of `mini-m3 demo` (memory3_model, bank_raw)")
-    p.add_argument("--work-dir", default=None, help="logs and banks (default runs/alignment[_quick])")
+    p.add_argument("--work-dir", default=None,
+                   help="logs and banks (None: runs/alignment, or runs/alignment_quick with --quick)")
 
 
 def demo_inputs(demo_dir: Path, work: Path, quick: bool, threads: int, progress: bool) -> tuple[Path, dict, bool]:

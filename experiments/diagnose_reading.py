@@ -189,18 +189,22 @@ def cmd_reading(a) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["verbatim", "qa", "copy", "reading"])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--every", type=int, default=100)
-    p.add_argument("--people", type=int, default=2000)
-    p.add_argument("--docs", type=int, default=12000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--mix", default="qa=1")
-    p.add_argument("--textbook", action="store_true")
-    p.add_argument("--memory-layers", default=None, help="qa: comma-separated memory layers (default: first half)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["verbatim", "qa", "copy", "reading"],
+                   help="the diagnostic: verbatim (memory = the chunk's own reference), qa (continual training on "
+                        "world documents), copy (the copy skill alone), reading (in-context reading, no memory)")
+    p.add_argument("--preset", default="tiny", help="model preset (Memory3Config.from_name; not copy --textbook)")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate")
+    p.add_argument("--every", type=int, default=100, help="qa, copy, reading: evaluate every N steps")
+    p.add_argument("--people", type=int, default=2000, help="qa: people in the world (the others use 2000)")
+    p.add_argument("--docs", type=int, default=12000, help="qa: training documents")
+    p.add_argument("--batch", type=int, default=32, help="qa: sequences per step (the others use fixed sizes)")
+    p.add_argument("--mix", default="qa=1", help="qa: training document mix, KIND=WEIGHT,... e.g. qa=0.8,bio=0.2")
+    p.add_argument("--textbook", action="store_true",
+                   help="copy: train a textbook GPT (learned positions, LayerNorm, GELU) instead, as a control")
+    p.add_argument("--memory-layers", default=None, help="qa: comma-separated memory layers (None: the first half)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     {"verbatim": cmd_verbatim, "qa": cmd_qa, "copy": cmd_copy, "reading": cmd_reading}[a.what](a)

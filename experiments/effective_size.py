@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, plt as pyplot, png_path, save_figure, seed_all, write_json  # noqa: E402
+from _common import HelpFormatter, machine, plt as pyplot, png_path, save_figure, seed_all, write_json  # noqa: E402
 
 from mini_m3 import Memory3  # noqa: E402
 from mini_m3.config import Memory3Config  # noqa: E402
@@ -49,16 +49,17 @@ def check_demo(demo: dict, s: DemoSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="the demo's --quick settings (for tests)")
-    p.add_argument("--out", default="experiments/results/effective_size.json")
+    p.add_argument("--out", default="experiments/results/effective_size.json",
+                   help="result JSON (a PNG is drawn next to it)")
     p.add_argument("--work", default="runs/effective_size", help="checkpoints of each rung (a rerun resumes them)")
     p.add_argument("--demo-json", default="experiments/results/demo.json",
                    help="the Memory3 side: results.json of `mini-m3 demo` at the same settings")
     p.add_argument("--run-demo", action="store_true", help="run the demo into <--work>/demo instead of reading it")
     p.add_argument("--rungs", default=",".join(RUNGS),
                    help="which no-memory sizes to train (1x is the demo's own control: skip it to save time)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-rung lines")
     a = p.parse_args(argv)
     s = DemoSettings.quick() if a.quick else DemoSettings()
     out = Path(a.out)

@@ -485,8 +485,9 @@ def machine_info(dev: torch.device, threads: int) -> dict:
 def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-        p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (default 420, quick 120)")
-        p.add_argument("--vq-factory", default=None, help="faiss factory of the decode bank (default: PQ<d_h/4>x8np, "
+        p.add_argument("--budget-s", type=float, default=None,
+                       help="wall-clock budget, seconds (None: 420, or 120 with --quick)")
+        p.add_argument("--vq-factory", default=None, help="faiss factory of the decode bank (None: PQ<d_h/4>x8np, "
                                                           "8x vs bf16; the paper's OPQ20_80,Residual2x14,PQ8x10 "
                                                           "trains 2^14-centroid k-means: minutes)")
     args = parse_args(NAME, argv, __doc__, extra)

@@ -8,12 +8,14 @@ training phrasing. Used for the numbers in experiments/README.md ("Does reading 
     python experiments/probe_memory_reading.py all 400 0
 """
 
+import argparse
 import sys
 import time
 
 import torch
 
 from mini_m3 import Memory3, Memory3Config, MemoryBank, Retriever, Tokenizer
+from mini_m3.config import MEMORY_SELECTORS
 from mini_m3.data.world import World
 from mini_m3.demo import DemoSettings
 from mini_m3.world_data import build_world_data
@@ -22,8 +24,12 @@ from mini_m3.train import TrainConfig, train
 
 
 def main(argv=None) -> int:
-    selector, steps, warm = (argv or sys.argv[1:])[:3]
-    steps, warm = int(steps), int(warm)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("selector", choices=MEMORY_SELECTORS, help="memory token selector the model trains and reads with")
+    p.add_argument("steps", type=int, help="continual-stage steps (with memory)")
+    p.add_argument("warm", type=int, help="warmup-stage steps before it (no memory; 0: none)")
+    a = p.parse_args(sys.argv[1:] if argv is None else argv)
+    selector, steps, warm = a.selector, a.steps, a.warm
     torch.set_num_threads(1)
     s = DemoSettings(n_people=2000, n_docs=12000)
     world = World.generate(s.n_people, seed=0)

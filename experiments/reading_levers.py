@@ -22,6 +22,33 @@ from pathlib import Path
 
 from mini_m3.reading import ReadingSettings, run_reading
 
+# --help of the flags made from ReadingSettings' fields (all but model and progress)
+SETTING_HELP = {
+    "seed": "seed of the world, documents, initialisation, questions and banks",
+    "preset": "model preset (Memory3Config.from_name; --model overrides its fields)",
+    "n_people": "people in the BioWorld",
+    "n_docs": "training documents",
+    "name_share": "people per first / last name (look-alikes; BioWorld.generate)",
+    "value_share": "people per generated city / company",
+    "vocab_size": "tokenizer vocabulary (trained on training text only)",
+    "bio_fraction": "share of training documents that are biographies (the rest: QA)",
+    "max_qa": "at most this many questions (about one person) per QA document",
+    "batch_size": "sequences per step",
+    "warmup_steps": "no-memory warmup steps (0: none)",
+    "continual_steps": "steps of the main continual (memory) stage",
+    "curriculum_steps": "continual steps reading only the top-1 memory, before the main continual stage (a lever)",
+    "lr": "peak learning rate",
+    "eval_questions": "questions per evaluation axis",
+    "eval_every": "held-out QA every N continual steps (a temporary bank each time; 0: none)",
+    "soft_selection": "start temperature of soft top-k selection in the main continual stage (a lever; 0: the "
+                      "paper's hard top-k)",
+    "soft_selection_until": "fraction of the continual steps where soft selection and selection distillation end",
+    "selection_distill": "weight of selection distillation in the main continual stage (a lever; 0: off)",
+    "init_model": "continue from a run's OUT/model, trained with the same settings but steps and memory format "
+                  "(empty: a fresh model)",
+    "threads": "torch and faiss threads",
+}
+
 
 def parse_model(items: list[str]) -> dict:
     out = {}
@@ -248,8 +275,18 @@ def sink(run_dirs: list[str], out: str, batches: int = 4, batch_size: int = 32) 
     return result
 
 
+SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
+               "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
+               "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
+               "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes"}
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in SUBCOMMANDS and (len(argv) < (2 if argv[0] == "table" else 3)
+                                               or {"-h", "--help"} & set(argv[1:])):
+        print(f"usage: python experiments/reading_levers.py {SUBCOMMANDS[argv[0]]}")
+        raise SystemExit(0 if {"-h", "--help"} & set(argv[1:]) else 2)
     if argv[:1] == ["table"]:
         print(table(argv[1:]))
         return
@@ -262,14 +299,16 @@ def main(argv=None) -> None:
     if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
         sink(argv[2:], argv[1])
         return
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder: results.json, the model, the bank, training logs")
     p.add_argument("--model", nargs="*", default=[], help="Memory3Config overrides, e.g. n_layers=8 memory_tokens_per_head=8")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     for f in fields(ReadingSettings):
         if f.name in ("model", "progress"):
             continue
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=SETTING_HELP[f.name])
     a = p.parse_args(argv)
     kw = {f.name: getattr(a, f.name) for f in fields(ReadingSettings) if f.name not in ("model", "progress")}
     s = ReadingSettings(**kw, model=parse_model(a.model), progress=not a.quiet)

@@ -36,22 +36,24 @@ from mini_m3.train import TrainConfig, train
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model preset (Memory3Config.from_name)")
     p.add_argument("--steps", type=int, default=2500, help="continual (memory) steps")
     p.add_argument("--warmup", type=int, default=0, help="no-memory steps first")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (warmup and continual)")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--cps", type=int, default=1, help="chunks per sequence")
     p.add_argument("--mix", default="qa=1", help="document mix, e.g. qa=0.8,bio=0.1,skill=0.1")
     p.add_argument("--selector", default="all", choices=MEMORY_SELECTORS, help="memory format the model trains in")
     p.add_argument("--mem", type=int, default=1, help="memories per chunk (own + previous chunks' references)")
-    p.add_argument("--people", type=int, default=2000)
-    p.add_argument("--docs", type=int, default=24000)
-    p.add_argument("--every", type=int, default=500)
+    p.add_argument("--people", type=int, default=2000, help="people in the knowledge world")
+    p.add_argument("--docs", type=int, default=24000, help="training documents")
+    p.add_argument("--every", type=int, default=500,
+                   help="held-out QA every N continual steps (a bank of the current weights each time)")
     p.add_argument("--lookalike", action="store_true", help="pack look-alike people into one sequence")
-    p.add_argument("--save")
-    p.add_argument("--load")
+    p.add_argument("--save", help="write the trained weights here (.safetensors; None: not saved)")
+    p.add_argument("--load", help="start from these weights (.safetensors; None: a fresh model)")
     p.add_argument("--over", default="", help="config overrides, e.g. max_seq_len=320")
     a = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -20,21 +20,24 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import plt as pyplot, png_path, save_figure, write_json  # noqa: E402
+from _common import HelpFormatter, plt as pyplot, png_path, save_figure, write_json  # noqa: E402
 
 from mini_m3.demo import FIG11_ARMS, DemoSettings, two_stage_arm  # noqa: E402
 from mini_m3.world_data import build_world_data, setup_world  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default="experiments/results/two_stage.json")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--continual-steps", type=int, default=None)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short run of the same code (DemoSettings.quick)")
+    p.add_argument("--out", default="experiments/results/two_stage.json",
+                   help="result JSON (a PNG is drawn next to it; the arms' banks go under --out without .json)")
+    p.add_argument("--seed", type=int, default=0, help="DemoSettings seed: world, data, initialisation, questions")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of the first stage (None: DemoSettings', 300, or 30 with --quick)")
+    p.add_argument("--continual-steps", type=int, default=None,
+                   help="steps of the second stage (None: DemoSettings', 3300, or 40 with --quick)")
     p.add_argument("--replot", action="store_true", help="only redraw the PNG of an existing --out file")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-arm lines")
     a = p.parse_args(argv)
     if a.replot:
         plot(json.loads(Path(a.out).read_text()), png_path(Path(a.out)))

@@ -17,9 +17,11 @@ from mini_m3.data.world import World
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--settings", default="notebooks/assets/memory3_demo/demo_settings.json")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for facts.jsonl (every biography) and questions.jsonl")
+    p.add_argument("--settings", default="notebooks/assets/memory3_demo/demo_settings.json",
+                   help="the demo settings JSON whose world (n_people, seed) to write")
     p.add_argument("--n", type=int, default=300, help="held-out questions")
     a = p.parse_args(argv)
     s = json.loads(Path(a.settings).read_text())
