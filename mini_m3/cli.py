@@ -258,7 +258,7 @@ def _chunked_data(a, out: Path, rank: int = 0):
     """The training data as a `distributed.save_chunked_data` folder, read back by every rank: --data DIR as given;
     --world N built by rank 0 into OUT/data once (a later run reuses it); --text-dir (under torchrun) the §4 pipeline's
     sequences written into OUT/data by rank 0. Returns (model config, tokenizer, data)."""
-    from .distributed import _barrier, load_chunked_data, prepare_world_data, save_chunked_data
+    from .distributed import barrier, load_chunked_data, prepare_world_data, save_chunked_data
     cfg = model_config(a)
     data_dir = Path(a.data) if a.data else out / "data"
     if rank == 0 and a.text_dir:
@@ -267,7 +267,7 @@ def _chunked_data(a, out: Path, rank: int = 0):
     elif rank == 0 and a.world and not (data_dir / "data.safetensors").exists():
         prepare_world_data(data_dir, a.world, preset=a.preset, chunks_per_sequence=a.chunks_per_sequence,
                            vocab_size=a.vocab_size, seed=a.seed, progress=not a.quiet, chunk_length=cfg.chunk_length)
-    _barrier()
+    barrier()
     data, tok = load_chunked_data(data_dir)
     cfg = model_config(a, tok)
     if data.tokens.shape[1] > cfg.max_seq_len:
@@ -322,7 +322,7 @@ def _train_sharded(a, out: Path) -> int:
     OUT/model at the end."""
     import torch.distributed as dist
 
-    from .distributed import _gather_and_save, init_distributed, shard_model, train_distributed, world_info
+    from .distributed import gather_and_save, init_distributed, shard_model, train_distributed, world_info
     rank, world, _ = world_info()
     owns_group = not dist.is_initialized()  # a caller that started the group keeps it
     device = init_distributed(torch.device(a.device).type if a.device else None)
@@ -342,7 +342,7 @@ def _train_sharded(a, out: Path) -> int:
             break
     else:
         if not a.no_save_model:
-            _gather_and_save(model, out / "model", tok)
+            gather_and_save(model, out / "model", tok)
             if rank == 0:
                 print(f"model saved to {out / 'model'}", flush=True)
     if owns_group:

@@ -27,7 +27,7 @@ With WORLD_SIZE > 1 the command
 
 With WORLD_SIZE = 1 the same command runs the single-process loop `mini_m3.train.train` unchanged.
 At the end the full model is gathered and written as an ordinary model directory (`OUT/model`,
-`checkpoint.load_pretrained` reads it, `_gather_and_save`); `export_model` does the same for any DCP checkpoint,
+`checkpoint.load_pretrained` reads it, `gather_and_save`); `export_model` does the same for any DCP checkpoint,
 at any world size. `save_chunked_data` / `load_chunked_data` hold the training data every rank reads, and
 `prepare_world_data` writes the knowledge world's (`train --world N`).
 """
@@ -87,7 +87,8 @@ def init_distributed(device: str | None = None) -> torch.device:
     return dev
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -336,12 +337,12 @@ def save_dist_checkpoint(out_dir: str | os.PathLike, model: Memory3, opt, step: 
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-    _barrier()
+    barrier()
     state, groups = _state_for_dcp(model, opt)
     dcp.save(state, checkpoint_id=str(tmp))
     with atomic_path(tmp / f"rng-rank{rank:05d}.safetensors") as f:
         save_file({"torch": torch.get_rng_state()}, f)
-    _barrier()
+    barrier()
     error = None
     if rank == 0:
         try:
@@ -422,7 +423,7 @@ def export_model(checkpoint: str | os.PathLike, out_dir: str | os.PathLike) -> P
     return save_pretrained(model.eval(), out_dir, Tokenizer.load(tok) if tok.exists() else None)
 
 
-def _gather_and_save(model: Memory3, out_dir: Path, tokenizer: Tokenizer | None) -> None:
+def gather_and_save(model: Memory3, out_dir: Path, tokenizer: Tokenizer | None) -> None:
     """Collective: full weights to rank 0's CPU, written as a model directory."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -432,7 +433,7 @@ def _gather_and_save(model: Memory3, out_dir: Path, tokenizer: Tokenizer | None)
         full = restore_buffers(full.to_empty(device="cpu"))
         full.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
         save_pretrained(full.eval(), out_dir, tokenizer)
-    _barrier()
+    barrier()
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -465,7 +466,7 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
         model.train()
     if log_path is not None and rank == 0:
         prepare_log(log_path, start)
-    _barrier()
+    barrier()
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     losses, times = [], []
     for step in range(start, end):
