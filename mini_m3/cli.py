@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .config import MEMORY_SELECTORS
+
 
 def _number(kind: type, low: float, strict: bool, high: float = math.inf):
     """argparse `type=` for an int/float that must be finite, > low (strict) or >= low, and <= high: a bad value is
@@ -201,14 +203,14 @@ def stage_configs(a) -> list:
     """The TrainConfig of each stage of `train` (none when both step counts are 0: the untrained model is saved)."""
     import dataclasses
 
-    from .train import TrainConfig, two_stage_configs
+    from .train import TrainConfig, stage_lr_warmup, two_stage_configs
     if not a.warmup_steps + a.continual_steps:
         return []
     # Not `two_stage_configs`' single schedule but two separately scheduled stages, as §5's continual training (which
     # may have its own peak, --continual-lr): the LR warms up over 10 % of the warmup stage only (none without one)
     # and decays over the last 10 % of the last stage. Checkpoints of earlier runs resume only on this schedule.
     warm, cont = two_stage_configs(a.warmup_steps, a.continual_steps,
-                                   lr_warmup=max(1, a.warmup_steps // 10) if a.warmup_steps else 0,
+                                   lr_warmup=stage_lr_warmup(a.warmup_steps),
                                    last_decay_fraction=TrainConfig.decay_fraction, **_train_fields(a))
     if cont is not None and a.continual_lr:
         cont = dataclasses.replace(cont, lr=a.continual_lr)
@@ -754,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps of the warmup stage, no memory (None: the demo's, 300; 30 with --quick)")
     d.add_argument("--continual-steps", type=non_negative_int, default=None,
                    help="steps of the continual stage, with memory (None: the demo's, 3300; 40 with --quick)")
-    d.add_argument("--selector", default=None, choices=["attention", "exp", "random", "first", "all"],
+    d.add_argument("--selector", default=None, choices=MEMORY_SELECTORS,
                    help="memory format: how each memory picks the reference tokens it keeps (None: the demo's, all)")
     d.add_argument("--tokens-per-head", type=positive_int, default=None,
                    help="memory format: reference tokens each memory keeps per head (None: the preset's)")

@@ -31,7 +31,7 @@ from .memory.bank import MemoryBank
 from .memory.retrieve import Retriever
 from .model import Memory3
 from .provenance import fixed_numerics, provenance
-from .train import ChunkedData, TrainConfig, plot_losses, train, two_stage_configs
+from .train import ChunkedData, TrainConfig, plot_losses, stage_lr_warmup, train, two_stage_configs
 from .world_data import WorldSettings, WorldSetup, build_world_data, setup_world
 
 SPEED_MODES = ("memory", "none", "rag")  # decoding modes timed against each other (section 6)
@@ -114,7 +114,7 @@ class ControlJob:
 def demo_lr_warmup(s: DemoSettings) -> int:
     """LR warmup steps of both demo models: 10 % of the warmup stage (30 of the default 300), as `mini-m3 train`
     does, not the rule's 10 % of all steps (360 of 3600), which would ramp past the switch to memory."""
-    return max(1, s.warmup_steps // 10)
+    return stage_lr_warmup(s.warmup_steps)
 
 
 def control_train_config(s: DemoSettings, *, quiet: bool, threads: int) -> TrainConfig:

@@ -42,7 +42,8 @@ from .memory.retrieve import Retriever
 from .model import Memory3
 from .provenance import fixed_numerics, provenance
 from .tokenizer import Tokenizer
-from .train import ChunkedData, pack_documents, retrieve_for_chunks, train, two_stage_configs
+from .train import (ChunkedData, pack_documents, retrieve_for_chunks, stage_lr_warmup, train,
+                    two_stage_configs)
 from .utils import atomic_write_text
 
 AXES = ("heldout", "new_bio_wording", "new_question_wording", "all_new", "other_style_names", "trained")
@@ -181,7 +182,7 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     # §3.6's two stages (`two_stage_configs`), each scheduled on its own as `mini-m3 train` does: the LR warms up
     # over 10 % of the warmup stage only; the decay covers the last 10 % of warmup + main continual steps
     warm, cont = two_stage_configs(s.warmup_steps, s.continual_steps,
-                                   lr_warmup=max(1, s.warmup_steps // 10) if s.warmup_steps else 0,
+                                   lr_warmup=stage_lr_warmup(s.warmup_steps),
                                    batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=not s.progress,
                                    threads=s.threads, soft_selection=s.soft_selection,
                                    soft_selection_until=s.soft_selection_until, selection_distill=s.selection_distill)

@@ -249,6 +249,12 @@ def wsd_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (1 - frac * (1 - cfg.min_lr_ratio))
 
 
+def stage_lr_warmup(warmup_steps: int) -> int:
+    """LR warmup steps when each stage is scheduled on its own (`mini-m3 train`, the demo, the reading runs): 10 % of
+    the warmup stage (at least 1), none without one; for `two_stage_configs(..., lr_warmup=)`."""
+    return max(1, warmup_steps // 10) if warmup_steps else 0
+
+
 def two_stage_configs(warmup_steps: int, continual_steps: int, *, lr_warmup: int | None = None,
                       last_decay_fraction: float | None = None, stages: tuple[str, str] = ("warmup", "continual"),
                       **common) -> tuple[TrainConfig | None, TrainConfig | None]:
