@@ -44,6 +44,8 @@ SETTING_HELP = {
                       "paper's hard top-k)",
     "soft_selection_until": "fraction of the continual steps where soft selection and selection distillation end",
     "selection_distill": "weight of selection distillation in the main continual stage (a lever; 0: off)",
+    "selection_target": "what selection distillation fits the top-k score to: 'attention' (the reader's "
+                        "attention per token) or 'attribution' (max(0, -dLoss/d slot log-weight))",
     "init_model": "continue from a run's OUT/model, trained with the same settings but steps and memory format "
                   "(empty: a fresh model)",
     "threads": "torch and faiss threads",
@@ -73,7 +75,9 @@ def table(paths: list[str]) -> str:
         if s.get("soft_selection"):  # training-time levers of the top-k (deviations 70, 71)
             model += f", soft selection T0 {s['soft_selection']} to {s['soft_selection_until']}"
         if s.get("selection_distill"):
-            model += f", selection distillation {s['selection_distill']} to {s['soft_selection_until']}"
+            target = s.get("selection_target", "attention")
+            model += (f", selection distillation{'' if target == 'attention' else ' (' + target + ')'} "
+                      f"{s['selection_distill']} to {s['soft_selection_until']}")
         cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
         world = f"{s.get('name_share', 4)} / {s.get('value_share', 8)}, {s['vocab_size']}"
         init = f" (from `{s['init_model']}`)" if s.get("init_model") else ""

@@ -27,6 +27,9 @@ class MemoryKV:
                   paper's hard format, banks and decoding have none.
     usage:        None, or a dict the fused prefill fills with each memory layer's attention received per slot
                   ({layer: (B, C, H_mem, M)}, no gradient; `TrainConfig.selection_distill` reads it).
+    probe:        None, or the zero tensor (B, C, L_mem, H_mem, M), with autograd, added to `bias` so that the
+                  loss's gradient with respect to each slot's log-weight can be read
+                  (`TrainConfig.selection_target="attribution"`; training only).
     Query t of a forward call reads chunk `query_chunks[t]` (default: t // chunk_length, clipped to C-1).
     """
 
@@ -35,6 +38,7 @@ class MemoryKV:
     mask: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     usage: dict | None = None
+    probe: torch.Tensor | None = None
 
     @property
     def n_chunks(self) -> int:

@@ -71,6 +71,7 @@ class ReadingSettings:
     soft_selection: float = 0.0  # TrainConfig.soft_selection of the main continual stage (a lever; 0 = the paper)
     soft_selection_until: float = 0.5  # also the end of selection distillation's phase
     selection_distill: float = 0.0  # TrainConfig.selection_distill of the main continual stage (a lever)
+    selection_target: str = "attention"  # TrainConfig.selection_target: what the distillation fits (a lever)
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps and memory format (a lever)
     threads: int = 2
     progress: bool = True
@@ -185,7 +186,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                    lr_warmup=stage_lr_warmup(s.warmup_steps),
                                    batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=not s.progress,
                                    threads=s.threads, soft_selection=s.soft_selection,
-                                   soft_selection_until=s.soft_selection_until, selection_distill=s.selection_distill)
+                                   soft_selection_until=s.soft_selection_until, selection_distill=s.selection_distill,
+                                   selection_target=s.selection_target)
     res = {}
     if warm is not None:
         res["warmup"] = stage("warmup", warm, data)

@@ -57,6 +57,7 @@ STATE_FILE = "train_state.json"
 RESUME_FREE_FIELDS = ("quiet", "log_every", "threads", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
 LATER_FIELDS = {"device": None, "dtype": "float32"}  # fields older checkpoints lack, and the values they ran with
 TRAIN_DTYPES = ("float32", "bfloat16")
+SELECTION_TARGETS = ("attention", "attribution")  # TrainConfig.selection_target
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -196,6 +197,10 @@ class TrainConfig:
     # distribution) joins the loss, so the top-k learns to keep what the reader reads; the hard top-k after that.
     # 0 = off. See `selection_distill_loss`.
     selection_distill: float = 0.0
+    # what selection distillation fits the selection score to (a named lever): "attention", the attention the
+    # reader pays each token; "attribution", how much the loss would fall if the reader attended more to the token
+    # (-dL/d slot bias, clipped at 0): useful tokens rather than the attention sink. See `selection_targets`.
+    selection_target: str = "attention"
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -221,6 +226,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.soft_selection={self.soft_selection} and selection_distill="
                              f"{self.selection_distill} must be >= 0 and soft_selection_until="
                              f"{self.soft_selection_until} in (0, 1]")
+        if self.selection_target not in SELECTION_TARGETS:
+            raise ValueError(f"TrainConfig.selection_target={self.selection_target!r}: must be one of "
+                             f"{list(SELECTION_TARGETS)}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive")
         k = self.keep_checkpoints
@@ -344,20 +352,37 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
     kv = mem.to_memory_kv(local.to(mem.keys.device))
     if not distill:
         return kv
-    kv.usage = {}
+    if cfg.selection_target == "attention":
+        kv.usage = {}
+    else:  # "attribution": a zero log-weight on every slot, whose gradient says which slots the loss wants read
+        probe = torch.zeros(kv.keys.shape[:-1], dtype=kv.keys.dtype, device=kv.keys.device,
+                            requires_grad=True)  # (B, C, L_mem, H_mem, n·R)
+        kv.bias = probe if kv.bias is None else kv.bias + probe
+        kv.probe = probe
     return kv, mem, local
 
 
-def selection_distill_loss(kv, mem, local: torch.Tensor, memory_layers) -> torch.Tensor:
-    """Selection distillation: for each reference read in the batch, memory layer and memory head, the attention
-    the context's queries paid each of its tokens (`MemoryKV.usage`, summed over every chunk that read it; no
-    gradient) is the target distribution, and the selection score's own distribution over the reference's tokens
-    (w_j / Σ w, from `ExplicitMemory.selection`) is fitted to it: mean KL(target || selection) over the
-    (reference, layer, head) triples that received any attention. No labels: the reader's attention decides."""
-    missing = [l for l in memory_layers if l not in kv.usage]
+def selection_targets(kv, loss: torch.Tensor | None, memory_layers) -> torch.Tensor:
+    """Selection distillation's per-slot target weights (B, C, L_mem, H_mem, n·R), no gradient:
+    "attention" (kv.usage, filled by the fused prefill): the attention the context's queries paid each slot;
+    "attribution" (kv.probe, the zero slot bias of `continual_memory`): max(0, -dL/d bias), the first-order fall
+    of the loss if the reader attended more to the slot. Attention on a sink slot that carries nothing the loss
+    needs scores ~0 here; a slot the answer is copied from scores high. Only the LM loss decides: no labels."""
+    if kv.probe is not None:
+        (g,) = torch.autograd.grad(loss, kv.probe, retain_graph=True)
+        return (-g).clamp_min(0).float()
+    missing = [l for l in memory_layers if l not in (kv.usage or {})]
     if missing:
         raise RuntimeError(f"selection distillation needs the fused prefill's attention in memory layers {missing}")
-    usage = torch.stack([kv.usage[l] for l in memory_layers], 2)  # (B, C, L_mem, H_mem, n·R)
+    return torch.stack([kv.usage[l] for l in memory_layers], 2)  # (B, C, L_mem, H_mem, n·R)
+
+
+def selection_distill_loss(usage: torch.Tensor, mem, local: torch.Tensor) -> torch.Tensor:
+    """Selection distillation: for each reference read in the batch, memory layer and memory head, the target
+    weight of each of its tokens (`selection_targets`: `usage` (B, C, L_mem, H_mem, n·R), summed over every chunk
+    that read it; no gradient) is the target distribution, and the selection score's own distribution over the
+    reference's tokens (w_j / Σ w, from `ExplicitMemory.selection`) is fitted to it: mean KL(target || selection)
+    over the (reference, layer, head) triples whose target is not all zero. No labels: the reader decides."""
     N, Lm, Hm, R = mem.selection.shape
     B, C, n = local.shape
     u = usage.view(B, C, Lm, Hm, n, R).permute(0, 1, 4, 2, 3, 5).reshape(B * C * n, Lm, Hm, R)
@@ -385,7 +410,8 @@ def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: Train
         out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory,
                     target_logits_only=True)
     if distill and memory is not None:
-        return out.loss + cfg.selection_distill * selection_distill_loss(memory, mem, local, model.cfg.memory_layers)
+        target = selection_targets(memory, out.loss, model.cfg.memory_layers)
+        return out.loss + cfg.selection_distill * selection_distill_loss(target, mem, local)
     return out.loss
 
 

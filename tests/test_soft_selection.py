@@ -154,13 +154,12 @@ def test_selection_distillation_fits_the_score_to_the_readers_attention():
     from mini_m3.train import selection_distill_loss
     R = 6
     usage = torch.tensor([0.0, 3.0, 0.0, 1.0, 0.0, 0.0])
-    kv = MemoryKV(torch.zeros(1, 1, 1, 1, 2 * R, 4), torch.zeros(1, 1, 1, 1, 2 * R, 4),
-                  usage={0: torch.cat([usage, usage]).view(1, 1, 1, 2 * R)})  # read twice by one chunk
+    target = torch.cat([usage, usage]).view(1, 1, 1, 1, 2 * R)  # (B, C, L_mem, H_mem, n·R): read twice by a chunk
     local = torch.tensor([[[0, 0]]])
 
     def loss_for(scores):
         mem = ExplicitMemory(*(torch.zeros(1) for _ in range(5)), selection=scores.view(1, 1, 1, R))
-        return selection_distill_loss(kv, mem, local, [0])
+        return selection_distill_loss(target, mem, local)
     assert float(loss_for(torch.log(torch.tensor([1e-9, 0.75, 1e-9, 0.25, 1e-9, 1e-9])))) < 1e-6
     scores = torch.zeros(R, requires_grad=True)
     first = loss_for(scores).item()
@@ -195,3 +194,56 @@ def test_distillation_trains_the_selection_score_and_then_reads_the_hard_format(
     assert hard.slots == 2 * cfg.memory_tokens_per_head and hard.usage is None
     kv, mem, local = continual_memory(model, data, rows, tc, distill=True)
     assert kv.slots == 2 * 20 and mem.selection.shape == (6, len(cfg.memory_layers), len(cfg.memory_heads), 20)
+
+
+# ---------------------------------------------------------------- the attribution target (TrainConfig.selection_target)
+def test_attribution_target_is_the_loss_gradient_on_each_slots_log_weight():
+    """selection_targets("attribution") = max(0, -dL/d bias_slot), checked against central finite differences of
+    the model's loss in each slot's log-weight."""
+    from mini_m3.train import selection_targets
+    cfg = small_cfg()
+    torch.manual_seed(0)
+    model = Memory3(cfg).eval()
+    idx = torch.randint(0, 97, (2, 40))
+    mem = memory(cfg, 2, 1, 5, seed=4)
+    keys, values = mem.keys, mem.values
+    probe = torch.zeros(keys.shape[:-1], requires_grad=True)
+    kv = MemoryKV(keys, values, mem.mask, probe, probe=probe)
+    loss = model(idx, targets=idx.roll(-1, 1), memory=kv).loss
+    target = selection_targets(kv, loss, cfg.memory_layers)
+    assert target.shape == keys.shape[:-1] and (target >= 0).all() and target.max() > 0
+
+    def loss_at(bias):
+        with torch.no_grad():
+            return model(idx, targets=idx.roll(-1, 1), memory=MemoryKV(keys, values, mem.mask, bias)).loss.item()
+    assert target.max() > 1e-3  # some slots matter to the loss: the check below is not on zeros alone
+    eps = 1e-2
+    for slot in target.flatten().argsort(descending=True)[:3].tolist() + target.flatten().argsort()[:3].tolist():
+        slot = torch.unravel_index(torch.tensor(slot), target.shape)
+        bump = torch.zeros_like(probe.detach())
+        bump[slot] = eps
+        slope = (loss_at(bump) - loss_at(-bump)) / (2 * eps)
+        assert target[slot].item() == pytest.approx(max(0.0, -slope), abs=2e-4, rel=2e-2), slot
+
+
+def test_attribution_distillation_trains_the_selection_score():
+    from mini_m3.train import ChunkedData, continual_memory, train_step
+    cfg = small_cfg(memories_per_chunk=2)
+    torch.manual_seed(0)
+    model = Memory3(cfg).train()
+    refs = [torch.randint(4, 97, (20,)).tolist() for _ in range(6)]
+    tokens = torch.randint(4, 97, (4, 64))
+    data = ChunkedData(tokens, tokens.roll(-1, 1), torch.tensor([[[0, 1]], [[2, 3]], [[4, 5]], [[1, 2]]]), refs)
+    tc = TrainConfig(stage="continual", steps=10, selection_distill=1.0, selection_target="attribution")
+    rows = torch.arange(4)
+    kv, mem, local = continual_memory(model, data, rows, tc, distill=True)
+    assert kv.probe is not None and kv.usage is None and kv.probe.shape == kv.keys.shape[:-1]
+    wq = model.blocks[cfg.memory_layers[-1]].attn.wq.weight
+    loss = train_step(model, data, rows, tc, step=0)
+    loss.backward()
+    assert wq.grad.abs().max() > 0
+    model.zero_grad()
+    plain = train_step(model, data, rows, dataclasses.replace(tc, selection_distill=0.0), step=0)
+    assert loss.item() > plain.item()  # the KL term joined the loss
+    with pytest.raises(ValueError, match="selection_target"):
+        TrainConfig(selection_target="labels")
