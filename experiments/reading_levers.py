@@ -10,6 +10,7 @@ failures included.
     python experiments/reading_levers.py formats OUT.json runs/a runs/b  # each model read in 4 memory formats
     python experiments/reading_levers.py diagnose OUT.json runs/a runs/b # kept answer tokens, top-16, distractors
     python experiments/reading_levers.py sink OUT.json runs/a runs/b     # where memory attention goes
+    python experiments/reading_levers.py kept OUT.json runs/a runs/b     # held-out answer tokens the top-8 keeps
 """
 
 from __future__ import annotations
@@ -156,6 +157,64 @@ class _ChosenDistractors:
         return rows
 
 
+def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8) -> dict:
+    """How much of each answer the top-k selection (attention received, k tokens per KV head) keeps in `people`'s
+    bank biographies: per attribute, the share of the answer's tokens kept in each memory layer ("per_layer") and in
+    some memory layer ("any_layer"); and "any_layer" pooled over every answer token ("pooled_any_layer")."""
+    import numpy as np
+    import torch
+
+    from mini_m3.data.bios import ATTRIBUTES
+    from mini_m3.memory.encode import encode_reference_tokens
+
+    def span(ids, value):  # token positions of an answer inside a reference
+        for v in (tok.encode(" " + value), tok.encode(value)):
+            hits = [i for i in range(len(ids) - len(v) + 1) if ids[i:i + len(v)] == v]
+            if hits:
+                return list(range(hits[0], hits[0] + len(v)))
+        return None
+
+    top = model.with_memory_format(selector="attention", tokens_per_head=k, memories_per_chunk=5)
+    kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
+    pooled = []
+    for p in people:
+        ids = tok.encode_references([refs[p.pid]])[0]
+        with torch.no_grad():
+            mem = encode_reference_tokens(top, [ids])
+        layers = [set((mem.positions[0, l][mem.mask[0, l]] - model.cfg.prefix_length).tolist())
+                  for l in range(mem.positions.shape[1])]
+        for a in ATTRIBUTES:
+            sp = span(ids, p.facts()[a])
+            if sp:
+                kept[a]["per_layer"].append(np.mean([[i in L for i in sp] for L in layers]))
+                kept[a]["any_layer"].append(np.mean([any(i in L for L in layers) for i in sp]))
+                pooled += [any(i in L for L in layers) for i in sp]
+    return {"per_attribute": {a: {key: float(np.mean(v)) for key, v in d.items()} for a, d in kept.items()},
+            "pooled_any_layer": float(np.mean(pooled)), "n_answer_tokens": len(pooled)}
+
+
+def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
+    """The share of held-out answer tokens each run's top-8 selection keeps (`answer_tokens_kept`), over the first
+    `n_bios` held-out bank biographies. All runs must share the world settings of the first."""
+    from mini_m3.checkpoint import load_pretrained
+    from mini_m3.reading import build_reading_data
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
+    result = {"n_biographies": n_bios, "k": 8, "runs": {}}
+    for run in run_dirs:
+        model, run_tok = load_pretrained(Path(run) / "model")
+        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        result["runs"][run] = answer_tokens_kept(model, tok, refs, heldout)
+        print(run, f"{result['runs'][run]['pooled_any_layer']:.3f}", flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> dict:
     """What stops a model from reading in the paper's format, on the held-out axis: (1) the share of each
     attribute's answer tokens that the top-8 selection keeps (per memory layer, and in any memory layer), over
@@ -165,14 +224,11 @@ def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> 
     the world settings of the first."""
     import tempfile
 
-    import numpy as np
     import torch
 
     from mini_m3.checkpoint import load_pretrained
-    from mini_m3.data.bios import ATTRIBUTES
     from mini_m3.evaluate import qa_eval
     from mini_m3.memory.bank import MemoryBank
-    from mini_m3.memory.encode import encode_reference_tokens
     from mini_m3.memory.retrieve import Retriever
     from mini_m3.reading import build_reading_data, reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
@@ -184,31 +240,11 @@ def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> 
     items = reading_questions(world, others, n, s.seed)["heldout"]
     heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
 
-    def span(ids, value):  # token positions of an answer inside a reference
-        for v in (tok.encode(" " + value), tok.encode(value)):
-            hits = [i for i in range(len(ids) - len(v) + 1) if ids[i:i + len(v)] == v]
-            if hits:
-                return list(range(hits[0], hits[0] + len(v)))
-        return None
-
     result = {"question_set": "heldout", "n": n, "n_biographies": n_bios, "runs": {}}
     for run in run_dirs:
         model, run_tok = load_pretrained(Path(run) / "model")
         assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
-        top8 = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
-        kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
-        for p in heldout:
-            ids = tok.encode_references([refs[p.pid]])[0]
-            with torch.no_grad():
-                mem = encode_reference_tokens(top8, [ids])
-            layers = [set((mem.positions[0, l][mem.mask[0, l]] - cfg.prefix_length).tolist())
-                      for l in range(mem.positions.shape[1])]
-            for a in ATTRIBUTES:
-                sp = span(ids, p.facts()[a])
-                if sp:
-                    kept[a]["per_layer"].append(np.mean([[i in L for i in sp] for L in layers]))
-                    kept[a]["any_layer"].append(np.mean([any(i in L for L in layers) for i in sp]))
-        row = {"answer_tokens_kept_top8": {a: {k: float(np.mean(v)) for k, v in d.items()} for a, d in kept.items()}}
+        row = {"answer_tokens_kept_top8": answer_tokens_kept(model, tok, refs, heldout)["per_attribute"]}
         qa = {}
         for k_tok, k_mem in ((8, 1), (8, 5), (16, 1), (16, 5)):
             m = model.with_memory_format(selector="attention", tokens_per_head=k_tok, memories_per_chunk=k_mem)
@@ -282,7 +318,8 @@ def sink(run_dirs: list[str], out: str, batches: int = 4, batch_size: int = 32) 
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
-               "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes"}
+               "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes",
+               "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps"}
 
 
 def main(argv=None) -> None:
@@ -299,6 +336,9 @@ def main(argv=None) -> None:
         return
     if argv[:1] == ["diagnose"]:  # diagnose OUT.json RUN_DIR [RUN_DIR ...]
         diagnose(argv[2:], argv[1])
+        return
+    if argv[:1] == ["kept"]:  # kept OUT.json RUN_DIR [RUN_DIR ...]
+        kept(argv[2:], argv[1])
         return
     if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
         sink(argv[2:], argv[1])
