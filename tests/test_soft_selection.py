@@ -172,17 +172,22 @@ def test_selection_distillation_fits_the_score_to_the_readers_attention():
     assert scores.argsort(descending=True)[:2].tolist() == [1, 3]  # the top-2 are now the tokens the reader used
 
 
-def test_distillation_trains_the_selection_score_and_then_reads_the_hard_format():
-    from mini_m3.memory.encode import encode_reference_tokens
-    from mini_m3.train import ChunkedData, continual_memory, train_step
+def _distill_setup():
+    """A model reading 2 memories per chunk, 4 rows of tokens and 6 references of 20 tokens (continual stage)."""
+    from mini_m3.train import ChunkedData
     cfg = small_cfg(memories_per_chunk=2)
     torch.manual_seed(0)
     model = Memory3(cfg).train()
     refs = [torch.randint(4, 97, (20,)).tolist() for _ in range(6)]
     tokens = torch.randint(4, 97, (4, 64))
     data = ChunkedData(tokens, tokens.roll(-1, 1), torch.tensor([[[0, 1]], [[2, 3]], [[4, 5]], [[1, 2]]]), refs)
+    return cfg, model, data, torch.arange(4)
+
+
+def test_distillation_trains_the_selection_score_and_then_reads_the_hard_format():
+    from mini_m3.train import continual_memory, train_step
+    cfg, model, data, rows = _distill_setup()
     tc = TrainConfig(stage="continual", steps=10, selection_distill=1.0, soft_selection_until=0.5)
-    rows = torch.arange(4)
     wq = model.blocks[cfg.memory_layers[-1]].attn.wq.weight
     with_distill = train_step(model, data, rows, tc, step=0)
     with_distill.backward()
@@ -227,15 +232,9 @@ def test_attribution_target_is_the_loss_gradient_on_each_slots_log_weight():
 
 
 def test_attribution_distillation_trains_the_selection_score():
-    from mini_m3.train import ChunkedData, continual_memory, train_step
-    cfg = small_cfg(memories_per_chunk=2)
-    torch.manual_seed(0)
-    model = Memory3(cfg).train()
-    refs = [torch.randint(4, 97, (20,)).tolist() for _ in range(6)]
-    tokens = torch.randint(4, 97, (4, 64))
-    data = ChunkedData(tokens, tokens.roll(-1, 1), torch.tensor([[[0, 1]], [[2, 3]], [[4, 5]], [[1, 2]]]), refs)
+    from mini_m3.train import continual_memory, train_step
+    cfg, model, data, rows = _distill_setup()
     tc = TrainConfig(stage="continual", steps=10, selection_distill=1.0, selection_target="attribution")
-    rows = torch.arange(4)
     kv, mem, local = continual_memory(model, data, rows, tc, distill=True)
     assert kv.probe is not None and kv.usage is None and kv.probe.shape == kv.keys.shape[:-1]
     wq = model.blocks[cfg.memory_layers[-1]].attn.wq.weight
