@@ -2,7 +2,7 @@
 
 The paper's composite quantizer needs head dim 80. `mini-m3 demo --preset tiny-d80` trains the demo's model at that
 head dim and builds its VQ bank with the paper's factory string (the default codec at d_h 80). This script reads
-that demo's folder and measures what the codec does to the memories it stores: bytes per memory raw (float32) and
+that demo's folder and measures what the codec does to the memories it stores: bytes per memory raw (bf16) and
 VQ, the relative squared error ||x - x̂||² / ||x||² and the cosine of keys and values over every stored vector
 (the codec is trained on the bank it stores, as the paper's), and, from the demo's results.json, held-out and
 trained QA exact match and answer log-likelihood read from the raw (bf16) bank and from the VQ bank.
@@ -30,15 +30,15 @@ def _extra(p):
 
 
 def error_stats(x: np.ndarray, x_hat: np.ndarray) -> dict:
-    """Relative squared error and mean cosine of rows of x (n, d) against their reconstructions."""
-    sq = ((x - x_hat) ** 2).sum()
-    cos = (x * x_hat).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(x_hat, axis=1), 1e-30)
+    """The codec's own error measures (`quantize._error_stats`: mse, relative_mse = ||x - x̂||² / ||x||², mean
+    cosine) of rows of x (n, d) against their reconstructions, and how many dims hold 99.9 % of x's energy."""
+    from mini_m3.memory.quantize import _error_stats
+    x, x_hat = x.astype(np.float64), x_hat.astype(np.float64)
     # how many of the d dimensions the vectors really use: a d_model-64 model's 80-dim heads are projections of a
     # 64-dim residual stream (keys then rotated by RoPE), an easier target than the paper's d_model 3,200
-    sv = np.linalg.svd(x[:: max(1, len(x) // 20000)].astype(np.float64), compute_uv=False) ** 2
+    sv = np.linalg.svd(x[:: max(1, len(x) // 20000)], compute_uv=False) ** 2
     dims = int(np.searchsorted(np.cumsum(sv) / sv.sum(), 0.999) + 1)
-    return {"relative_squared_error": float(sq / max((x ** 2).sum(), 1e-30)), "mean_cosine": float(cos.mean()),
-            "vectors": int(x.shape[0]), "dims_for_99.9pct_energy": dims}
+    return {**_error_stats(x, x_hat), "vectors": int(x.shape[0]), "dims_for_99.9pct_energy": dims}
 
 
 def main(argv=None) -> dict:
@@ -55,7 +55,6 @@ def main(argv=None) -> dict:
     vq = MemoryBank.open(demo / "bank_vq", model, tok)
     if vq.quantizer is None:
         raise SystemExit(f"{demo / 'bank_vq'} is not a VQ bank")
-    factories = [vq.quantizer.factory]
     stats = {"keys": ([], []), "values": ([], [])}
     first = {"keys": [], "values": []}  # raw vectors of (last memory layer, memory head 0), by reference
     for s in range(0, len(raw), 256):
@@ -83,7 +82,7 @@ def main(argv=None) -> dict:
     result = {
         "demo": str(demo), "demo_argv": demo_res.get("argv") or demo_res.get("provenance", {}).get("argv"),
         "demo_commit": demo_res.get("provenance", {}).get("commit"),
-        "factory": factories, "is_paper_factory": factories == [PAPER_FACTORY],
+        "factory": vq.quantizer.factory, "is_paper_factory": vq.quantizer.factory == PAPER_FACTORY,
         "code_bytes_per_vector": vq.quantizer.code_size, "memory_format": model.cfg.memory_format,
         "references": len(raw), "bytes_per_memory": {"raw": raw.bytes_per_memory(), "vq": vq.bytes_per_memory()},
         "reconstruction": err,
@@ -96,15 +95,15 @@ def main(argv=None) -> dict:
     }
     write_json(a.out, result, seed=a.seed)
     qa = result["qa"]
-    print(f"codec {factories} ({vq.quantizer.code_size} B per vector); bytes per memory raw "
+    print(f"codec {vq.quantizer.factory} ({vq.quantizer.code_size} B per vector); bytes per memory raw "
           f"{result['bytes_per_memory']['raw']['stored']}, VQ {result['bytes_per_memory']['vq']['stored']}")
     for kind, e in err.items():
-        print(f"{kind}: relative squared error {e['relative_squared_error']:.4f}, cosine {e['mean_cosine']:.4f} "
+        print(f"{kind}: relative squared error {e['relative_mse']:.4f}, cosine {e['cosine']:.4f} "
               f"over {e['vectors']} vectors ({e['dims_for_99.9pct_energy']} of 80 dims hold 99.9 % of the energy)")
     for kind, h in held_out.items():
         print(f"{kind}, one group's codec trained on half the references: relative squared error "
-              f"{h['train_half']['relative_squared_error']:.4f} on that half, "
-              f"{h['held_out_half']['relative_squared_error']:.4f} on the other half")
+              f"{h['train_half']['relative_mse']:.4f} on that half, "
+              f"{h['held_out_half']['relative_mse']:.4f} on the other half")
     for split, r in qa.items():
         ll = result["answer_loglik"][split]
         print(f"QA {split}: raw memory {r['memory']:.3f}, paper-VQ memory {r['memory_vq']:.3f}, memory off "
