@@ -31,6 +31,8 @@ SETTING_HELP = {
     "n_docs": "training documents",
     "name_share": "people per first / last name (look-alikes; BioWorld.generate)",
     "value_share": "people per generated city / company",
+    "wordings": "BioWorld wordings: 'base', or 'wide' for more training biography and question templates (a "
+                "lever; the held-out families are unchanged)",
     "vocab_size": "tokenizer vocabulary (trained on training text only)",
     "bio_fraction": "share of training documents that are biographies (the rest: QA)",
     "max_qa": "at most this many questions (about one person) per QA document",
@@ -81,6 +83,8 @@ def table(paths: list[str]) -> str:
                       f"{s['selection_distill']} to {s['soft_selection_until']}")
         cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
         world = f"{s.get('name_share', 4)} / {s.get('value_share', 8)}, {s['vocab_size']}"
+        if s.get("wordings", "base") != "base":
+            world += f", {s['wordings']} wordings"
         init = f" (from `{s['init_model']}`)" if s.get("init_model") else ""
         rows.append(f"| `{path}` | {world} | {model} | {s['warmup_steps']} + {s['curriculum_steps']} + "
                     f"{s['continual_steps']}{init} | " + " | ".join(cells) + " |")

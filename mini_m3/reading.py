@@ -34,7 +34,7 @@ import torch
 
 from .checkpoint import save_pretrained
 from .config import MEMORY_FORMAT_FIELDS, Memory3Config
-from .data.bios import ATTRIBUTES, QUESTION_TEMPLATES, BioWorld
+from .data.bios import ATTRIBUTES, BioWorld
 from .data.world import QAItem, qa_prompt
 from .evaluate import qa_eval, retrieval_hit_rate
 from .memory.bank import MemoryBank
@@ -58,6 +58,7 @@ class ReadingSettings:
     n_docs: int = 60000
     name_share: int = 2  # people per first / last name (look-alikes), BioWorld.generate
     value_share: int = 2  # people per generated city / company
+    wordings: str = "base"  # BioWorld wordings: "wide" adds training templates (a lever; held-out ones unchanged)
     vocab_size: int = 1024
     bio_fraction: float = 0.1
     max_qa: int = 3
@@ -83,7 +84,8 @@ class ReadingSettings:
 def build_reading_data(s: ReadingSettings):
     """World, tokenizer (training text only), bank texts (every person, then other-style people), retriever and
     the training data with each chunk's retrieved memories."""
-    world = BioWorld.generate(s.n_people, seed=s.seed, name_share=s.name_share, value_share=s.value_share)
+    world = BioWorld.generate(s.n_people, seed=s.seed, name_share=s.name_share, value_share=s.value_share,
+                              wordings=s.wordings)
     docs = world.training_documents(s.n_docs, seed=s.seed, bio_fraction=s.bio_fraction, max_qa=s.max_qa)
     tokenizer = Tokenizer.train(world.tokenizer_corpus(docs), s.vocab_size)
     cfg = s.model_config(tokenizer.vocab_size)
@@ -114,7 +116,7 @@ def reading_questions(world: BioWorld, others, n: int, seed: int) -> dict:
     for _ in range(n):
         p = others[int(rng.integers(len(others)))]
         a = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
-        templates = QUESTION_TEMPLATES["train"][a]
+        templates = world.templates("question", "train", a)
         question, answer = world.qa(p, a, family="train", template=int(rng.integers(len(templates))))
         other_items.append(QAItem(p.pid, a, question, answer, qa_prompt(question)))
     return {"heldout": q("heldout", "train", "train"), "new_bio_wording": q("heldout", "train", "heldout"),

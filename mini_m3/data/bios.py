@@ -137,6 +137,67 @@ QUESTION_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# More training wordings (``BioWorld.generate(wordings="wide")``, a lever of issue 15): added to the "train" family
+# only, so the held-out family stays what no training text uses. Written after the held-out family existed, they
+# share none of its own words ("hails", "salary", "diploma", ...: checked in tests/test_bios.py) and none starts a
+# question with the name, the held-out questions' frame.
+WORDINGS: tuple[str, ...] = ("base", "wide")
+WIDE_INTRO_TEMPLATES: tuple[str, ...] = (
+    "This note describes {N}.", "A brief account of {N}.", "Profile: {N}.", "Entry for {N}.",
+    "We present {N} here.", "The person described below is {N}.")
+WIDE_SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth_date": ("{N} entered the world on {v}.", "{S} was born on the morning of {v}.",
+                   "According to the registry, {N} was born on {v}.", "{v} is the date on which {N} was born.",
+                   "The date of birth of {N} is given as {v}.", "Born on {v}, {N} is the person described here.",
+                   "{S} arrived on {v}, the date of {p} birth.", "{P} birthday is {v}."),
+    "birth_city": ("{N} was born and raised in {v}.", "{S} grew up in {v}, where {p} family lived.",
+                   "{v} is the birthplace of {N}.", "Born in {v}, {N} is the person described here.",
+                   "{S} is from {v}.", "{P} place of birth is {v}.", "{N} was born in the town of {v}.",
+                   "{S} was brought up in {v}, the place of {p} birth."),
+    "university": ("{S} went to {v}.", "{S} enrolled at {v}.", "{N} is a graduate of {v}.",
+                   "{v} is the university {N} attended.", "{P} degree is from {v}.",
+                   "{S} received {p} training at {v}.", "{N} spent four years at {v}.",
+                   "After school, {N} studied at {v}."),
+    "major": ("{S} studied {v}.", "{P} major was {v}.", "{v} was the main subject of {N}.",
+              "{N} read {v} at university.", "{S} trained in {v}.", "{S} took {p} degree in {v}.",
+              "As a student, {N} concentrated on {v}.", "{N} has a background in {v}."),
+    "employer": ("{S} is on the staff of {v}.", "{S} joined {v} after graduating.", "{v} employs {N}.",
+                 "{N} holds a position at {v}.", "{S} was hired by {v}.", "{P} workplace is {v}.",
+                 "{N} is part of the team at {v}.", "{S} currently works at {v}."),
+}
+WIDE_QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth_date": ("I would like to know when {N} was born.", "What date was {N} born on?", "Give the birth date of {N}.",
+                   "When is the birthday of {N}?", "What is the date of birth of the person named {N}?"),
+    "birth_city": ("I would like to know where {N} was born.", "What city was {N} born in?", "Give the birthplace of {N}.",
+                   "Where is {N} from?", "What is the place of birth of {N}?"),
+    "university": ("I would like to know which university {N} attended.", "What university did {N} go to?",
+                   "Give the university of {N}.", "Where did {N} earn a degree?",
+                   "Which university is {N} a graduate of?"),
+    "major": ("I would like to know what {N} studied.", "What subject did {N} major in?", "Give the field of study of {N}.",
+              "Which field did {N} study?", "What was the main subject of {N}?"),
+    "employer": ("I would like to know who employs {N}.", "What company does {N} work for?", "Give the employer of {N}.",
+                 "Where is {N} employed?", "Which company employs {N}?"),
+}
+
+
+def wording_templates(wordings: str, kind: str, family: str, attribute: str | None = None) -> tuple[str, ...]:
+    """The templates of one wording ``family`` under ``wordings`` ("base", or "wide": the "train" family gets the
+    WIDE_* templates too). kind: "intro", "sentence" or "question" (the last two per ``attribute``)."""
+    if wordings not in WORDINGS:
+        raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    base, extra = {"intro": (INTRO_TEMPLATES, WIDE_INTRO_TEMPLATES),
+                   "sentence": (SENTENCE_TEMPLATES, WIDE_SENTENCE_TEMPLATES),
+                   "question": (QUESTION_TEMPLATES, WIDE_QUESTION_TEMPLATES)}[kind]
+    out, more = base[family], extra
+    if kind != "intro":
+        if attribute not in ATTRIBUTES:
+            raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+        out, more = out[attribute], more[attribute]
+    return out + more if wordings == "wide" and family == "train" else out
+
+
 # --------------------------------------------------------------------------------------------------
 # People
 # --------------------------------------------------------------------------------------------------
@@ -245,6 +306,9 @@ class BioWorld:
         self.people = tuple(people)
         self.seed = _check_seed(seed)
         self.config = dict(config or {})
+        self.wordings = self.config.get("wordings", "base")
+        if self.wordings not in WORDINGS:
+            raise ValueError(f"config wordings must be one of {WORDINGS}, got {self.wordings!r}")
         for i, p in enumerate(self.people):
             if p.pid != i:
                 raise ValueError(f"people[{i}].pid must equal its index, got {p.pid}")
@@ -256,11 +320,15 @@ class BioWorld:
 
     @classmethod
     def generate(cls, n_people: int = 6000, *, seed: int = 0, text_fraction: float = 0.1,
-                 heldout_fraction: float = 0.1, name_share: int = 2, value_share: int = 2) -> "BioWorld":
+                 heldout_fraction: float = 0.1, name_share: int = 2, value_share: int = 2,
+                 wordings: str = "base") -> "BioWorld":
         """``n_people`` people: ``heldout_fraction`` of them held out (own name and value pools, half told with
         the held-out biography wording), ``text_fraction`` with biographies in the training text, the rest
         ``memory`` people (biography only in the bank). ``name_share`` / ``value_share``: people per first or
-        last name / per generated place or company (see ``_make_pools``)."""
+        last name / per generated place or company (see ``_make_pools``). ``wordings``: "base", or "wide" for the
+        WIDE_* training templates as well (:func:`wording_templates`); people and facts do not depend on it."""
+        if wordings not in WORDINGS:
+            raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
         for f, v in (("name_share", name_share), ("value_share", value_share)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be an int >= 1, got {v!r}")
@@ -291,6 +359,8 @@ class BioWorld:
         people = [BioPerson(**{**asdict(people[j]), "pid": i}) for i, j in enumerate(order)]
         cfg = {"n_people": int(n_people), "text_fraction": float(text_fraction),
                "heldout_fraction": float(heldout_fraction), "name_share": name_share, "value_share": value_share}
+        if wordings != "base":  # a base world's config (and JSON) is what it was before wordings existed
+            cfg["wordings"] = wordings
         return cls(people, seed=seed, config=cfg)
 
     # ---- lookup
@@ -303,6 +373,10 @@ class BioWorld:
         return self._by_split[split]
 
     # ---- texts
+    def templates(self, kind: str, family: str, attribute: str | None = None) -> tuple[str, ...]:
+        """This world's templates of one kind and family (:func:`wording_templates` under ``self.wordings``)."""
+        return wording_templates(self.wordings, kind, family, attribute)
+
     def biography(self, person: int | BioPerson, *, family: str | None = None, seed: int = 0) -> str:
         """A biography of ``person`` in wording ``family`` (default: the person's own). The sentence order,
         templates and naming are drawn from ``seed``: seed 0 is the bank's version."""
@@ -314,11 +388,11 @@ class BioWorld:
         pron, poss = ("She", "Her") if p.female else ("He", "His")
         attrs = list(ATTRIBUTES)
         rng.shuffle(attrs)
-        parts = [rng.choice(INTRO_TEMPLATES[family]).format(N=p.name)]
+        parts = [rng.choice(self.templates("intro", family)).format(N=p.name)]
         for a in attrs:
             subject = rng.choice((p.name, p.first_name, pron, pron, pron))
             P = poss if subject == pron else f"{subject}'s"
-            parts.append(rng.choice(SENTENCE_TEMPLATES[family][a]).format(
+            parts.append(rng.choice(self.templates("sentence", family, a)).format(
                 N=p.name, S=subject, P=P, p=poss.lower(), v=getattr(p, a)))
         return " ".join(parts)
 
@@ -342,7 +416,7 @@ class BioWorld:
         p = person if isinstance(person, BioPerson) else self.people[person]
         if attribute not in ATTRIBUTES:
             raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-        templates = QUESTION_TEMPLATES[family][attribute]
+        templates = self.templates("question", family, attribute)
         t = template if template is not None else (rng or random).randrange(len(templates))
         return templates[t].format(N=p.name), getattr(p, attribute)
 
@@ -431,10 +505,14 @@ class BioWorld:
 
     def summary(self) -> dict:
         return {"n_people": len(self), **{f"n_{s}": len(self._by_split[s]) for s in SPLITS},
-                "n_intro_templates": {f: len(INTRO_TEMPLATES[f]) for f in FAMILIES},
-                "n_sentence_templates": {f: sum(map(len, SENTENCE_TEMPLATES[f].values())) for f in FAMILIES},
-                "n_question_templates": {f: sum(map(len, QUESTION_TEMPLATES[f].values())) for f in FAMILIES}}
+                "wordings": self.wordings,
+                "n_intro_templates": {f: len(self.templates("intro", f)) for f in FAMILIES},
+                "n_sentence_templates": {f: sum(len(self.templates("sentence", f, a)) for a in ATTRIBUTES)
+                                         for f in FAMILIES},
+                "n_question_templates": {f: sum(len(self.templates("question", f, a)) for a in ATTRIBUTES)
+                                         for f in FAMILIES}}
 
 
 __all__ = ["ATTRIBUTES", "BioPerson", "BioWorld", "FAMILIES", "INTRO_TEMPLATES", "OTHER_STYLE_FIRST",
-           "OTHER_STYLE_LAST", "QUESTION_TEMPLATES", "SENTENCE_TEMPLATES", "SPLITS"]
+           "OTHER_STYLE_LAST", "QUESTION_TEMPLATES", "SENTENCE_TEMPLATES", "SPLITS", "WIDE_INTRO_TEMPLATES",
+           "WIDE_QUESTION_TEMPLATES", "WIDE_SENTENCE_TEMPLATES", "WORDINGS", "wording_templates"]
