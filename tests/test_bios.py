@@ -5,7 +5,8 @@ import re
 import pytest
 
 from mini_m3.data.bios import (ATTRIBUTES, INTRO_TEMPLATES, OTHER_STYLE_FIRST, QUESTION_TEMPLATES,
-                               SENTENCE_TEMPLATES, BioWorld)
+                               SENTENCE_TEMPLATES, WIDE_INTRO_TEMPLATES, WIDE_QUESTION_TEMPLATES,
+                               WIDE_SENTENCE_TEMPLATES, BioWorld, wording_templates)
 from mini_m3.data.world import exact_match
 
 
@@ -112,3 +113,42 @@ def test_other_style_people_are_new(world):
 def test_bad_settings(bad):
     with pytest.raises(ValueError):
         BioWorld.generate(**{"n_people": 100, **bad})
+
+
+def _words(templates) -> set[str]:
+    return {w.lower() for t in templates for w in re.findall(r"[A-Za-z]+", re.sub(r"\{[A-Za-z]\}", " ", t))}
+
+
+def _family(wordings: str, family: str) -> list[str]:
+    return [t for kind in ("sentence", "question") for a in ATTRIBUTES
+            for t in wording_templates(wordings, kind, family, a)] + list(wording_templates(wordings, "intro", family))
+
+
+def test_wide_wordings_add_training_templates_that_share_no_word_of_the_heldout_family():
+    held_only = _words(_family("base", "heldout")) - _words(_family("base", "train"))
+    assert {"hails", "salary", "diploma"} <= held_only
+    extra = set(_family("wide", "train")) - set(_family("base", "train"))
+    assert len(extra) == len(WIDE_INTRO_TEMPLATES) + sum(map(len, WIDE_SENTENCE_TEMPLATES.values())) + sum(
+        map(len, WIDE_QUESTION_TEMPLATES.values())) > 60
+    assert _words(extra) & held_only == set()
+    assert not [t for t in extra if t.startswith("{N}") and t.endswith("?")]  # the held-out questions' frame
+    assert _family("wide", "heldout") == _family("base", "heldout")
+
+
+def test_wide_world_same_people_more_wordings_heldout_still_unseen():
+    base, wide = BioWorld.generate(400, seed=5), BioWorld.generate(400, seed=5, wordings="wide")
+    assert wide.people == base.people and wide.summary()["n_sentence_templates"]["train"] > 2 * 25
+    assert BioWorld.from_json(wide.to_json()).wordings == "wide" and base.wordings == "base"
+    assert "wordings" not in base.config  # a base world's JSON is unchanged
+    docs = wide.training_documents(3000, seed=5)
+    corpus = "\n".join(wide.tokenizer_corpus(docs))
+    assert [t for t in _family("base", "heldout") if _pattern(t).search(corpus)] == []
+    used = [t for t in set(_family("wide", "train")) - set(_family("base", "train")) if _pattern(t).search(corpus)]
+    assert len(used) > 50  # the new wordings are in the training text
+    assert wide.eval_questions("heldout", 50, question_family="heldout") == base.eval_questions(
+        "heldout", 50, question_family="heldout")
+    for bad in ("broad", ""):
+        with pytest.raises(ValueError, match="wordings"):
+            BioWorld.generate(400, seed=5, wordings=bad)
+    with pytest.raises(ValueError, match="wordings"):
+        BioWorld(base.people, seed=5, config={"wordings": "x"})
