@@ -11,6 +11,7 @@ failures included.
     python experiments/reading_levers.py diagnose OUT.json runs/a runs/b # kept answer tokens, top-16, distractors
     python experiments/reading_levers.py sink OUT.json runs/a runs/b     # where memory attention goes
     python experiments/reading_levers.py kept OUT.json runs/a runs/b     # held-out answer tokens the top-8 keeps
+    python experiments/reading_levers.py forced OUT.json runs/a runs/b   # top-8 with the answer forced in (diagnostic)
 """
 
 from __future__ import annotations
@@ -161,6 +162,15 @@ class _ChosenDistractors:
         return rows
 
 
+def answer_span(tok, ids: list[int], value: str) -> list[int] | None:
+    """Token positions of an answer `value` inside a reference's token ids (its first occurrence), or None."""
+    for v in (tok.encode(" " + value), tok.encode(value)):
+        hits = [i for i in range(len(ids) - len(v) + 1) if ids[i:i + len(v)] == v]
+        if hits:
+            return list(range(hits[0], hits[0] + len(v)))
+    return None
+
+
 def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8) -> dict:
     """How much of each answer the top-k selection (attention received, k tokens per KV head) keeps in `people`'s
     bank biographies: per attribute, the share of the answer's tokens kept in each memory layer ("per_layer") and in
@@ -170,13 +180,6 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8) -> dict:
 
     from mini_m3.data.bios import ATTRIBUTES
     from mini_m3.memory.encode import encode_reference_tokens
-
-    def span(ids, value):  # token positions of an answer inside a reference
-        for v in (tok.encode(" " + value), tok.encode(value)):
-            hits = [i for i in range(len(ids) - len(v) + 1) if ids[i:i + len(v)] == v]
-            if hits:
-                return list(range(hits[0], hits[0] + len(v)))
-        return None
 
     top = model.with_memory_format(selector="attention", tokens_per_head=k, memories_per_chunk=5)
     kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
@@ -188,7 +191,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8) -> dict:
         layers = [set((mem.positions[0, l][mem.mask[0, l]] - model.cfg.prefix_length).tolist())
                   for l in range(mem.positions.shape[1])]
         for a in ATTRIBUTES:
-            sp = span(ids, p.facts()[a])
+            sp = answer_span(tok, ids, p.facts()[a])
             if sp:
                 kept[a]["per_layer"].append(np.mean([[i in L for i in sp] for L in layers]))
                 kept[a]["any_layer"].append(np.mean([any(i in L for L in layers) for i in sp]))
@@ -269,6 +272,72 @@ def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> 
     return result
 
 
+def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
+    """Is the top-8 selection the whole wall, or can the reader not read 8 tokens per head? Each run's model read
+    in the paper's format (top-8, 5 memories) on the held-out axis three ways: as it is; with the asked attribute's
+    answer tokens forced into every memory head's kept set in every biography of the bank (`encode_reference_tokens`
+    `force=`, the rest of the 8 slots by attention received as usual); and with all tokens kept (the reader's
+    ceiling). Forcing reads the labels: a diagnostic of the kept set, never an evaluation or a lever. All runs must
+    share the world settings of the first."""
+    import tempfile
+
+    import torch
+
+    from mini_m3.checkpoint import load_pretrained
+    from mini_m3.data.bios import ATTRIBUTES
+    from mini_m3.evaluate import qa_eval
+    from mini_m3.memory.bank import MemoryBank
+    from mini_m3.memory.encode import encode_reference_tokens
+    from mini_m3.memory.retrieve import Retriever
+    from mini_m3.reading import build_reading_data, reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    items = reading_questions(world, others, n, s.seed)["heldout"]
+    people = list(world.people) + list(others)  # index = pid = bank row
+    ids = tok.encode_references(refs)
+
+    def forced_memories(m, attribute, batch=64):  # the bank's memories with `attribute`'s answer forced
+        for b in range(0, len(ids), batch):
+            rows = ids[b:b + batch]
+            force = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                force[i, answer_span(tok, r, people[b + i].facts()[attribute]) or []] = True
+            yield encode_reference_tokens(m, rows, force=force, pad_id=tok.pad_id,
+                                          reference_ids=range(b, b + len(rows)))
+
+    def read(m, its, memories=None):
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+            bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False,
+                                    memories=memories)
+            return qa_eval(m, tok, its, mode="memory", bank=bank)["correct"]
+
+    result = {"question_set": "heldout", "n": n, "format": "attention/8/5", "runs": {}}
+    for run in run_dirs:
+        model, run_tok = load_pretrained(Path(run) / "model")
+        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        top = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
+        rows = {"top8": read(top, items),
+                "all tokens": read(model.with_memory_format(selector="all", memories_per_chunk=5), items)}
+        by_attr = {a: [i for i, it in enumerate(items) if it.attribute == a] for a in ATTRIBUTES}
+        hit = [False] * len(items)
+        for a, idx in by_attr.items():
+            if idx:
+                for i, ok in zip(idx, read(top, [items[i] for i in idx], forced_memories(top, a))):
+                    hit[i] = bool(ok)
+        rows["top8, answer forced"] = hit
+        row = {k: float(sum(v) / len(v)) for k, v in rows.items()}
+        row["per_attribute"] = {k: {a: float(sum(v[i] for i in idx) / max(1, len(idx))) for a, idx in by_attr.items()}
+                                for k, v in rows.items()}
+        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row}
+        print(run, {k: round(v, 3) for k, v in row.items() if k != "per_attribute"}, flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 def sink(run_dirs: list[str], out: str, batches: int = 4, batch_size: int = 32) -> dict:
     """Where a model's memory attention goes, on training chunks read with every reference token kept (5 memories):
     per memory layer, the share of the context's attention that goes to memory slots at all, the part of it on the
@@ -323,7 +392,9 @@ SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
                "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes",
-               "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps"}
+               "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps",
+               "forced": "forced OUT.json RUN_DIR ...: top-8 reading with the answer forced into the kept set "
+                         "(a label-reading diagnostic)"}
 
 
 def main(argv=None) -> None:
@@ -343,6 +414,9 @@ def main(argv=None) -> None:
         return
     if argv[:1] == ["kept"]:  # kept OUT.json RUN_DIR [RUN_DIR ...]
         kept(argv[2:], argv[1])
+        return
+    if argv[:1] == ["forced"]:  # forced OUT.json RUN_DIR [RUN_DIR ...]
+        forced(argv[2:], argv[1])
         return
     if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
         sink(argv[2:], argv[1])

@@ -203,3 +203,34 @@ def test_float32_selection_scores_match_float64_and_pick_the_same_tokens():
     ok = valid[:, None, :].expand_as(exact)
     torch.testing.assert_close(fast[ok].double(), exact[ok], rtol=1e-5, atol=1e-5)
     assert torch.equal(select_top_tokens(fast, valid, 8)[0], select_top_tokens(exact, valid, 8)[0])
+
+
+def test_forced_tokens_are_kept_in_every_head_and_the_rest_follow_the_ranking(tiny):
+    """`force=` (a diagnostic: the answer forced into the kept set) keeps the forced tokens in every memory head,
+    fills the other slots as the plain top-k would, and changes nothing when it forces nothing."""
+    cfg = tiny.cfg
+    k, p = cfg.memory_tokens_per_head, cfg.prefix_length
+    refs = [torch.randint(4, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            for n in (60, 40)]
+    plain = encode_reference_tokens(tiny, refs)
+    none = encode_reference_tokens(tiny, refs, force=torch.zeros(2, 60, dtype=torch.bool))
+    assert torch.equal(none.positions, plain.positions) and torch.equal(none.keys, plain.keys)
+    force = torch.zeros(2, 60, dtype=torch.bool)
+    force[0, [50, 51, 52]] = True
+    force[1, [45]] = True  # padding in the 40-token reference: never kept
+    mem = encode_reference_tokens(tiny, refs, force=force)
+    for layer in range(len(cfg.memory_layers)):
+        for h in range(len(cfg.memory_heads)):
+            kept = set(mem.positions[0, layer, h][mem.mask[0, layer, h]].tolist())
+            before = plain.positions[0, layer, h][plain.mask[0, layer, h]].tolist()
+            assert {p + 50, p + 51, p + 52} <= kept
+            # the other slots: the plain top-k's best tokens that are not forced, in its rank order
+            assert len(kept) == k and len(kept - {p + 50, p + 51, p + 52}) == k - 3
+            assert kept - {p + 50, p + 51, p + 52} <= set(before)
+    assert torch.equal(mem.positions[1], plain.positions[1])
+    with pytest.raises(ValueError, match="shape"):
+        encode_reference_tokens(tiny, refs, force=torch.zeros(2, 59, dtype=torch.bool))
+    with pytest.raises(ValueError, match="hard scored top-k"):
+        encode_reference_tokens(tiny, refs, force=force, selector="all")
+    with pytest.raises(ValueError, match="relaxed"):
+        encode_reference_tokens(tiny, refs, force=force, soft_temperature=0.5)

@@ -213,7 +213,8 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
                             generator: torch.Generator | None = None, pad_id: int = 0,
                             reference_ids: Sequence[int] | None = None,
                             score_dtype: torch.dtype = torch.float64,
-                            soft_temperature: float = 0.0, keep_scores: bool = False) -> ExplicitMemory:
+                            soft_temperature: float = 0.0, keep_scores: bool = False,
+                            force: torch.Tensor | None = None) -> ExplicitMemory:
     """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role), in the model's
     memory format unless `selector` / `tokens_per_head` say otherwise.
     Gradients flow into keys and values when autograd is on (used by continual training, §3.6).
@@ -221,7 +222,10 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
     soft_temperature > 0 (training only, `TrainConfig.soft_selection`): keep every token, each with the log-weight
     of `soft_selection_bias` in `ExplicitMemory.bias`, and let gradients reach the selection scores.
     keep_scores (training only, `TrainConfig.selection_distill`): keep every token and return each token's log
-    selection score, with autograd, in `ExplicitMemory.selection`."""
+    selection score, with autograd, in `ExplicitMemory.selection`.
+    force: (N, R) bool, tokens every memory head keeps before the ranking fills its other slots (earliest first
+    if more than k): a diagnostic of what a kept set holds (`experiments/reading_levers.py forced`), never part
+    of the model's format. Only for the scored selectors ("attention", "exp") with a hard top-k."""
     cfg = model.cfg
     selector, k = cfg.written_format(selector, tokens_per_head)
     soft = soft_temperature > 0
@@ -246,6 +250,13 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
         ids = ids.to(device)
         valid = torch.arange(R, device=device)[None] < torch.tensor(lens, device=device)[:, None]
     N, R = ids.shape
+    if force is not None:
+        if soft or keep_scores or selector not in ("attention", "exp"):
+            raise ValueError(f"force needs a hard scored top-k ('attention' or 'exp'), not selector {selector!r}"
+                             + (" with a relaxed selection" if soft or keep_scores else ""))
+        if tuple(force.shape) != (N, R) or force.dtype != torch.bool:
+            raise ValueError(f"force must be a bool tensor of shape {(N, R)}, got {force.dtype} {tuple(force.shape)}")
+        force = force.to(device) & valid
     layers = model.encode_reference_layers(ids)
     heads = torch.tensor(cfg.memory_heads, device=device)
     keys, values, positions, masks, biases, log_scores = [], [], [], [], [], []
@@ -257,6 +268,8 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
             # needs them there
             qk = (layer["q_raw"], layer["k_raw"]) if relaxed else (layer["q_raw"].detach(), layer["k_raw"].detach())
             scores = selection_scores(*qk, valid, cfg.n_query_groups, selector, score_dtype)[:, heads]
+            if force is not None:  # above every score; earlier forced tokens first (ties go to the earlier token)
+                scores = scores.masked_fill(force[:, None, :], 1e30)
         else:
             scores = torch.zeros(N, len(cfg.memory_heads), R, device=device)
         index, kept = select_top_tokens(scores.detach(), valid, R if relaxed else k, selector, generator)  # (N, H_mem, k)
