@@ -299,13 +299,16 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
     items = reading_questions(world, others, n, s.seed)["heldout"]
     people = list(world.people) + list(others)  # index = pid = bank row
     ids = tok.encode_references(refs)
+    found = {a: 0 for a in ATTRIBUTES}  # references whose answer span was found (and forced), per attribute
 
     def forced_memories(m, attribute, batch=64):  # the bank's memories with `attribute`'s answer forced
         for b in range(0, len(ids), batch):
             rows = ids[b:b + batch]
             force = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.bool)
             for i, r in enumerate(rows):
-                force[i, answer_span(tok, r, people[b + i].facts()[attribute]) or []] = True
+                span = answer_span(tok, r, people[b + i].facts()[attribute])
+                force[i, span or []] = True
+                found[attribute] += span is not None
             yield encode_reference_tokens(m, rows, force=force, pad_id=tok.pad_id,
                                           reference_ids=range(b, b + len(rows)))
 
@@ -332,7 +335,9 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
         row = {k: float(sum(v) / len(v)) for k, v in rows.items()}
         row["per_attribute"] = {k: {a: float(sum(v[i] for i in idx) / max(1, len(idx))) for a, idx in by_attr.items()}
                                 for k, v in rows.items()}
-        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row}
+        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row,
+                               "answer_span_found": {a: found[a] / len(ids) for a in by_attr if by_attr[a]}}
+        found.update({a: 0 for a in ATTRIBUTES})
         print(run, {k: round(v, 3) for k, v in row.items() if k != "per_attribute"}, flush=True)
     write_json(out, result, seed=s.seed)
     return result
