@@ -89,7 +89,7 @@ def build_reading_data(s: ReadingSettings):
     docs = world.training_documents(s.n_docs, seed=s.seed, bio_fraction=s.bio_fraction, max_qa=s.max_qa)
     tokenizer = Tokenizer.train(world.tokenizer_corpus(docs), s.vocab_size)
     cfg = s.model_config(tokenizer.vocab_size)
-    fits = lambda t: len(tokenizer.encode(t)) <= cfg.reference_length  # noqa: E731
+    fits = lambda t: len(tokenizer.encode_reference(t)) <= cfg.reference_length  # noqa: E731 (as banks encode)
     others = world.other_style_people(100, seed=s.seed)
     references = world.references(fits) + world.references(fits, people=others)  # bank: index = pid
     reference_tokens = tokenizer.encode_references(references)

@@ -23,7 +23,7 @@ def test_answer_tokens_kept_counts_what_the_selection_keeps():
     world = BioWorld.generate(60, seed=0)
     docs = world.training_documents(2000, seed=0)
     tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
-    refs = world.references(lambda t: len(tok.encode(t)) <= 128)
+    refs = world.references(lambda t: len(tok.encode_reference(t)) <= 128)
     people = [p for p in world.people if p.split == "heldout"][:5]
     torch.manual_seed(0)
     model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
