@@ -17,6 +17,7 @@ when it is told in diverse text):
 * **wordings come in families**: each attribute has training sentence and question templates and a held-out
   family of each that no training text uses. A biography is an introduction plus one sentence per fact, in a
   random order, each from a random template, naming the person by full name, first name or pronoun.
+  ``wordings="wide"`` (a lever) gives the training family 2-3x more templates (:func:`wording_templates`).
 
 Populations (:data:`SPLITS`): ``"text"`` people have biographies and QA in the training text; ``"memory"``
 people have their biography only in the bank and QA in training (the model must read to answer); ``"heldout"``
