@@ -272,12 +272,15 @@ def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> 
     return result
 
 
+CONTEXT = 3  # `forced`: tokens before the answer forced with it in its second variant
+
+
 def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
     """Is the top-8 selection the whole wall, or can the reader not read 8 tokens per head? Each run's model read
     in the paper's format (top-8, 5 memories) on the held-out axis three ways: as it is; with the asked attribute's
     answer tokens forced into every memory head's kept set in every biography of the bank (`encode_reference_tokens`
-    `force=`, the rest of the 8 slots by attention received as usual); and with all tokens kept (the reader's
-    ceiling). Forcing reads the labels: a diagnostic of the kept set, never an evaluation or a lever. All runs must
+    `force=`, the rest of the 8 slots by attention received as usual); the same with the CONTEXT tokens before the
+    answer forced too (the words that say what the value is); and with all tokens kept (the reader's ceiling). Forcing reads the labels: a diagnostic of the kept set, never an evaluation or a lever. All runs must
     share the world settings of the first."""
     import tempfile
 
@@ -301,14 +304,14 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
     ids = tok.encode_references(refs)
     found = {a: 0 for a in ATTRIBUTES}  # references whose answer span was found (and forced), per attribute
 
-    def forced_memories(m, attribute, batch=64):  # the bank's memories with `attribute`'s answer forced
-        for b in range(0, len(ids), batch):
+    def forced_memories(m, attribute, before=0, batch=64):  # the bank's memories with `attribute`'s answer forced
+        for b in range(0, len(ids), batch):                   # (and the `before` tokens that precede it)
             rows = ids[b:b + batch]
             force = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.bool)
             for i, r in enumerate(rows):
                 span = answer_span(tok, r, people[b + i].facts()[attribute])
-                force[i, span or []] = True
-                found[attribute] += span is not None
+                force[i, list(range(max(0, span[0] - before), span[0])) + span if span else []] = True
+                found[attribute] += span is not None and before == 0
             yield encode_reference_tokens(m, rows, force=force, pad_id=tok.pad_id,
                                           reference_ids=range(b, b + len(rows)))
 
@@ -326,12 +329,14 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
         rows = {"top8": read(top, items),
                 "all tokens": read(model.with_memory_format(selector="all", memories_per_chunk=5), items)}
         by_attr = {a: [i for i, it in enumerate(items) if it.attribute == a] for a in ATTRIBUTES}
-        hit = [False] * len(items)
-        for a, idx in by_attr.items():
-            if idx:
-                for i, ok in zip(idx, read(top, [items[i] for i in idx], forced_memories(top, a))):
-                    hit[i] = bool(ok)
-        rows["top8, answer forced"] = hit
+        for name, before in (("top8, answer forced", 0), (f"top8, answer and the {CONTEXT} tokens before it forced",
+                                                          CONTEXT)):
+            hit = [False] * len(items)
+            for a, idx in by_attr.items():
+                if idx:
+                    for i, ok in zip(idx, read(top, [items[i] for i in idx], forced_memories(top, a, before))):
+                        hit[i] = bool(ok)
+            rows[name] = hit
         row = {k: float(sum(v) / len(v)) for k, v in rows.items()}
         row["per_attribute"] = {k: {a: float(sum(v[i] for i in idx) / max(1, len(idx))) for a, idx in by_attr.items()}
                                 for k, v in rows.items()}
