@@ -277,11 +277,12 @@ CONTEXT = 3  # `forced`: tokens before the answer forced with it in its second v
 
 def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
     """Is the top-8 selection the whole wall, or can the reader not read 8 tokens per head? Each run's model read
-    in the paper's format (top-8, 5 memories) on the held-out axis three ways: as it is; with the asked attribute's
+    in the paper's format (top-8, 5 memories) on the held-out axis four ways: as it is; with the asked attribute's
     answer tokens forced into every memory head's kept set in every biography of the bank (`encode_reference_tokens`
     `force=`, the rest of the 8 slots by attention received as usual); the same with the CONTEXT tokens before the
-    answer forced too (the words that say what the value is); and with all tokens kept (the reader's ceiling). Forcing reads the labels: a diagnostic of the kept set, never an evaluation or a lever. All runs must
-    share the world settings of the first."""
+    answer forced too (the words that say what the value is); and with all tokens kept (the reader's ceiling).
+    Forcing reads the labels: a diagnostic of the kept set, never an evaluation or a lever. All runs must share the
+    world settings of the first."""
     import tempfile
 
     import torch

@@ -167,17 +167,18 @@ WIDE_SENTENCE_TEMPLATES: dict[str, tuple[str, ...]] = {
                  "{N} is part of the team at {v}.", "{S} currently works at {v}."),
 }
 WIDE_QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "birth_date": ("I would like to know when {N} was born.", "What date was {N} born on?", "Give the birth date of {N}.",
-                   "When is the birthday of {N}?", "What is the date of birth of the person named {N}?"),
-    "birth_city": ("I would like to know where {N} was born.", "What city was {N} born in?", "Give the birthplace of {N}.",
-                   "Where is {N} from?", "What is the place of birth of {N}?"),
+    "birth_date": ("I would like to know when {N} was born.", "What date was {N} born on?",
+                   "Give the birth date of {N}.", "When is the birthday of {N}?",
+                   "What is the date of birth of the person named {N}?"),
+    "birth_city": ("I would like to know where {N} was born.", "What city was {N} born in?",
+                   "Give the birthplace of {N}.", "Where is {N} from?", "What is the place of birth of {N}?"),
     "university": ("I would like to know which university {N} attended.", "What university did {N} go to?",
                    "Give the university of {N}.", "Where did {N} earn a degree?",
                    "Which university is {N} a graduate of?"),
-    "major": ("I would like to know what {N} studied.", "What subject did {N} major in?", "Give the field of study of {N}.",
-              "Which field did {N} study?", "What was the main subject of {N}?"),
-    "employer": ("I would like to know who employs {N}.", "What company does {N} work for?", "Give the employer of {N}.",
-                 "Where is {N} employed?", "Which company employs {N}?"),
+    "major": ("I would like to know what {N} studied.", "What subject did {N} major in?",
+              "Give the field of study of {N}.", "Which field did {N} study?", "What was the main subject of {N}?"),
+    "employer": ("I would like to know who employs {N}.", "What company does {N} work for?",
+                 "Give the employer of {N}.", "Where is {N} employed?", "Which company employs {N}?"),
 }
 
 
