@@ -303,16 +303,17 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
     items = reading_questions(world, others, n, s.seed)["heldout"]
     people = list(world.people) + list(others)  # index = pid = bank row
     ids = tok.encode_references(refs)
-    found = {a: 0 for a in ATTRIBUTES}  # references whose answer span was found (and forced), per attribute
+    # each bank reference's answer span per attribute (None: not found, nothing forced), found once for all runs
+    spans = {a: [answer_span(tok, r, p.facts()[a]) for r, p in zip(ids, people)] for a in ATTRIBUTES}
+    by_attr = {a: [i for i, it in enumerate(items) if it.attribute == a] for a in ATTRIBUTES}
 
     def forced_memories(m, attribute, before=0, batch=64):  # the bank's memories with `attribute`'s answer forced
         for b in range(0, len(ids), batch):                   # (and the `before` tokens that precede it)
             rows = ids[b:b + batch]
             force = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.bool)
-            for i, r in enumerate(rows):
-                span = answer_span(tok, r, people[b + i].facts()[attribute])
-                force[i, list(range(max(0, span[0] - before), span[0])) + span if span else []] = True
-                found[attribute] += span is not None and before == 0
+            for i, span in enumerate(spans[attribute][b:b + batch]):
+                if span:
+                    force[i, list(range(max(0, span[0] - before), span[0])) + span] = True
             yield encode_reference_tokens(m, rows, force=force, pad_id=tok.pad_id,
                                           reference_ids=range(b, b + len(rows)))
 
@@ -329,7 +330,6 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
         top = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
         rows = {"top8": read(top, items),
                 "all tokens": read(model.with_memory_format(selector="all", memories_per_chunk=5), items)}
-        by_attr = {a: [i for i, it in enumerate(items) if it.attribute == a] for a in ATTRIBUTES}
         for name, before in (("top8, answer forced", 0), (f"top8, answer and the {CONTEXT} tokens before it forced",
                                                           CONTEXT)):
             hit = [False] * len(items)
@@ -341,9 +341,8 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
         row = {k: float(sum(v) / len(v)) for k, v in rows.items()}
         row["per_attribute"] = {k: {a: float(sum(v[i] for i in idx) / max(1, len(idx))) for a, idx in by_attr.items()}
                                 for k, v in rows.items()}
-        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row,
-                               "answer_span_found": {a: found[a] / len(ids) for a in by_attr if by_attr[a]}}
-        found.update({a: 0 for a in ATTRIBUTES})
+        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row, "answer_span_found": {
+            a: sum(sp is not None for sp in spans[a]) / len(ids) for a in by_attr if by_attr[a]}}
         print(run, {k: round(v, 3) for k, v in row.items() if k != "per_attribute"}, flush=True)
     write_json(out, result, seed=s.seed)
     return result
