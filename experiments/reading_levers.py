@@ -12,6 +12,7 @@ failures included.
     python experiments/reading_levers.py sink OUT.json runs/a runs/b     # where memory attention goes
     python experiments/reading_levers.py kept OUT.json runs/a runs/b     # held-out answer tokens the top-8 keeps
     python experiments/reading_levers.py forced OUT.json runs/a runs/b   # top-8 with the answer forced in (diagnostic)
+    python experiments/reading_levers.py questions OUT.json runs/a     # top-8 ranked by training questions' queries
 """
 
 from __future__ import annotations
@@ -162,6 +163,23 @@ class _ChosenDistractors:
         return rows
 
 
+def read_bank(m, tok, refs: list[str], items, memories=None) -> list[bool]:
+    """Which of `items` model `m` answers exactly, reading memory from a temporary bank of `refs` in its own format
+    (its memories computed by `m`, or given: an iterable of `ExplicitMemory` batches in reference order)."""
+    import tempfile
+
+    import torch
+
+    from mini_m3.evaluate import qa_eval
+    from mini_m3.memory.bank import MemoryBank
+    from mini_m3.memory.retrieve import Retriever
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False,
+                                memories=memories)
+        return qa_eval(m, tok, items, mode="memory", bank=bank)["correct"]
+
+
 def answer_span(tok, ids: list[int], value: str) -> list[int] | None:
     """Token positions of an answer `value` inside a reference's token ids (its first occurrence), or None."""
     for v in (tok.encode(" " + value), tok.encode(value)):
@@ -171,10 +189,11 @@ def answer_span(tok, ids: list[int], value: str) -> list[int] | None:
     return None
 
 
-def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8) -> dict:
+def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_queries=None) -> dict:
     """How much of each answer the top-k selection (attention received, k tokens per KV head) keeps in `people`'s
     bank biographies: per attribute, the share of the answer's tokens kept in each memory layer ("per_layer") and in
-    some memory layer ("any_layer"); and "any_layer" pooled over every answer token ("pooled_any_layer")."""
+    some memory layer ("any_layer"); and "any_layer" pooled over every answer token ("pooled_any_layer").
+    score_queries: rank by the attention from these queries instead (`encode_reference_tokens`)."""
     import numpy as np
     import torch
 
@@ -187,7 +206,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8) -> dict:
     for p in people:
         ids = tok.encode_references([refs[p.pid]])[0]
         with torch.no_grad():
-            mem = encode_reference_tokens(top, [ids])
+            mem = encode_reference_tokens(top, [ids], score_queries=score_queries)
         layers = [set((mem.positions[0, l][mem.mask[0, l]] - model.cfg.prefix_length).tolist())
                   for l in range(mem.positions.shape[1])]
         for a in ATTRIBUTES:
@@ -283,16 +302,11 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
     answer forced too (the words that say what the value is); and with all tokens kept (the reader's ceiling).
     Forcing reads the labels: a diagnostic of the kept set, never an evaluation or a lever. All runs must share the
     world settings of the first."""
-    import tempfile
-
     import torch
 
     from mini_m3.checkpoint import load_pretrained
     from mini_m3.data.bios import ATTRIBUTES
-    from mini_m3.evaluate import qa_eval
-    from mini_m3.memory.bank import MemoryBank
     from mini_m3.memory.encode import encode_reference_tokens
-    from mini_m3.memory.retrieve import Retriever
     from mini_m3.reading import build_reading_data, reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
@@ -318,10 +332,7 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
                                           reference_ids=range(b, b + len(rows)))
 
     def read(m, its, memories=None):
-        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-            bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False,
-                                    memories=memories)
-            return qa_eval(m, tok, its, mode="memory", bank=bank)["correct"]
+        return read_bank(m, tok, refs, its, memories)
 
     result = {"question_set": "heldout", "n": n, "format": "attention/8/5", "runs": {}}
     for run in run_dirs:
@@ -344,6 +355,79 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
         result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row, "answer_span_found": {
             a: sum(sp is not None for sp in spans[a]) / len(ids) for a in by_attr if by_attr[a]}}
         print(run, {k: round(v, 3) for k, v in row.items() if k != "per_attribute"}, flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
+def question_queries(model, tok, items, where: str = "answer") -> list:
+    """Each memory layer's queries (before RoPE, (P, H, d_h)) where QA text asks for an answer: `items`' prompt and
+    answer run through `model` with memory off, and the queries kept at the positions that predict an answer
+    token (where="answer"), or at every position (where="all")."""
+    import torch
+
+    if where not in ("answer", "all"):
+        raise ValueError(f"where must be 'answer' or 'all', got {where!r}")
+    layers = model.cfg.memory_layers
+    names = [f"blocks.{l}.hook_resid_pre" for l in layers]
+    out = {l: [] for l in layers}
+    with torch.no_grad():
+        for it in items:
+            prompt, answer = [tok.bos_id] + tok.encode(it.prompt), tok.encode(" " + it.answer)
+            _, cache = model.run_with_cache(torch.tensor([prompt + answer]), names=names)
+            pos = (list(range(len(prompt) - 1, len(prompt) + len(answer) - 1)) if where == "answer"
+                   else list(range(len(prompt) + len(answer))))
+            for l, name in zip(layers, names):
+                block = model.blocks[l]
+                q, _, _ = block.attn.project(block.attn_norm(cache[name]))  # (1, H, T, d_h)
+                out[l].append(q[0, :, pos].transpose(0, 1))  # (len(pos), H, d_h)
+    return [torch.cat(out[l]) for l in layers]
+
+
+def questions(run_dirs: list[str], out: str, n: int = 200, n_askers: int = 300, n_bios: int = 100) -> dict:
+    """A selection score aimed at what later text asks about (point 18): each run's model read in the paper's format
+    (top-8 per KV head, 5 memories; held-out axis) with its tokens ranked by the attention they receive (no RoPE, no
+    mask, as the paper's score) from the queries of training questions at the positions that predict the answer
+    (`question_queries` over `n_askers` QA items about trained people in training wordings, memory off), instead
+    of from the reference's own tokens; and from the same QA text at every position. The held-out people, values
+    and answers never reach the queries. Also the share of answer tokens each score keeps (`answer_tokens_kept`,
+    `n_bios` held-out biographies). The model is not trained with this score: a named lever's first measurement.
+    All runs must share the world settings of the first."""
+    from mini_m3.checkpoint import load_pretrained
+    from mini_m3.memory.encode import encode_reference_tokens
+    from mini_m3.reading import build_reading_data, reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    items = reading_questions(world, others, n, s.seed)["heldout"]
+    askers = world.eval_questions("memory", n_askers, seed=s.seed + 1, question_family="train")
+    heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
+    ids = tok.encode_references(refs)
+
+    def memories(m, queries, batch=64):  # the bank's memories ranked by the queries' attention
+        for b in range(0, len(ids), batch):
+            yield encode_reference_tokens(m, ids[b:b + batch], pad_id=tok.pad_id, score_queries=queries,
+                                          reference_ids=range(b, b + len(ids[b:b + batch])))
+
+    result = {"question_set": "heldout", "n": n, "format": "attention/8/5", "askers": n_askers, "runs": {}}
+    for run in run_dirs:
+        model, run_tok = load_pretrained(Path(run) / "model")
+        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        top = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
+        row = {"top8 (the paper's score)": {"queries": 0, "kept": answer_tokens_kept(model, tok, refs, heldout),
+                                            "correct": read_bank(top, tok, refs, items)}}
+        for where in ("answer", "all"):
+            queries = question_queries(model, tok, askers, where)
+            row[f"top8, ranked by training questions' queries ({where} positions)"] = {
+                "queries": int(queries[0].shape[0]),
+                "kept": answer_tokens_kept(model, tok, refs, heldout, score_queries=queries),
+                "correct": read_bank(top, tok, refs, items, memories(top, queries))}
+        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": {
+            name: {"exact_match": sum(r.pop("correct")) / len(items), **r} for name, r in row.items()}}
+        print(run, {k: (round(v["exact_match"], 3), round(v["kept"]["pooled_any_layer"], 3))
+                    for k, v in result["runs"][run]["heldout_qa"].items()}, flush=True)
     write_json(out, result, seed=s.seed)
     return result
 
@@ -404,7 +488,9 @@ SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes",
                "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps",
                "forced": "forced OUT.json RUN_DIR ...: top-8 reading with the answer forced into the kept set "
-                         "(a label-reading diagnostic)"}
+                         "(a label-reading diagnostic)",
+               "questions": "questions OUT.json RUN_DIR ...: top-8 ranked by the attention of training questions' "
+                            "queries"}
 
 
 def main(argv=None) -> None:
@@ -427,6 +513,9 @@ def main(argv=None) -> None:
         return
     if argv[:1] == ["forced"]:  # forced OUT.json RUN_DIR [RUN_DIR ...]
         forced(argv[2:], argv[1])
+        return
+    if argv[:1] == ["questions"]:  # questions OUT.json RUN_DIR [RUN_DIR ...]
+        questions(argv[2:], argv[1])
         return
     if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
         sink(argv[2:], argv[1])

@@ -6,7 +6,7 @@ from _literal import literal_selection
 from conftest import tiny_model
 from mini_m3 import Memory3, Memory3Config, MemoryKV
 from mini_m3.memory.encode import (ExplicitMemory, encode_reference_tokens, encode_references,
-                                   select_top_tokens, selection_scores)
+                                   question_selection_scores, select_top_tokens, selection_scores)
 
 
 def hand_built(N=1, H=4, Hkv=2, R=12, d=8, hot=((3, 7, 9), (0, 5, 11))):
@@ -234,3 +234,30 @@ def test_forced_tokens_are_kept_in_every_head_and_the_rest_follow_the_ranking(ti
         encode_reference_tokens(tiny, refs, force=force, selector="all")
     with pytest.raises(ValueError, match="relaxed"):
         encode_reference_tokens(tiny, refs, force=force, soft_temperature=0.5)
+
+
+def test_question_aimed_selection_with_the_references_own_queries_is_the_papers(tiny):
+    """`score_queries=` ranks tokens by the attention they receive from given queries; given one reference's own
+    queries (no RoPE) it must keep the same tokens as the paper's score, and other queries keep other tokens."""
+    cfg = tiny.cfg
+    ref = torch.randint(4, cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        layers = tiny.encode_reference_layers(torch.tensor([ref]))
+    own = [layer["q_raw"][0].transpose(0, 1) for layer in layers]  # (R, H, d_h): every token asks
+    valid = torch.ones(1, 50, dtype=torch.bool)
+    for layer, q in zip(layers, own):
+        paper = selection_scores(layer["q_raw"], layer["k_raw"], valid, cfg.n_query_groups)
+        asked = question_selection_scores(q, layer["k_raw"], valid, cfg.n_query_groups)
+        assert torch.allclose(asked, paper, rtol=1e-9, atol=1e-12)
+    plain = encode_reference_tokens(tiny, [ref])
+    same = encode_reference_tokens(tiny, [ref], score_queries=own)
+    assert torch.equal(same.positions, plain.positions) and torch.equal(same.keys, plain.keys)
+    one = [q[7:8] for q in own]  # only token 7 asks: its favourite tokens, not the whole reference's
+    other = encode_reference_tokens(tiny, [ref], score_queries=one)
+    assert not torch.equal(other.positions, plain.positions)
+    with pytest.raises(ValueError, match="one \\(P, H, d_h\\) tensor per memory layer"):
+        encode_reference_tokens(tiny, [ref], score_queries=own[:1])
+    with pytest.raises(ValueError, match="hard 'attention' top-k"):
+        encode_reference_tokens(tiny, [ref], score_queries=own, selector="exp")
+    with pytest.raises(ValueError, match="queries must be"):
+        question_selection_scores(own[0][:, :1], layers[0]["k_raw"], valid, cfg.n_query_groups)

@@ -35,3 +35,32 @@ def test_answer_tokens_kept_counts_what_the_selection_keeps():
     assert 0.0 <= one["pooled_any_layer"] < 0.5
     for attr in one["per_attribute"].values():
         assert 0.0 <= attr["per_layer"] <= attr["any_layer"] <= 1.0
+
+
+def test_question_queries_are_the_memory_layers_queries_where_the_answer_is_predicted():
+    """`question_queries` keeps, per memory layer, the un-rotated queries of the positions that predict an answer
+    token (or of every position); RoPE only rotates, so each head's query norm equals the model's own q there."""
+    world = BioWorld.generate(40, seed=1)
+    docs = world.training_documents(500, seed=0)
+    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
+    items = world.eval_questions("memory", 3, seed=0, question_family="train")
+    torch.manual_seed(0)
+    model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    levers = _levers()
+    answer = levers.question_queries(model, tok, items, "answer")
+    every = levers.question_queries(model, tok, items, "all")
+    lengths = [(1 + len(tok.encode(it.prompt)), len(tok.encode(" " + it.answer))) for it in items]
+    cfg = model.cfg
+    assert len(answer) == len(every) == len(cfg.memory_layers)
+    assert answer[0].shape == (sum(a for _, a in lengths), cfg.n_heads, cfg.head_dim)
+    assert every[0].shape == (sum(p + a for p, a in lengths), cfg.n_heads, cfg.head_dim)
+    p, a = lengths[0]
+    ids = torch.tensor([[tok.bos_id] + tok.encode(items[0].prompt) + tok.encode(" " + items[0].answer)])
+    names = [f"blocks.{l}.attn.hook_q" for l in cfg.memory_layers]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, names=names)
+    for li, name in enumerate(names):
+        rotated = cache[name][0, :, p - 1:p - 1 + a].transpose(0, 1)  # (a, H, d_h), after RoPE
+        assert torch.allclose(answer[li][:a].norm(dim=-1), rotated.norm(dim=-1), atol=1e-5)
+        assert torch.allclose(every[li][p - 1:p - 1 + a], answer[li][:a])
+        assert not torch.allclose(answer[li][:a], rotated)  # rotated at positions > 0: not the raw query

@@ -153,6 +153,26 @@ def _selection_scores(q_raw, k_raw, valid, n_groups: int, selector: str, dtype: 
     return w.masked_fill(~valid[:, None, :], float("-inf"))
 
 
+def question_selection_scores(queries: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tensor, n_groups: int,
+                              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The paper's score with other askers: w_j = Σ_p Σ_{h in group} softmax_j(u_p,h·k_j/√d_h), the attention
+    token j receives from P given queries u (no RoPE, no mask) instead of from the reference's own tokens.
+
+    queries: (P, H, d_h), e.g. the memory layer's queries where training text asks for an answer
+    (`experiments/reading_levers.py questions`, a named lever, not the paper's format); k_raw: (N, H_kv, R, d_h)
+    without RoPE; valid: (N, R). Returns (N, H_kv, R), -inf on padding. Given a reference's own queries (P = R,
+    one reference, no padding) it is `selection_scores`."""
+    N, Hkv, R, dh = k_raw.shape
+    if queries.dim() != 3 or queries.shape[1] != Hkv * n_groups or queries.shape[2] != dh:
+        raise ValueError(f"queries must be (P, {Hkv * n_groups}, {dh}), got {tuple(queries.shape)}")
+    with torch.autocast(k_raw.device.type, enabled=False):
+        k_rep = k_raw.to(dtype).repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
+        logits = torch.einsum("phd,nhrd->nhpr", queries.to(k_rep), k_rep) / math.sqrt(dh)  # (N, H, P, R)
+        a = torch.softmax(logits.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+        w = a.sum(2).view(N, Hkv, n_groups, R).sum(2)
+    return w.masked_fill(~valid[:, None, :], float("-inf"))
+
+
 def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selector: str = "attention",
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the kept tokens per head, in reading order. scores: (N, H_kv, R) (ignored for "random" and
@@ -214,7 +234,8 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
                             reference_ids: Sequence[int] | None = None,
                             score_dtype: torch.dtype = torch.float64,
                             soft_temperature: float = 0.0, keep_scores: bool = False,
-                            force: torch.Tensor | None = None) -> ExplicitMemory:
+                            force: torch.Tensor | None = None,
+                            score_queries: Sequence[torch.Tensor] | None = None) -> ExplicitMemory:
     """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role), in the model's
     memory format unless `selector` / `tokens_per_head` say otherwise.
     Gradients flow into keys and values when autograd is on (used by continual training, §3.6).
@@ -225,7 +246,10 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
     selection score, with autograd, in `ExplicitMemory.selection`.
     force: (N, R) bool, tokens every memory head keeps before the ranking fills its other slots (earliest first
     if more than k): a diagnostic of what a kept set holds (`experiments/reading_levers.py forced`), never part
-    of the model's format. Only for the scored selectors ("attention", "exp") with a hard top-k."""
+    of the model's format. Only for the scored selectors ("attention", "exp") with a hard top-k.
+    score_queries: one (P, H, d_h) tensor per memory layer: rank tokens by the attention they receive from these
+    queries (`question_selection_scores`) instead of from the reference's own tokens; only with the "attention"
+    selector and a hard top-k (a named lever for experiments, not the paper's format)."""
     cfg = model.cfg
     selector, k = cfg.written_format(selector, tokens_per_head)
     soft = soft_temperature > 0
@@ -257,21 +281,31 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
         if tuple(force.shape) != (N, R) or force.dtype != torch.bool:
             raise ValueError(f"force must be a bool tensor of shape {(N, R)}, got {force.dtype} {tuple(force.shape)}")
         force = force.to(device) & valid
+    if score_queries is not None:
+        if soft or keep_scores or selector != "attention":
+            raise ValueError(f"score_queries needs the hard 'attention' top-k, not selector {selector!r}"
+                             + (" with a relaxed selection" if soft or keep_scores else ""))
+        if len(score_queries) != len(cfg.memory_layers):
+            raise ValueError(f"score_queries needs one (P, H, d_h) tensor per memory layer "
+                             f"({len(cfg.memory_layers)}), got {len(score_queries)}")
     layers = model.encode_reference_layers(ids)
     heads = torch.tensor(cfg.memory_heads, device=device)
     keys, values, positions, masks, biases, log_scores = [], [], [], [], [], []
     relaxed = soft or keep_scores  # keep every token (training's relaxed selection)
-    for layer in layers:
-        if selector in ("attention", "exp"):
+    for li, layer in enumerate(layers):
+        if score_queries is not None:
+            scores = question_selection_scores(score_queries[li].to(device), layer["k_raw"].detach(), valid,
+                                               cfg.n_query_groups, score_dtype)[:, heads]
+        elif selector in ("attention", "exp"):
             # the hard top-k choice is not differentiable: scoring without autograd keeps its (N, H, R, R) matrices
             # out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b); soft selection
             # needs them there
             qk = (layer["q_raw"], layer["k_raw"]) if relaxed else (layer["q_raw"].detach(), layer["k_raw"].detach())
             scores = selection_scores(*qk, valid, cfg.n_query_groups, selector, score_dtype)[:, heads]
-            if force is not None:  # above every score; earlier forced tokens first (ties go to the earlier token)
-                scores = scores.masked_fill(force[:, None, :], 1e30)
         else:
             scores = torch.zeros(N, len(cfg.memory_heads), R, device=device)
+        if force is not None:  # above every score; earlier forced tokens first (ties go to the earlier token)
+            scores = scores.masked_fill(force[:, None, :], 1e30)
         index, kept = select_top_tokens(scores.detach(), valid, R if relaxed else k, selector, generator)  # (N, H_mem, k)
         if soft:
             biases.append(soft_selection_bias(scores, index, kept, k, selector, soft_temperature))
