@@ -388,10 +388,13 @@ def questions(run_dirs: list[str], out: str, n: int = 200, n_askers: int = 300, 
     (top-8 per KV head, 5 memories; held-out axis) with its tokens ranked by the attention they receive (no RoPE, no
     mask, as the paper's score) from the queries of training questions at the positions that predict the answer
     (`question_queries` over `n_askers` QA items about trained people in training wordings, memory off), instead
-    of from the reference's own tokens; and from the same QA text at every position. The held-out people, values
+    of from the reference's own tokens; and from as many queries drawn from every position of the same QA text
+    (the control: is it where the queries ask, or only that other tokens ask?). The held-out people, values
     and answers never reach the queries. Also the share of answer tokens each score keeps (`answer_tokens_kept`,
     `n_bios` held-out biographies). The model is not trained with this score: a named lever's first measurement.
     All runs must share the world settings of the first."""
+    import torch
+
     from mini_m3.checkpoint import load_pretrained
     from mini_m3.memory.encode import encode_reference_tokens
     from mini_m3.reading import build_reading_data, reading_questions
@@ -418,8 +421,11 @@ def questions(run_dirs: list[str], out: str, n: int = 200, n_askers: int = 300, 
         top = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
         row = {"top8 (the paper's score)": {"queries": 0, "kept": answer_tokens_kept(model, tok, refs, heldout),
                                             "correct": read_bank(top, tok, refs, items)}}
-        for where in ("answer", "all"):
-            queries = question_queries(model, tok, askers, where)
+        answer_q = question_queries(model, tok, askers, "answer")
+        every_q = question_queries(model, tok, askers, "all")
+        pick = torch.randperm(every_q[0].shape[0], generator=torch.Generator().manual_seed(s.seed))
+        pick = pick[:answer_q[0].shape[0]]  # as many queries as the answer positions give
+        for where, queries in (("answer", answer_q), ("all", [q[pick] for q in every_q])):
             row[f"top8, ranked by training questions' queries ({where} positions)"] = {
                 "queries": int(queries[0].shape[0]),
                 "kept": answer_tokens_kept(model, tok, refs, heldout, score_queries=queries),

@@ -165,6 +165,9 @@ def question_selection_scores(queries: torch.Tensor, k_raw: torch.Tensor, valid:
     N, Hkv, R, dh = k_raw.shape
     if queries.dim() != 3 or queries.shape[1] != Hkv * n_groups or queries.shape[2] != dh:
         raise ValueError(f"queries must be (P, {Hkv * n_groups}, {dh}), got {tuple(queries.shape)}")
+    if dtype == torch.float64 and k_raw.device.type == "mps":  # no float64 there, as in `selection_scores`
+        return question_selection_scores(queries.cpu(), k_raw.cpu(), valid.cpu(), n_groups, dtype).float().to(
+            k_raw.device)
     with torch.autocast(k_raw.device.type, enabled=False):
         k_rep = k_raw.to(dtype).repeat_interleave(n_groups, dim=1)  # (N, H, R, d)
         logits = torch.einsum("phd,nhrd->nhpr", queries.to(k_rep), k_rep) / math.sqrt(dh)  # (N, H, P, R)
