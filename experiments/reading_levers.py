@@ -96,18 +96,28 @@ def table(paths: list[str]) -> str:
 FORMATS = (("all", 1), ("all", 5), ("attention", 1), ("attention", 5))
 
 
-def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
-    """Which half of the paper's format breaks reading: each run's model read in all four combinations of
-    {all tokens, top-8} x {1, 5 memories} on the held-out axis (its bank rebuilt in each format through
-    `with_memory_format`, a deliberate ablation). All runs must share the world settings of the first."""
+def read_bank(m, tok, refs: list[str], items, memories=None) -> list[bool]:
+    """Which of `items` model `m` answers exactly, reading memory from a temporary bank of `refs` in its own format
+    (its memories computed by `m`, or given: an iterable of `ExplicitMemory` batches in reference order)."""
     import tempfile
 
     import torch
 
-    from mini_m3.checkpoint import load_pretrained
     from mini_m3.evaluate import qa_eval
     from mini_m3.memory.bank import MemoryBank
     from mini_m3.memory.retrieve import Retriever
+
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False,
+                                memories=memories)
+        return qa_eval(m, tok, items, mode="memory", bank=bank)["correct"]
+
+
+def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
+    """Which half of the paper's format breaks reading: each run's model read in all four combinations of
+    {all tokens, top-8} x {1, 5 memories} on the held-out axis (its bank rebuilt in each format through
+    `with_memory_format`, a deliberate ablation). All runs must share the world settings of the first."""
+    from mini_m3.checkpoint import load_pretrained
     from mini_m3.reading import build_reading_data, reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
@@ -124,9 +134,8 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
         for sel, k in FORMATS:
             m = model.with_memory_format(selector=sel, tokens_per_head=8 if sel == "attention" else None,
                                          memories_per_chunk=k)
-            with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-                bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False)
-                row[f"{sel}/{k}"] = qa_eval(m, tok, items, mode="memory", bank=bank)["accuracy"]
+            correct = read_bank(m, tok, refs, items)
+            row[f"{sel}/{k}"] = float(sum(correct) / len(correct))
             print(run, sel, k, f"{row[f'{sel}/{k}']:.3f}", flush=True)
         result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row}
     write_json(out, result, seed=s.seed)
@@ -161,23 +170,6 @@ class _ChosenDistractors:
                 others = [int(x) for x in self._rng.choice(self._n, k + 1, replace=False) if x != own]
             rows.append([own] + others[:k - 1])
         return rows
-
-
-def read_bank(m, tok, refs: list[str], items, memories=None) -> list[bool]:
-    """Which of `items` model `m` answers exactly, reading memory from a temporary bank of `refs` in its own format
-    (its memories computed by `m`, or given: an iterable of `ExplicitMemory` batches in reference order)."""
-    import tempfile
-
-    import torch
-
-    from mini_m3.evaluate import qa_eval
-    from mini_m3.memory.bank import MemoryBank
-    from mini_m3.memory.retrieve import Retriever
-
-    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False,
-                                memories=memories)
-        return qa_eval(m, tok, items, mode="memory", bank=bank)["correct"]
 
 
 def answer_span(tok, ids: list[int], value: str) -> list[int] | None:
