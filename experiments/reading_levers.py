@@ -48,6 +48,8 @@ SETTING_HELP = {
     "soft_selection": "start temperature of soft top-k selection in the main continual stage (a lever; 0: the "
                       "paper's hard top-k)",
     "soft_selection_until": "fraction of the continual steps where soft selection and selection distillation end",
+    "soft_selection_gate": "what soft selection's slot weight scales: 'logit' (the slot's attention score) or "
+                           "'logit+value' (its value too, so the reader cannot outbid a small weight; a lever)",
     "selection_distill": "weight of selection distillation in the main continual stage (a lever; 0: off)",
     "selection_target": "what selection distillation fits the top-k score to: 'attention' (the reader's "
                         "attention per token) or 'attribution' (max(0, -dLoss/d slot log-weight))",
@@ -79,6 +81,8 @@ def table(paths: list[str]) -> str:
                  f"{r['memory_settings']['memories_per_chunk']}")
         if s.get("soft_selection"):  # training-time levers of the top-k (deviations 70, 71)
             model += f", soft selection T0 {s['soft_selection']} to {s['soft_selection_until']}"
+            if s.get("soft_selection_gate", "logit") != "logit":
+                model += f" ({s['soft_selection_gate']} gate)"
         if s.get("selection_distill"):
             target = s.get("selection_target", "attention")
             model += (f", selection distillation{'' if target == 'attention' else ' (' + target + ')'} "

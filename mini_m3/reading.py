@@ -71,6 +71,7 @@ class ReadingSettings:
     eval_every: int = 0  # continual steps between held-out QA checks (a temporary bank each time), 0 = none
     soft_selection: float = 0.0  # TrainConfig.soft_selection of the main continual stage (a lever; 0 = the paper)
     soft_selection_until: float = 0.5  # also the end of selection distillation's phase
+    soft_selection_gate: str = "logit"  # TrainConfig.soft_selection_gate: what a slot's soft weight scales (a lever)
     selection_distill: float = 0.0  # TrainConfig.selection_distill of the main continual stage (a lever)
     selection_target: str = "attention"  # TrainConfig.selection_target: what the distillation fits (a lever)
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps and memory format (a lever)
@@ -188,7 +189,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                    lr_warmup=stage_lr_warmup(s.warmup_steps),
                                    batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=not s.progress,
                                    threads=s.threads, soft_selection=s.soft_selection,
-                                   soft_selection_until=s.soft_selection_until, selection_distill=s.selection_distill,
+                                   soft_selection_until=s.soft_selection_until,
+                                   soft_selection_gate=s.soft_selection_gate, selection_distill=s.selection_distill,
                                    selection_target=s.selection_target)
     res = {}
     if warm is not None:

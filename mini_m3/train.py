@@ -45,7 +45,7 @@ from .checkpoint import autocast_to, fsync_dir, load_weights, read_config, resol
 from .config import MEMORY_SELECTORS
 from .utils import atomic_path, atomic_write_text, sha256_file
 from .data.text import training_sequences
-from .memory.encode import encode_reference_tokens, reference_rows
+from .memory.encode import SOFT_GATES, encode_reference_tokens, reference_rows
 from .memory.overlap import TRAIN_LEAKAGE_THRESHOLD, exceeds_overlap
 from .model import Memory3
 from .tokenizer import Tokenizer
@@ -192,6 +192,10 @@ class TrainConfig:
     # and at inference. 0 = the paper's hard top-k throughout. See `encode.soft_selection_bias`.
     soft_selection: float = 0.0
     soft_selection_until: float = 0.5  # also ends selection distillation's phase
+    # what the soft weight g_j of a slot scales (a named lever): "logit" (its attention score: the reader can outbid
+    # a small weight) or "logit+value" (also its value: only raising the token's selection score lets it be read).
+    # See `encode.encode_reference_tokens`.
+    soft_selection_gate: str = "logit"
     # selection distillation (a named lever, not the paper's): until soft_selection_until x steps every reference
     # token is kept, and this weight x KL(attention the reader pays each token || the selection score's
     # distribution) joins the loss, so the top-k learns to keep what the reader reads; the hard top-k after that.
@@ -226,6 +230,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.soft_selection={self.soft_selection} and selection_distill="
                              f"{self.selection_distill} must be >= 0 and soft_selection_until="
                              f"{self.soft_selection_until} in (0, 1]")
+        if self.soft_selection_gate not in SOFT_GATES:
+            raise ValueError(f"TrainConfig.soft_selection_gate={self.soft_selection_gate!r}: must be one of "
+                             f"{list(SOFT_GATES)}")
         if self.selection_target not in SELECTION_TARGETS:
             raise ValueError(f"TrainConfig.selection_target={self.selection_target!r}: must be one of "
                              f"{list(SELECTION_TARGETS)}")
@@ -347,7 +354,8 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
                                       tokens_per_head=cfg.tokens_per_head,
                                       generator=torch.Generator().manual_seed(cfg.seed),
                                       score_dtype=torch.float32,  # 2-3x faster selection; see selection_scores
-                                      soft_temperature=temperature, keep_scores=distill)
+                                      soft_temperature=temperature, keep_scores=distill,
+                                      soft_gate=cfg.soft_selection_gate)
     mem = mem.to(model.tok_emb.weight.dtype)  # under autocast the encoding comes out in bf16; the model reads its own
     kv = mem.to_memory_kv(local.to(mem.keys.device))
     if not distill:

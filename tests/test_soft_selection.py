@@ -105,6 +105,32 @@ def test_soft_selection_sends_gradient_into_the_selection_score():
             assert mem.tokens_per_head == 30 and wq.grad.abs().max() > 0
 
 
+def test_a_value_gate_scales_each_value_by_its_weight():
+    """soft_gate="logit+value": the same keys, slots and log-weights as "logit", each value times g_j = exp(log g_j),
+    so a barely selected token is barely read whatever attention it gets (as T -> 0, g_j -> the hard top-k's 0/1:
+    `test_soft_bias_tends_to_the_hard_top_k`); the gradient reaches the selection score through the values too."""
+    cfg = small_cfg()
+    model = Memory3(cfg).train()
+    refs = torch.randint(4, 97, (3, 30))
+    for temperature in (0.5, 1e-4):
+        logit = encode_reference_tokens(model, refs, soft_temperature=temperature, score_dtype=torch.float32)
+        gated = encode_reference_tokens(model, refs, soft_temperature=temperature, score_dtype=torch.float32,
+                                        soft_gate="logit+value")
+        torch.testing.assert_close(gated.keys, logit.keys)
+        torch.testing.assert_close(gated.bias, logit.bias)
+        torch.testing.assert_close(gated.values, logit.values * logit.bias.exp()[..., None])
+        assert (gated.values - logit.values).abs().max() > 1e-3  # the gate does change the values
+    model.zero_grad()
+    wq = model.blocks[cfg.memory_layers[-1]].attn.wq.weight
+    encode_reference_tokens(model, refs, soft_temperature=0.5, score_dtype=torch.float32,
+                            soft_gate="logit+value").values.sum().backward()
+    assert wq.grad.abs().max() > 0  # W_Q of the last memory layer only scores: it reaches the values via the gate
+    with pytest.raises(ValueError, match="soft_gate must be one of"):
+        encode_reference_tokens(model, refs, soft_temperature=0.5, soft_gate="value")
+    with pytest.raises(ValueError, match="soft_selection_gate"):
+        TrainConfig(soft_selection_gate="values")
+
+
 def test_soft_selection_refuses_an_unscored_selector():
     model = Memory3(small_cfg())
     with pytest.raises(ValueError, match="soft selection relaxes a scored top-k"):

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from ..config import MEMORY_SELECTORS as SELECTORS
 from ..model import Memory3, MemoryKV
 
+SOFT_GATES = ("logit", "logit+value")  # what soft selection's slot weight g_j scales (encode_reference_tokens)
+
 
 @dataclass
 class ExplicitMemory:
@@ -238,13 +240,18 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
                             score_dtype: torch.dtype = torch.float64,
                             soft_temperature: float = 0.0, keep_scores: bool = False,
                             force: torch.Tensor | None = None,
-                            score_queries: Sequence[torch.Tensor] | None = None) -> ExplicitMemory:
+                            score_queries: Sequence[torch.Tensor] | None = None,
+                            soft_gate: str = "logit") -> ExplicitMemory:
     """Encode references given as token ids (no BOS: the "<s>Reference:" prefix plays that role), in the model's
     memory format unless `selector` / `tokens_per_head` say otherwise.
     Gradients flow into keys and values when autograd is on (used by continual training, §3.6).
     score_dtype: precision of the selection scores (see `selection_scores`).
     soft_temperature > 0 (training only, `TrainConfig.soft_selection`): keep every token, each with the log-weight
     of `soft_selection_bias` in `ExplicitMemory.bias`, and let gradients reach the selection scores.
+    soft_gate (with soft_temperature > 0; `TrainConfig.soft_selection_gate`): "logit" (the log-weight joins the slot's
+    attention score only; the reader can outbid it with a larger q·k) or "logit+value" (the stored value is also
+    multiplied by the weight g_j, so a barely selected token adds at most g_j v_j whatever attention it gets: the
+    loss can only read it by raising its selection score). Both are the hard top-k as the temperature reaches 0.
     keep_scores (training only, `TrainConfig.selection_distill`): keep every token and return each token's log
     selection score, with autograd, in `ExplicitMemory.selection`.
     force: (N, R) bool, tokens every memory head keeps before the ranking fills its other slots (earliest first
@@ -258,6 +265,8 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
     soft = soft_temperature > 0
     if (soft or keep_scores) and selector not in ("attention", "exp"):
         raise ValueError(f"soft selection relaxes a scored top-k ('attention' or 'exp'), not selector {selector!r}")
+    if soft_gate not in SOFT_GATES:
+        raise ValueError(f"soft_gate must be one of {list(SOFT_GATES)}, got {soft_gate!r}")
     device = model.tok_emb.weight.device
     if isinstance(ref_ids, torch.Tensor):
         ids = ref_ids.to(device)
@@ -310,13 +319,16 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
         if force is not None:  # above every score; earlier forced tokens first (ties go to the earlier token)
             scores = scores.masked_fill(force[:, None, :], 1e30)
         index, kept = select_top_tokens(scores.detach(), valid, R if relaxed else k, selector, generator)  # (N, H_mem, k)
+        gate = None
         if soft:
             biases.append(soft_selection_bias(scores, index, kept, k, selector, soft_temperature))
+            if soft_gate == "logit+value":
+                gate = biases[-1].exp()[..., None]  # (N, H_mem, R, 1) g_j, 1 on empty slots (zeroed below)
         if keep_scores:  # (N, H_mem, R) log w_j, very negative on padding
             log_scores.append(scores.clamp_min(1e-30).log() if selector == "attention" else scores.clamp_min(-1e4))
         gather = index[..., None].expand(-1, -1, -1, cfg.head_dim)
         keys.append(layer["k"][:, heads].gather(2, gather))
-        values.append(layer["v"][:, heads].gather(2, gather))
+        values.append(layer["v"][:, heads].gather(2, gather) * (1 if gate is None else gate))
         positions.append(index + cfg.prefix_length)
         masks.append(kept)
     ref_tensor = torch.as_tensor(list(reference_ids) if reference_ids is not None else [-1] * N, dtype=torch.long)
