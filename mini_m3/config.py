@@ -22,8 +22,11 @@ from .utils import atomic_write_text
 
 CONFIG_FORMAT_VERSION = 2  # 2: memory_selector (version 1 files load with the paper's "attention")
 # §3.3 token selectors: "attention" (the paper: top tokens by attention received), "exp" (its un-normalised
-# approximation), "random", "first", and "all" (every reference token kept: no sparsification)
-MEMORY_SELECTORS = ("attention", "exp", "random", "first", "all")
+# approximation), "learned" (attention received from the model's own learned selection queries instead of from the
+# reference's tokens: a named lever, not the paper's; needs `memory_selection_queries`), "random", "first", and
+# "all" (every reference token kept: no sparsification)
+MEMORY_SELECTORS = ("attention", "exp", "learned", "random", "first", "all")
+SCORED_SELECTORS = ("attention", "exp", "learned")  # the selectors that rank tokens by a score
 # the fields of the memory format: the same weights under another format are the same weights (the bank checks the
 # format itself), so `checkpoint.weights_fingerprint` leaves these out
 MEMORY_FORMAT_FIELDS = ("memory_selector", "memory_tokens_per_head", "memories_per_chunk")
@@ -125,6 +128,9 @@ class Memory3Config:
     chunk_length: int = 64
     memories_per_chunk: int = 5
     memory_selector: str = "attention"
+    # learned selection queries per query head in each memory layer (`Attention.select_q`, weights of the model): the
+    # "learned" selector ranks a reference's tokens by the attention these pay them. 0 = none (the paper's models)
+    memory_selection_queries: int = 0
     # "<s>Reference:" as token ids: <s> and the reserved <ref> token of our Tokenizer
     reference_prefix_ids: tuple[int, ...] = (1, 3)
 
@@ -175,6 +181,11 @@ class Memory3Config:
             fail("memory_heads", "memory_layers and memory_heads must both be empty or both be non-empty")
         if self.memory_selector not in MEMORY_SELECTORS:
             fail("memory_selector", f"must be one of {list(MEMORY_SELECTORS)}")
+        if not is_int(self.memory_selection_queries) or self.memory_selection_queries < 0:
+            fail("memory_selection_queries", "must be an integer >= 0")
+        if self.memory_selector == "learned" and not self.memory_selection_queries:
+            fail("memory_selector", "'learned' ranks tokens by learned selection queries: set "
+                                    "memory_selection_queries > 0")
         if self.memory_tokens_per_head > self.reference_length:
             fail("memory_tokens_per_head", f"cannot exceed reference_length={self.reference_length}")
         if not self.reference_prefix_ids or not all(
@@ -214,6 +225,9 @@ class Memory3Config:
         selector = self.memory_selector if selector is None else selector
         if selector not in MEMORY_SELECTORS:
             raise ValueError(f"unknown selector {selector!r}; choose from {MEMORY_SELECTORS}")
+        if selector == "learned" and not self.memory_selection_queries:
+            raise ValueError("selector 'learned' needs a model with learned selection queries "
+                             "(Memory3Config.memory_selection_queries > 0)")
         k = self.reference_length if selector == "all" else (tokens_per_head or self.memory_tokens_per_head)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.reference_length:
             raise ValueError(f"tokens_per_head={k!r} must be an integer in [1, reference_length="

@@ -79,6 +79,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, Hkv * dh, bias=False)
         self.wv = nn.Linear(d, Hkv * dh, bias=False)
         self.wo = nn.Linear(H * dh, d, bias=False)
+        if self.is_memory_layer and cfg.memory_selection_queries:  # the "learned" selector's queries (a lever)
+            self.select_q = nn.Parameter(torch.empty(cfg.memory_selection_queries, H, dh))  # (P, H, d_h)
         self.hook_q = HookPoint()  # (B, H, T, d_h) after RoPE
         self.hook_k = HookPoint()  # (B, H_kv, S, d_h) all keys of the call, after RoPE
         self.hook_v = HookPoint()  # (B, H_kv, S, d_h)

@@ -149,7 +149,6 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     t0 = time.perf_counter()
     prov = provenance(s.seed)
     world, others, tokenizer, cfg, references, data, docs = build_reading_data(s)
-    n_mem = cfg.memories_per_chunk
     own = [d.person for d in docs]
     first = data.chunk_refs[..., 0].flatten().tolist() if data.chunk_refs.dim() == 3 else data.chunk_refs.flatten().tolist()
     train_top1 = float(np.mean([p == r for p, r in zip(own, first)]))
@@ -160,11 +159,19 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     if s.init_model:  # longer training in pieces: the same world and tokenizer, the previous run's weights
         from .checkpoint import load_pretrained
         prev, prev_tok = load_pretrained(s.init_model)
-        # the memory format may change (a format curriculum: all tokens and 1 memory first, then the paper's)
-        same_shape = dataclasses.replace(prev.cfg, **{f: getattr(cfg, f) for f in MEMORY_FORMAT_FIELDS}) == cfg
-        if not same_shape or prev_tok.fingerprint() != tokenizer.fingerprint():
+        # the memory format may change (a format curriculum: all tokens and 1 memory first, then the paper's), and
+        # learned selection queries may be added (a model without them: they start from their initialisation)
+        free = (*MEMORY_FORMAT_FIELDS, "memory_selection_queries")
+        same_shape = dataclasses.replace(prev.cfg, **{f: getattr(cfg, f) for f in free}) == cfg
+        adds_queries = prev.cfg.memory_selection_queries in (0, cfg.memory_selection_queries)
+        if not same_shape or not adds_queries or prev_tok.fingerprint() != tokenizer.fingerprint():
             raise ValueError(f"{s.init_model} was trained with another model config or tokenizer than these settings")
-        model.load_state_dict(prev.state_dict())
+        missing, unexpected = model.load_state_dict(prev.state_dict(), strict=False)
+        assert not unexpected and all(k.endswith(".attn.select_q") for k in missing), (missing, unexpected)
+        if missing:  # new learned selection queries start as the paper's askers (a sample of reference queries)
+            from .memory.encode import init_selection_queries
+            trained = [data.references[p.pid] for p in world.people if p.split != "heldout"]  # never held-out ones
+            init_selection_queries(model, trained, seed=s.seed)
 
     items = reading_questions(world, others, s.eval_questions, s.seed)
     watch = {k: v[:max(20, s.eval_questions // 4)] for k, v in items.items() if k in ("heldout", "all_new")}

@@ -7,7 +7,9 @@ equal chance (the prefix and padding take no part), summed over the query heads 
 The kept keys are stored after RoPE, so they remain at their positions p..p+127 (parallel positions).
 
 Selectors (for ablations): "attention" (the paper's softmax score), "exp" (the paper's un-normalised
-approximation, ranked stably by log-sum-exp), "random", "first", and "all" (no token sparsification).
+approximation, ranked stably by log-sum-exp), "learned" (the same softmax score with the memory layer's learned
+selection queries `Attention.select_q` as the askers: a named lever), "random", "first", and "all" (no token
+sparsification).
 The selector and tokens per head default to the model's memory format (`Memory3Config.memory_selector`,
 `memory_tokens_per_head`); explicit arguments override it (a bank refuses memories not in the model's format).
 """
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import MEMORY_SELECTORS as SELECTORS
+from ..config import SCORED_SELECTORS
 from ..model import Memory3, MemoryKV
 
 SOFT_GATES = ("logit", "logit+value")  # what soft selection's slot weight g_j scales (encode_reference_tokens)
@@ -183,7 +186,7 @@ def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selecto
     """Indices of the kept tokens per head, in reading order. scores: (N, H_kv, R) (ignored for "random" and
     "first"); valid: (N, R). Returns (index (N, H_kv, k) long, kept (N, H_kv, k) bool)."""
     N, Hkv, R = scores.shape
-    if selector in ("attention", "exp"):
+    if selector in SCORED_SELECTORS:
         # equal tokens (e.g. a repeated word in the first layer) have equal scores only up to float64 rounding,
         # which varies with the batch shape and the CPU: ranked in float32 they tie, and ties go to the earlier token
         s = scores.float()
@@ -215,7 +218,7 @@ def soft_selection_bias(scores: torch.Tensor, index: torch.Tensor, kept: torch.T
     """Log-weights log g_j of the gathered tokens under soft selection, a training-time relaxation of the top-k
     (the paper leaves gradients through the selection open, spec open item 4):
 
-        g_j = sigmoid((s_j - τ) / T),   s_j = log w_j ("attention") or the "exp" score,
+        g_j = sigmoid((s_j - τ) / T),   s_j = log w_j ("attention", "learned") or the "exp" score,
 
     τ halfway between the k-th and (k+1)-th best s of the head (no gradient). The k best tokens weigh ~1 and the
     others less the further they fall below; as T → 0 this is the paper's hard top-k. With T > 0 the loss reaches
@@ -224,13 +227,37 @@ def soft_selection_bias(scores: torch.Tensor, index: torch.Tensor, kept: torch.T
     tokens (`select_top_tokens`). Returns (N, H, R') log-weights, 0 on empty slots."""
     if temperature <= 0:
         raise ValueError(f"soft selection needs a temperature > 0, got {temperature}")
-    s = scores.clamp_min(1e-30).log() if selector == "attention" else scores.clamp_min(-1e30)
+    s = scores.clamp_min(1e-30).log() if selector in ("attention", "learned") else scores.clamp_min(-1e30)
     best = s.detach().sort(dim=-1, descending=True).values  # (N, H, R)
     if best.shape[-1] <= k:  # a reference of at most k tokens keeps them all
         return torch.zeros(index.shape, dtype=s.dtype, device=s.device)
     tau = (best[..., k - 1:k] + best[..., k:k + 1]) / 2  # (N, H, 1)
     log_g = F.logsigmoid((s - tau) / temperature).gather(-1, index)  # (N, H, R')
     return log_g.masked_fill(~kept, 0.0)
+
+
+@torch.no_grad()
+def init_selection_queries(model: Memory3, ref_ids: Sequence[Sequence[int]], seed: int = 0) -> None:
+    """Start the "learned" selector's queries (`Attention.select_q`, (P, H, d_h) per memory layer) as the paper's
+    askers: each is the un-rotated query of a token drawn at random from `ref_ids` (references, as
+    `Tokenizer.encode_references` gives them), so that training starts near the paper's score (attention received
+    from a reference's own tokens) instead of from noise."""
+    cfg = model.cfg
+    P = cfg.memory_selection_queries
+    if not P:
+        raise ValueError("this model has no learned selection queries (Memory3Config.memory_selection_queries = 0)")
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(len(ref_ids), (P,), generator=gen).tolist()
+    rows = [list(ref_ids[i]) for i in pick]
+    R = max(map(len, rows))
+    ids = torch.zeros(P, R, dtype=torch.long)  # right padding is harmless: no real token sees a later one
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(r)
+    pos = torch.tensor([int(torch.randint(len(r), (1,), generator=gen)) for r in rows])
+    device = model.tok_emb.weight.device
+    for li, layer in enumerate(model.encode_reference_layers(ids.to(device))):
+        q = layer["q_raw"][torch.arange(P), :, pos.to(device)]  # (P, H, d_h)
+        model.blocks[cfg.memory_layers[li]].attn.select_q.copy_(q)
 
 
 def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | torch.Tensor, *,
@@ -256,15 +283,15 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
     selection score, with autograd, in `ExplicitMemory.selection`.
     force: (N, R) bool, tokens every memory head keeps before the ranking fills its other slots (earliest first
     if more than k): a diagnostic of what a kept set holds (`experiments/reading_levers.py forced`), never part
-    of the model's format. Only for the scored selectors ("attention", "exp") with a hard top-k.
+    of the model's format. Only for the scored selectors ("attention", "exp", "learned") with a hard top-k.
     score_queries: one (P, H, d_h) tensor per memory layer: rank tokens by the attention they receive from these
     queries (`question_selection_scores`) instead of from the reference's own tokens; only with the "attention"
     selector and a hard top-k (a named lever for experiments, not the paper's format)."""
     cfg = model.cfg
     selector, k = cfg.written_format(selector, tokens_per_head)
     soft = soft_temperature > 0
-    if (soft or keep_scores) and selector not in ("attention", "exp"):
-        raise ValueError(f"soft selection relaxes a scored top-k ('attention' or 'exp'), not selector {selector!r}")
+    if (soft or keep_scores) and selector not in SCORED_SELECTORS:
+        raise ValueError(f"soft selection relaxes a scored top-k {SCORED_SELECTORS}, not selector {selector!r}")
     if soft_gate not in SOFT_GATES:
         raise ValueError(f"soft_gate must be one of {list(SOFT_GATES)}, got {soft_gate!r}")
     device = model.tok_emb.weight.device
@@ -287,8 +314,8 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
         valid = torch.arange(R, device=device)[None] < torch.tensor(lens, device=device)[:, None]
     N, R = ids.shape
     if force is not None:
-        if soft or keep_scores or selector not in ("attention", "exp"):
-            raise ValueError(f"force needs a hard scored top-k ('attention' or 'exp'), not selector {selector!r}"
+        if soft or keep_scores or selector not in SCORED_SELECTORS:
+            raise ValueError(f"force needs a hard scored top-k {SCORED_SELECTORS}, not selector {selector!r}"
                              + (" with a relaxed selection" if soft or keep_scores else ""))
         if tuple(force.shape) != (N, R) or force.dtype != torch.bool:
             raise ValueError(f"force must be a bool tensor of shape {(N, R)}, got {force.dtype} {tuple(force.shape)}")
@@ -308,6 +335,11 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
         if score_queries is not None:
             scores = question_selection_scores(score_queries[li].to(device), layer["k_raw"].detach(), valid,
                                                cfg.n_query_groups, score_dtype)[:, heads]
+        elif selector == "learned":  # attention received from the layer's learned selection queries (a lever)
+            k_sel = layer["k_raw"] if relaxed else layer["k_raw"].detach()
+            q_sel = model.blocks[cfg.memory_layers[li]].attn.select_q
+            scores = question_selection_scores(q_sel if relaxed else q_sel.detach(), k_sel, valid, cfg.n_query_groups,
+                                               score_dtype)[:, heads]
         elif selector in ("attention", "exp"):
             # the hard top-k choice is not differentiable: scoring without autograd keeps its (N, H, R, R) matrices
             # out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b); soft selection
@@ -325,7 +357,8 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
             if soft_gate == "logit+value":
                 gate = biases[-1].exp()[..., None]  # (N, H_mem, R, 1) g_j, 1 on empty slots (zeroed below)
         if keep_scores:  # (N, H_mem, R) log w_j, very negative on padding
-            log_scores.append(scores.clamp_min(1e-30).log() if selector == "attention" else scores.clamp_min(-1e4))
+            log_scores.append(scores.clamp_min(1e-30).log() if selector in ("attention", "learned")
+                              else scores.clamp_min(-1e4))
         gather = index[..., None].expand(-1, -1, -1, cfg.head_dim)
         keys.append(layer["k"][:, heads].gather(2, gather))
         values.append(layer["v"][:, heads].gather(2, gather) * (1 if gate is None else gate))
