@@ -186,7 +186,8 @@ def answer_span(tok, ids: list[int], value: str) -> list[int] | None:
 
 
 def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_queries=None) -> dict:
-    """How much of each answer the top-k selection (attention received, k tokens per KV head) keeps in `people`'s
+    """How much of each answer the top-k selection (attention received, k tokens per KV head; from the learned
+    selection queries for a "learned" model) keeps in `people`'s
     bank biographies: per attribute, the share of the answer's tokens kept in each memory layer ("per_layer") and in
     some memory layer ("any_layer"); and "any_layer" pooled over every answer token ("pooled_any_layer").
     score_queries: rank by the attention from these queries instead (`encode_reference_tokens`)."""
@@ -196,23 +197,31 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
     from mini_m3.data.bios import ATTRIBUTES
     from mini_m3.memory.encode import encode_reference_tokens
 
-    top = model.with_memory_format(selector="attention", tokens_per_head=k, memories_per_chunk=5)
+    scored = "learned" if model.cfg.memory_selector == "learned" else "attention"  # a learned model: its own score
+    top = model.with_memory_format(selector=scored, tokens_per_head=k, memories_per_chunk=5)
     kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
-    pooled = []
+    pooled, whole_layer, whole_head = [], [], []
     for p in people:
         ids = tok.encode_references([refs[p.pid]])[0]
         with torch.no_grad():
             mem = encode_reference_tokens(top, [ids], score_queries=score_queries)
-        layers = [set((mem.positions[0, l][mem.mask[0, l]] - model.cfg.prefix_length).tolist())
-                  for l in range(mem.positions.shape[1])]
+        off = model.cfg.prefix_length
+        heads = [[set((mem.positions[0, l, h][mem.mask[0, l, h]] - off).tolist()) for h in range(mem.positions.shape[2])]
+                 for l in range(mem.positions.shape[1])]  # [layer][head] kept token indices
+        layers = [set().union(*hs) for hs in heads]
         for a in ATTRIBUTES:
             sp = answer_span(tok, ids, p.facts()[a])
             if sp:
                 kept[a]["per_layer"].append(np.mean([[i in L for i in sp] for L in layers]))
                 kept[a]["any_layer"].append(np.mean([any(i in L for L in layers) for i in sp]))
                 pooled += [any(i in L for L in layers) for i in sp]
+                whole_layer.append(any(set(sp) <= L for L in layers))
+                whole_head.append(any(set(sp) <= H for hs in heads for H in hs))
     return {"per_attribute": {a: {key: float(np.mean(v)) for key, v in d.items()} for a, d in kept.items()},
-            "pooled_any_layer": float(np.mean(pooled)), "n_answer_tokens": len(pooled)}
+            "pooled_any_layer": float(np.mean(pooled)), "n_answer_tokens": len(pooled),
+            # exact match needs every piece: the share of answers kept whole by one memory layer (its heads
+            # together) and by one head
+            "whole_answer_one_layer": float(np.mean(whole_layer)), "whole_answer_one_head": float(np.mean(whole_head))}
 
 
 def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
@@ -232,7 +241,9 @@ def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
         model, run_tok = load_pretrained(Path(run) / "model")
         assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
         result["runs"][run] = answer_tokens_kept(model, tok, refs, heldout)
-        print(run, f"{result['runs'][run]['pooled_any_layer']:.3f}", flush=True)
+        r = result["runs"][run]
+        print(run, f"{r['pooled_any_layer']:.3f} whole: {r['whole_answer_one_layer']:.3f} (layer) "
+                   f"{r['whole_answer_one_head']:.3f} (head)", flush=True)
     write_json(out, result, seed=s.seed)
     return result
 
