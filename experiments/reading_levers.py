@@ -79,6 +79,8 @@ def table(paths: list[str]) -> str:
         model = (f"{c['n_layers']}L d{c['d_model']} kv{c['n_kv_heads']}, memory layers {c['memory_layers']}, "
                  f"{r['memory_settings']['selector']}/{r['memory_settings']['tokens_per_head']}/"
                  f"{r['memory_settings']['memories_per_chunk']}")
+        if c.get("memory_selection_queries"):  # the "learned" selector's queries (deviation 73)
+            model += f", {c['memory_selection_queries']} selection queries per head"
         if s.get("soft_selection"):  # training-time levers of the top-k (deviations 70, 71)
             model += f", soft selection T0 {s['soft_selection']} to {s['soft_selection_until']}"
             if s.get("soft_selection_gate", "logit") != "logit":
@@ -200,7 +202,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
     scored = "learned" if model.cfg.memory_selector == "learned" else "attention"  # a learned model: its own score
     top = model.with_memory_format(selector=scored, tokens_per_head=k, memories_per_chunk=5)
     kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
-    pooled, whole_layer, whole_head = [], [], []
+    pooled, whole_layer, whole_head, distinct = [], [], [], []
     for p in people:
         ids = tok.encode_references([refs[p.pid]])[0]
         with torch.no_grad():
@@ -209,6 +211,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
         heads = [[set((mem.positions[0, l, h][mem.mask[0, l, h]] - off).tolist()) for h in range(mem.positions.shape[2])]
                  for l in range(mem.positions.shape[1])]  # [layer][head] kept token indices
         layers = [set().union(*hs) for hs in heads]
+        distinct += [len(L) / sum(map(len, hs)) for L, hs in zip(layers, heads)]  # 1: no head repeats another's
         for a in ATTRIBUTES:
             sp = answer_span(tok, ids, p.facts()[a])
             if sp:
@@ -221,7 +224,9 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
             "pooled_any_layer": float(np.mean(pooled)), "n_answer_tokens": len(pooled),
             # exact match needs every piece: the share of answers kept whole by one memory layer (its heads
             # together) and by one head
-            "whole_answer_one_layer": float(np.mean(whole_layer)), "whole_answer_one_head": float(np.mean(whole_head))}
+            "whole_answer_one_layer": float(np.mean(whole_layer)), "whole_answer_one_head": float(np.mean(whole_head)),
+            # distinct tokens a memory layer keeps over its kept slots (1: no two heads keep the same token)
+            "distinct_tokens_per_slot": float(np.mean(distinct))}
 
 
 def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
@@ -243,7 +248,8 @@ def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
         result["runs"][run] = answer_tokens_kept(model, tok, refs, heldout)
         r = result["runs"][run]
         print(run, f"{r['pooled_any_layer']:.3f} whole: {r['whole_answer_one_layer']:.3f} (layer) "
-                   f"{r['whole_answer_one_head']:.3f} (head)", flush=True)
+                   f"{r['whole_answer_one_head']:.3f} (head); distinct per slot {r['distinct_tokens_per_slot']:.3f}",
+              flush=True)
     write_json(out, result, seed=s.seed)
     return result
 
