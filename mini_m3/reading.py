@@ -167,7 +167,9 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         if not same_shape or not adds_queries or prev_tok.fingerprint() != tokenizer.fingerprint():
             raise ValueError(f"{s.init_model} was trained with another model config or tokenizer than these settings")
         missing, unexpected = model.load_state_dict(prev.state_dict(), strict=False)
-        assert not unexpected and all(k.endswith(".attn.select_q") for k in missing), (missing, unexpected)
+        if unexpected or not all(k.endswith(".attn.select_q") for k in missing):
+            raise ValueError(f"{s.init_model}: its weights do not fit these settings (missing {missing}, "
+                             f"unexpected {unexpected})")
         if missing:  # new learned selection queries start as the paper's askers (a sample of reference queries)
             from .memory.encode import init_selection_queries
             trained = [data.references[p.pid] for p in world.people if p.split != "heldout"]  # never held-out ones
