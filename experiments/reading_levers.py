@@ -121,7 +121,8 @@ def read_bank(m, tok, refs: list[str], items, memories=None) -> list[bool]:
 
 def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
     """Which half of the paper's format breaks reading: each run's model read in all four combinations of
-    {all tokens, top-8} x {1, 5 memories} on the held-out axis (its bank rebuilt in each format through
+    {all tokens, top-8} x {1, 5 memories} (and with 8 tokens per head of its own selector if it was trained with
+    another, e.g. "disjoint") on the held-out axis (its bank rebuilt in each format through
     `with_memory_format`, a deliberate ablation). All runs must share the world settings of the first."""
     from mini_m3.checkpoint import load_pretrained
     from mini_m3.reading import build_reading_data, reading_questions
@@ -137,8 +138,10 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
         model, run_tok = load_pretrained(Path(run) / "model")
         assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
         row = {}
-        for sel, k in FORMATS:
-            m = model.with_memory_format(selector=sel, tokens_per_head=8 if sel == "attention" else None,
+        own = model.cfg.memory_selector  # a model trained with another selector is also read with its own
+        extra = ((own, 1), (own, 5)) if own not in ("attention", "all") else ()
+        for sel, k in FORMATS + extra:
+            m = model.with_memory_format(selector=sel, tokens_per_head=None if sel == "all" else 8,
                                          memories_per_chunk=k)
             correct = read_bank(m, tok, refs, items)
             row[f"{sel}/{k}"] = float(sum(correct) / len(correct))
@@ -189,7 +192,7 @@ def answer_span(tok, ids: list[int], value: str) -> list[int] | None:
 
 def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_queries=None) -> dict:
     """How much of each answer the top-k selection (attention received, k tokens per KV head; from the learned
-    selection queries for a "learned" model) keeps in `people`'s
+    selection queries for a "learned" model, divided among the heads for a "disjoint" one) keeps in `people`'s
     bank biographies: per attribute, the share of the answer's tokens kept in each memory layer ("per_layer") and in
     some memory layer ("any_layer"); and "any_layer" pooled over every answer token ("pooled_any_layer").
     score_queries: rank by the attention from these queries instead (`encode_reference_tokens`)."""
@@ -199,10 +202,11 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
     from mini_m3.data.bios import ATTRIBUTES
     from mini_m3.memory.encode import encode_reference_tokens
 
-    scored = "learned" if model.cfg.memory_selector == "learned" else "attention"  # a learned model: its own score
+    # a "learned" or "disjoint" model: its own selection; any other: the paper's
+    scored = model.cfg.memory_selector if model.cfg.memory_selector in ("learned", "disjoint") else "attention"
     top = model.with_memory_format(selector=scored, tokens_per_head=k, memories_per_chunk=5)
     kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
-    pooled, whole_layer, whole_head, distinct = [], [], [], []
+    pooled, whole_layer, whole_head, distinct, name_layer, both_layer = [], [], [], [], [], []
     for p in people:
         ids = tok.encode_references([refs[p.pid]])[0]
         with torch.no_grad():
@@ -212,6 +216,8 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
                  for l in range(mem.positions.shape[1])]  # [layer][head] kept token indices
         layers = [set().union(*hs) for hs in heads]
         distinct += [len(L) / sum(map(len, hs)) for L, hs in zip(layers, heads)]  # 1: no head repeats another's
+        name = set(answer_span(tok, ids, p.name) or ())  # the full name's first mention (the introduction)
+        name_layer.append(any(name <= L for L in layers))
         for a in ATTRIBUTES:
             sp = answer_span(tok, ids, p.facts()[a])
             if sp:
@@ -220,13 +226,18 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
                 pooled += [any(i in L for L in layers) for i in sp]
                 whole_layer.append(any(set(sp) <= L for L in layers))
                 whole_head.append(any(set(sp) <= H for hs in heads for H in hs))
+                both_layer.append(any(set(sp) | name <= L for L in layers))
     return {"per_attribute": {a: {key: float(np.mean(v)) for key, v in d.items()} for a, d in kept.items()},
             "pooled_any_layer": float(np.mean(pooled)), "n_answer_tokens": len(pooled),
             # exact match needs every piece: the share of answers kept whole by one memory layer (its heads
             # together) and by one head
             "whole_answer_one_layer": float(np.mean(whole_layer)), "whole_answer_one_head": float(np.mean(whole_head)),
             # distinct tokens a memory layer keeps over its kept slots (1: no two heads keep the same token)
-            "distinct_tokens_per_slot": float(np.mean(distinct))}
+            "distinct_tokens_per_slot": float(np.mean(distinct)),
+            # which memory is about the asked person: the full name kept whole by one memory layer, and the name
+            # together with a whole answer (what reading one of 5 memories needs from one layer)
+            "whole_name_one_layer": float(np.mean(name_layer)),
+            "whole_answer_and_name_one_layer": float(np.mean(both_layer))}
 
 
 def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
@@ -248,7 +259,8 @@ def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
         result["runs"][run] = answer_tokens_kept(model, tok, refs, heldout)
         r = result["runs"][run]
         print(run, f"{r['pooled_any_layer']:.3f} whole: {r['whole_answer_one_layer']:.3f} (layer) "
-                   f"{r['whole_answer_one_head']:.3f} (head); distinct per slot {r['distinct_tokens_per_slot']:.3f}",
+                   f"{r['whole_answer_one_head']:.3f} (head); distinct per slot {r['distinct_tokens_per_slot']:.3f}; "
+                   f"name {r['whole_name_one_layer']:.3f}, name and answer {r['whole_answer_and_name_one_layer']:.3f}",
               flush=True)
     write_json(out, result, seed=s.seed)
     return result

@@ -24,8 +24,9 @@ CONFIG_FORMAT_VERSION = 2  # 2: memory_selector (version 1 files load with the p
 # §3.3 token selectors: "attention" (the paper: top tokens by attention received), "exp" (its un-normalised
 # approximation), "learned" (attention received from the model's own learned selection queries instead of from the
 # reference's tokens: a named lever, not the paper's; needs `memory_selection_queries`), "random", "first", and
-# "all" (every reference token kept: no sparsification)
-MEMORY_SELECTORS = ("attention", "exp", "learned", "random", "first", "all")
+# "all" (every reference token kept: no sparsification), and "disjoint" (the paper's attention score, but the KV heads
+# of a memory layer take turns choosing, each its best token that no head keeps yet: a named lever, not the paper's)
+MEMORY_SELECTORS = ("attention", "exp", "learned", "random", "first", "all", "disjoint")
 SCORED_SELECTORS = ("attention", "exp", "learned")  # the selectors that rank tokens by a score
 # the fields of the memory format: the same weights under another format are the same weights (the bank checks the
 # format itself), so `checkpoint.weights_fingerprint` leaves these out

@@ -30,9 +30,15 @@ def test_answer_tokens_kept_counts_what_the_selection_keeps():
     levers = _levers()
     every = levers.answer_tokens_kept(model, tok, refs, people, k=128)  # k >= the reference: every token kept
     assert every["n_answer_tokens"] > 0 and every["pooled_any_layer"] == 1.0
+    assert every["whole_name_one_layer"] == every["whole_answer_and_name_one_layer"] == 1.0
     one = levers.answer_tokens_kept(model, tok, refs, people, k=1)  # 1 token per head and layer: most are lost
     assert one["n_answer_tokens"] == every["n_answer_tokens"]
     assert 0.0 <= one["pooled_any_layer"] < 0.5
+    assert one["whole_answer_and_name_one_layer"] <= min(one["whole_name_one_layer"], one["whole_answer_one_layer"])
+    assert one["whole_answer_and_name_one_layer"] < 0.5  # 2 names' pieces and an answer's in 4 slots: rarely
+    split = levers.answer_tokens_kept(model.with_memory_format(selector="disjoint"), tok, refs, people, k=4)
+    paper = levers.answer_tokens_kept(model, tok, refs, people, k=4)
+    assert split["distinct_tokens_per_slot"] == 1.0 > paper["distinct_tokens_per_slot"]
     for attr in one["per_attribute"].values():
         assert 0.0 <= attr["per_layer"] <= attr["any_layer"] <= 1.0
 

@@ -8,8 +8,9 @@ The kept keys are stored after RoPE, so they remain at their positions p..p+127 
 
 Selectors (for ablations): "attention" (the paper's softmax score), "exp" (the paper's un-normalised
 approximation, ranked stably by log-sum-exp), "learned" (the same softmax score with the memory layer's learned
-selection queries `Attention.select_q` as the askers: a named lever), "random", "first", and "all" (no token
-sparsification).
+selection queries `Attention.select_q` as the askers: a named lever), "disjoint" (the softmax score, with the KV
+heads of a layer taking turns to keep tokens no head keeps yet: a named lever), "random", "first", and "all" (no
+token sparsification).
 The selector and tokens per head default to the model's memory format (`Memory3Config.memory_selector`,
 `memory_tokens_per_head`); explicit arguments override it (a bank refuses memories not in the model's format).
 """
@@ -196,6 +197,8 @@ def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selecto
     elif selector in ("first", "all"):
         s = (-torch.arange(R, device=scores.device, dtype=torch.float64)).expand(N, Hkv, R)
         s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    elif selector == "disjoint":
+        s = disjoint_choice(scores.float(), valid, k).double().log()  # 0 on the chosen tokens, -inf elsewhere
     else:
         raise ValueError(f"unknown selector {selector!r}; choose from {SELECTORS}")
     kk = min(k, R)
@@ -211,6 +214,29 @@ def select_top_tokens(scores: torch.Tensor, valid: torch.Tensor, k: int, selecto
         index = torch.cat([index, index.new_zeros(N, Hkv, pad)], -1)
         kept = torch.cat([kept, kept.new_zeros(N, Hkv, pad)], -1)
     return index, kept
+
+
+def disjoint_choice(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The "disjoint" selector's choice (a named lever, not the paper's): the KV heads of a memory layer divide a
+    reference's tokens among themselves. In each of k rounds, heads 0, 1, ... in turn keep their best-scored token
+    (by the paper's attention received) that no head keeps yet; once every token is kept by some head, a head takes
+    its best token it does not keep itself. So a layer keeps min(H k, R) distinct tokens where the paper's top-k
+    per head may keep the same token in several heads. scores: (N, H, R), -inf on padding; valid: (N, R).
+    Returns (N, H, R) bool, at most k tokens per head; ties go to the earlier token."""
+    N, H, R = scores.shape
+    rows = torch.arange(N, device=scores.device)
+    own = torch.zeros(N, H, R, dtype=torch.bool, device=scores.device)  # (N, H, R) kept by head h
+    taken = torch.zeros(N, R, dtype=torch.bool, device=scores.device)  # (N, R) kept by any head
+    for _ in range(min(k, R)):
+        for h in range(H):
+            free = valid & ~own[:, h]  # (N, R) tokens head h could still keep
+            fresh = free & ~taken
+            use = torch.where(fresh.any(-1, keepdim=True), fresh, free)
+            j = scores[:, h].masked_fill(~use, float("-inf")).argmax(-1)  # (N,) the first best
+            ok = use.any(-1)
+            own[rows, h, j] |= ok
+            taken[rows, j] |= ok
+    return own
 
 
 def soft_selection_bias(scores: torch.Tensor, index: torch.Tensor, kept: torch.Tensor, k: int, selector: str,
@@ -340,12 +366,13 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
             q_sel = model.blocks[cfg.memory_layers[li]].attn.select_q
             scores = question_selection_scores(q_sel if relaxed else q_sel.detach(), k_sel, valid, cfg.n_query_groups,
                                                score_dtype)[:, heads]
-        elif selector in ("attention", "exp"):
+        elif selector in ("attention", "exp", "disjoint"):
             # the hard top-k choice is not differentiable: scoring without autograd keeps its (N, H, R, R) matrices
             # out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b); soft selection
             # needs them there
             qk = (layer["q_raw"], layer["k_raw"]) if relaxed else (layer["q_raw"].detach(), layer["k_raw"].detach())
-            scores = selection_scores(*qk, valid, cfg.n_query_groups, selector, score_dtype)[:, heads]
+            scores = selection_scores(*qk, valid, cfg.n_query_groups, "exp" if selector == "exp" else "attention",
+                                      score_dtype)[:, heads]
         else:
             scores = torch.zeros(N, len(cfg.memory_heads), R, device=device)
         if force is not None:  # above every score; earlier forced tokens first (ties go to the earlier token)
