@@ -216,8 +216,10 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
                  for l in range(mem.positions.shape[1])]  # [layer][head] kept token indices
         layers = [set().union(*hs) for hs in heads]
         distinct += [len(L) / sum(map(len, hs)) for L, hs in zip(layers, heads)]  # 1: no head repeats another's
-        name = set(answer_span(tok, ids, p.name) or ())  # the full name's first mention (the introduction)
-        name_layer.append(any(name <= L for L in layers))
+        name = answer_span(tok, ids, p.name)  # the full name's first mention (the introduction); None: not counted
+        name = set(name) if name else None
+        if name:
+            name_layer.append(any(name <= L for L in layers))
         for a in ATTRIBUTES:
             sp = answer_span(tok, ids, p.facts()[a])
             if sp:
@@ -226,7 +228,8 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
                 pooled += [any(i in L for L in layers) for i in sp]
                 whole_layer.append(any(set(sp) <= L for L in layers))
                 whole_head.append(any(set(sp) <= H for hs in heads for H in hs))
-                both_layer.append(any(set(sp) | name <= L for L in layers))
+                if name:
+                    both_layer.append(any((set(sp) | name) <= L for L in layers))
     return {"per_attribute": {a: {key: float(np.mean(v)) for key, v in d.items()} for a, d in kept.items()},
             "pooled_any_layer": float(np.mean(pooled)), "n_answer_tokens": len(pooled),
             # exact match needs every piece: the share of answers kept whole by one memory layer (its heads

@@ -12,6 +12,8 @@ Python loops over rows, heads and queries, in float64, so a test can hold the pa
   softmax_j(X_i W_Q (X_j W_K)ᵀ / √d_h) over the reference's own tokens (no prefix, no padding), with no causal
   mask and no position encoding; keep the top k tokens (ties to the earlier one); store their keys after RoPE at
   their positions p + j and their values.
+- `literal_disjoint`: the "disjoint" selector's choice (deviation 74, not the paper's) from given scores: k rounds
+  in which the KV heads of a layer, in order, each keep their best token no head keeps yet.
 """
 from __future__ import annotations
 
@@ -143,3 +145,20 @@ def literal_selection(model, ref: list[int], k: int | None = None, *, softmax: b
     pick = index[..., None].expand(-1, -1, -1, dh)
     return {"scores": scores, "index": index, "positions": index + p, "keys": all_keys.gather(2, pick),
             "values": all_values.gather(2, pick), "all_keys": all_keys, "all_values": all_values}
+
+
+def literal_disjoint(scores: list[list[float]], n_valid: int, k: int) -> list[set[int]]:
+    """One reference, written out: k rounds; in each, heads 0, 1, ... keep their best token no head keeps yet (the
+    earliest on ties), or, once every token is kept by some head, their best token they do not keep themselves.
+    scores: [head][token] (the first n_valid tokens are the reference's). Returns each head's kept token indices."""
+    H = len(scores)
+    own = [set() for _ in range(H)]
+    for _ in range(min(k, n_valid)):
+        for h in range(H):
+            taken = set().union(*own)
+            free = [j for j in range(n_valid) if j not in own[h]]
+            fresh = [j for j in free if j not in taken]
+            pool = fresh or free
+            if pool:
+                own[h].add(max(pool, key=lambda j: (scores[h][j], -j)))
+    return own

@@ -5,25 +5,10 @@ import random
 
 import pytest
 import torch
+from _literal import literal_disjoint, literal_selection
 
 from mini_m3 import Memory3, Memory3Config
 from mini_m3.memory.encode import disjoint_choice, encode_reference_tokens, select_top_tokens
-
-
-def literal_disjoint(scores: list[list[float]], n_valid: int, k: int) -> list[set[int]]:
-    """One reference, written out: k rounds; in each, heads 0, 1, ... keep their best token no head keeps yet (the
-    earliest on ties), or, once every token is kept by some head, their best token they do not keep themselves."""
-    H = len(scores)
-    own = [set() for _ in range(H)]
-    for _ in range(min(k, n_valid)):
-        for h in range(H):
-            taken = set().union(*own)
-            free = [j for j in range(n_valid) if j not in own[h]]
-            fresh = [j for j in free if j not in taken]
-            pool = fresh or free
-            if pool:
-                own[h].add(max(pool, key=lambda j: (scores[h][j], -j)))
-    return own
 
 
 @pytest.mark.parametrize("H,R,k", [(4, 40, 8), (4, 20, 8), (8, 30, 3), (3, 5, 4)])
@@ -83,5 +68,12 @@ def test_a_model_in_the_disjoint_format_writes_distinct_tokens_per_layer_and_rou
         j = mem.positions[n, 0, 2] - prefix
         assert torch.equal(mem.keys[n, 0, 2], layers[0]["k"][0, 2, j])
     assert not torch.equal(mem.positions, paper.positions)
+    # end to end: the paper's scores written out (tests/_literal.py), divided among the heads by the literal loop
+    for n in range(3):
+        lit = literal_selection(model, refs[n].tolist(), k=4)
+        for li in range(2):
+            want = [literal_disjoint(lit["scores"][li].tolist(), 30, 4)[h] for h in range(4)]
+            got = [set((mem.positions[n, li, h] - prefix).tolist()) for h in range(4)]
+            assert got == want
     with pytest.raises(ValueError, match="soft selection relaxes a scored top-k"):
         encode_reference_tokens(model, refs, soft_temperature=0.5)
