@@ -68,15 +68,17 @@ def parse_model(items: list[str]) -> dict:
 
 
 def table(paths: list[str]) -> str:
-    """One markdown row per results.json: the levers of the run, then memory / off for every axis. (Runs before
-    name_share / value_share existed used 4 / 8.)"""
+    """One markdown row per results.json: the levers of the run, then memory / off for every axis. The model is
+    written `6L d64 kv8x16`: layers, width, KV heads x head dim. (Runs before name_share / value_share existed used
+    4 / 8.)"""
     from mini_m3.reading import AXES
     rows = ["| run | world (people per name / value, vocab) | model, memory format | steps: warmup + 1-memory "
             "curriculum + main | " + " | ".join(AXES) + " |", "|---|---|---|---|" + "---|" * len(AXES)]
     for path in paths:
         r = json.loads(open(path).read())
         s, c = r["settings"], r["config"]
-        model = (f"{c['n_layers']}L d{c['d_model']} kv{c['n_kv_heads']}, memory layers {c['memory_layers']}, "
+        model = (f"{c['n_layers']}L d{c['d_model']} kv{c['n_kv_heads']}x{c['head_dim']}, "
+                 f"memory layers {c['memory_layers']}, "
                  f"{r['memory_settings']['selector']}/{r['memory_settings']['tokens_per_head']}/"
                  f"{r['memory_settings']['memories_per_chunk']}")
         if c.get("memory_selection_queries"):  # the "learned" selector's queries (deviation 73)
