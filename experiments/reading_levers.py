@@ -104,9 +104,10 @@ def table(paths: list[str]) -> str:
 FORMATS = (("all", 1), ("all", 5), ("attention", 1), ("attention", 5))
 
 
-def read_bank(m, tok, refs: list[str], items, memories=None) -> list[bool]:
-    """Which of `items` model `m` answers exactly, reading memory from a temporary bank of `refs` in its own format
-    (its memories computed by `m`, or given: an iterable of `ExplicitMemory` batches in reference order)."""
+def read_bank(m, tok, refs: list[str], items, memories=None) -> dict:
+    """`qa_eval` of `items` (its "correct": which ones model `m` answers exactly) reading memory from a temporary bank
+    of `refs` in its own format (its memories computed by `m`, or given: an iterable of `ExplicitMemory` batches in
+    reference order)."""
     import tempfile
 
     import torch
@@ -118,16 +119,17 @@ def read_bank(m, tok, refs: list[str], items, memories=None) -> list[bool]:
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         bank = MemoryBank.build(Path(tmp) / "bank", m, tok, refs, retriever=Retriever(), progress=False,
                                 memories=memories)
-        return qa_eval(m, tok, items, mode="memory", bank=bank)["correct"]
+        return qa_eval(m, tok, items, mode="memory", bank=bank)
 
 
 def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
     """Which half of the paper's format breaks reading: each run's model read in all four combinations of
     {all tokens, top-8} x {1, 5 memories} (and with 8 tokens per head of its own selector if it was trained with
     another, e.g. "disjoint") on the held-out axis (its bank rebuilt in each format through
-    `with_memory_format`, a deliberate ablation). All runs must share the world settings of the first."""
+    `with_memory_format`, a deliberate ablation), in all and per asked attribute (`by_attribute`: exact match, the
+    first answer token, the later ones). All runs must share the world settings of the first."""
     from mini_m3.checkpoint import load_pretrained
-    from mini_m3.reading import build_reading_data, reading_questions
+    from mini_m3.reading import build_reading_data, by_attribute, reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
@@ -139,16 +141,20 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
     for run in run_dirs:
         model, run_tok = load_pretrained(Path(run) / "model")
         assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
-        row = {}
+        row, per = {}, {}
         own = model.cfg.memory_selector  # a model trained with another selector is also read with its own
         extra = ((own, 1), (own, 5)) if own not in ("attention", "all") else ()
         for sel, k in FORMATS + extra:
             m = model.with_memory_format(selector=sel, tokens_per_head=None if sel == "all" else 8,
                                          memories_per_chunk=k)
-            correct = read_bank(m, tok, refs, items)
-            row[f"{sel}/{k}"] = float(sum(correct) / len(correct))
-            print(run, sel, k, f"{row[f'{sel}/{k}']:.3f}", flush=True)
-        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row}
+            r = read_bank(m, tok, refs, items)
+            row[f"{sel}/{k}"] = r["accuracy"]
+            per[f"{sel}/{k}"] = by_attribute(items, r)
+            print(run, sel, k, f"{row[f'{sel}/{k}']:.3f}",
+                  {a: f"{v['exact_match']:.2f} (first {v['first_piece']:.2f})" for a, v in per[f"{sel}/{k}"].items()},
+                  flush=True)
+        result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row,
+                               "heldout_qa_by_attribute": per}
     write_json(out, result, seed=s.seed)
     return result
 
@@ -196,7 +202,8 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
     """How much of each answer the top-k selection (attention received, k tokens per KV head; from the learned
     selection queries for a "learned" model, divided among the heads for a "disjoint" one) keeps in `people`'s
     bank biographies: per attribute, the share of the answer's tokens kept in each memory layer ("per_layer") and in
-    some memory layer ("any_layer"); and "any_layer" pooled over every answer token ("pooled_any_layer").
+    some memory layer ("any_layer"), and of answers whose first token some layer keeps ("first_any_layer"); and
+    "any_layer" pooled over every answer token ("pooled_any_layer").
     score_queries: rank by the attention from these queries instead (`encode_reference_tokens`)."""
     import numpy as np
     import torch
@@ -207,7 +214,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
     # a "learned" or "disjoint" model: its own selection; any other: the paper's
     scored = model.cfg.memory_selector if model.cfg.memory_selector in ("learned", "disjoint") else "attention"
     top = model.with_memory_format(selector=scored, tokens_per_head=k, memories_per_chunk=5)
-    kept = {a: {"per_layer": [], "any_layer": []} for a in ATTRIBUTES}
+    kept = {a: {"per_layer": [], "any_layer": [], "first_any_layer": []} for a in ATTRIBUTES}
     pooled, whole_layer, whole_head, distinct, name_layer, both_layer = [], [], [], [], [], []
     for p in people:
         ids = tok.encode_references([refs[p.pid]])[0]
@@ -227,6 +234,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
             if sp:
                 kept[a]["per_layer"].append(np.mean([[i in L for i in sp] for L in layers]))
                 kept[a]["any_layer"].append(np.mean([any(i in L for L in layers) for i in sp]))
+                kept[a]["first_any_layer"].append(any(sp[0] in L for L in layers))  # the answer's first token
                 pooled += [any(i in L for L in layers) for i in sp]
                 whole_layer.append(any(set(sp) <= L for L in layers))
                 whole_head.append(any(set(sp) <= H for hs in heads for H in hs))
@@ -362,7 +370,7 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
                                           reference_ids=range(b, b + len(rows)))
 
     def read(m, its, memories=None):
-        return read_bank(m, tok, refs, its, memories)
+        return read_bank(m, tok, refs, its, memories)["correct"]
 
     result = {"question_set": "heldout", "n": n, "format": "attention/8/5", "runs": {}}
     for run in run_dirs:
@@ -450,7 +458,7 @@ def questions(run_dirs: list[str], out: str, n: int = 200, n_askers: int = 300, 
         assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
         top = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
         row = {"top8 (the paper's score)": {"queries": 0, "kept": answer_tokens_kept(model, tok, refs, heldout),
-                                            "correct": read_bank(top, tok, refs, items)}}
+                                            "correct": read_bank(top, tok, refs, items)["correct"]}}
         answer_q = question_queries(model, tok, askers, "answer")
         every_q = question_queries(model, tok, askers, "all")
         pick = torch.randperm(every_q[0].shape[0], generator=torch.Generator().manual_seed(s.seed))
@@ -459,7 +467,7 @@ def questions(run_dirs: list[str], out: str, n: int = 200, n_askers: int = 300, 
             row[f"top8, ranked by training questions' queries ({where} positions)"] = {
                 "queries": int(queries[0].shape[0]),
                 "kept": answer_tokens_kept(model, tok, refs, heldout, score_queries=queries),
-                "correct": read_bank(top, tok, refs, items, memories(top, queries))}
+                "correct": read_bank(top, tok, refs, items, memories(top, queries))["correct"]}
         result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": {
             name: {"exact_match": sum(r.pop("correct")) / len(items), **r} for name, r in row.items()}}
         print(run, {k: (round(v["exact_match"], 3), round(v["kept"]["pooled_any_layer"], 3))

@@ -40,7 +40,9 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
             progress: bool = False) -> dict:
     """Exact match and mean answer log-likelihood over QA items (objects with `.prompt` and `.answer`: a world
     `QAItem`, or a `UserQuestion`). RAG mode puts the retrieved texts before the prompt, leaving out the
-    lowest-ranked ones that do not fit `max_seq_len` ("rag_references_read": how many were read, on average)."""
+    lowest-ranked ones that do not fit `max_seq_len` ("rag_references_read": how many were read, on average).
+    "correct": each item's exact match (every answer token greedy-right, then an end); "pieces": for each item, whether
+    each answer token is the greedy prediction given the true tokens before it (teacher forced)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "none" and bank is None:
@@ -49,7 +51,7 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
     n_mem = memories_per_chunk or cfg.memories_per_chunk
     dev = model.tok_emb.weight.device
     newline_ids = {i for i in range(tokenizer.vocab_size) if (tokenizer.id_to_token(i) or "").startswith("Ċ")}
-    correct, loglik, retrieved, rag_read = [], [], [], []
+    correct, pieces, loglik, retrieved, rag_read = [], [], [], [], []
     model.eval()
     for s in tqdm(range(0, len(items), batch_size), disable=not progress, desc=f"QA ({mode})", unit="batch"):
         batch = items[s:s + batch_size]
@@ -85,13 +87,15 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
         for b, (a0, a1) in enumerate(spans):
             tgt = idx[b, a0:a1].to(dev)
             ll = logp[b, a0 - 1:a1 - 1].gather(-1, tgt[:, None]).sum()
-            ok = bool((pred[b, a0 - 1:a1 - 1] == tgt).all())
+            hit = (pred[b, a0 - 1:a1 - 1] == tgt).tolist()  # teacher forced: piece j right given pieces < j
             end = int(pred[b, a1 - 1])
-            ok = ok and (end == tokenizer.eos_id or end in newline_ids)
+            ok = all(hit) and (end == tokenizer.eos_id or end in newline_ids)
             correct.append(ok)
+            pieces.append(hit)
             loglik.append(float(ll))
     out = {"accuracy": float(np.mean(correct)) if correct else float("nan"), "n": len(correct),
-           "answer_loglik": float(np.mean(loglik)) if loglik else float("nan"), "correct": correct}
+           "answer_loglik": float(np.mean(loglik)) if loglik else float("nan"), "correct": correct,
+           "pieces": pieces}
     if retrieved:
         out["retrieved"] = retrieved
     if rag_read:

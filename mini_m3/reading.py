@@ -125,12 +125,31 @@ def reading_questions(world: BioWorld, others, n: int, seed: int) -> dict:
             "other_style_names": other_items, "trained": q("memory", "train")}
 
 
+def by_attribute(items, result: dict) -> dict:
+    """A `qa_eval` result split by the asked attribute: {attribute: {"n", "exact_match", "first_piece",
+    "later_pieces"}}. "first_piece": the share of answers whose first token is predicted (finding the answer);
+    "later_pieces": the share of the other answer tokens predicted given the true ones before them (copying the
+    span; None for one-token answers). Both teacher forced, from `qa_eval`'s "pieces"."""
+    acc = {}
+    for it, ok, hit in zip(items, result["correct"], result["pieces"]):
+        a = acc.setdefault(it.attribute, {"n": 0, "exact": 0, "first": 0, "later": [0, 0]})
+        a["n"] += 1
+        a["exact"] += bool(ok)
+        a["first"] += bool(hit[0])
+        a["later"][0] += sum(map(bool, hit[1:]))
+        a["later"][1] += len(hit) - 1
+    return {k: {"n": a["n"], "exact_match": a["exact"] / a["n"], "first_piece": a["first"] / a["n"],
+                "later_pieces": a["later"][0] / a["later"][1] if a["later"][1] else None}
+            for k, a in sorted(acc.items())}
+
+
 def evaluate_axes(model: Memory3, tokenizer, bank, items: dict) -> dict:
     out = {}
     for axis, its in items.items():
         mem = qa_eval(model, tokenizer, its, mode="memory", bank=bank)
         off = qa_eval(model, tokenizer, its, mode="none")
         out[axis] = {"memory": mem["accuracy"], "memory_off": off["accuracy"], "n": mem["n"],
+                     "by_attribute": {"memory": by_attribute(its, mem), "memory_off": by_attribute(its, off)},
                      "answer_loglik": {"memory": mem["answer_loglik"], "memory_off": off["answer_loglik"]},
                      "retrieval_top1": retrieval_hit_rate(its, mem["retrieved"], 1),
                      f"retrieval_top{model.cfg.memories_per_chunk}": retrieval_hit_rate(its, mem["retrieved"])}

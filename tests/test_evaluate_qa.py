@@ -169,3 +169,16 @@ def test_qa_needs_a_bank_and_excludes_text_dir(reading, tmp_path, capsys):
     code, _, err = cli(capsys, "evaluate", "--model", reading.root / "model", "--bank", reading.root / "bank",
                        "--qa", qa, "--text-dir", tmp_path)
     assert_user_error(code, err, "evaluate", "not allowed with argument", usage=True)
+
+
+def test_qa_eval_pieces_are_teacher_forced_token_hits_that_exact_match_implies(reading):
+    """"pieces": one bool per answer token; an exact match has every piece right, and with memory off (the model
+    cannot know held-out keys) the first piece is mostly wrong."""
+    bank = MemoryBank.open(reading.root / "bank", reading.model, reading.tok)
+    items = [UserQuestion(question(n), k) for n, k in reading.people]
+    for mode in ("memory", "none"):
+        r = qa_eval(reading.model, reading.tok, items, mode=mode, bank=bank)
+        assert [len(p) for p in r["pieces"]] == [len(reading.tok.encode(" " + it.answer)) for it in items]
+        assert all(all(p) for p, ok in zip(r["pieces"], r["correct"]) if ok)
+        first = [p[0] for p in r["pieces"][N_TRAINED:]]  # held-out people
+        assert (sum(first) >= 10) if mode == "memory" else (sum(first) <= 4), (mode, first)

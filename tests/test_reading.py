@@ -2,13 +2,14 @@
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mini_m3.checkpoint import load_pretrained
 from mini_m3.memory.bank import MemoryBank
-from mini_m3.reading import AXES, ReadingSettings, build_reading_data, run_reading
+from mini_m3.reading import AXES, ReadingSettings, build_reading_data, by_attribute, run_reading
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,23 @@ def test_a_run_may_continue_in_another_memory_format(quick, tmp_path):
     assert r2["memory_settings"] == {"selector": "all", "tokens_per_head": 128, "memories_per_chunk": 1}
     with pytest.raises(ValueError, match="another model config"):
         run_reading(tmp_path / "wide", dataclasses.replace(more, model={"n_layers": 2}))
+
+
+def test_by_attribute_splits_exact_match_and_answer_pieces():
+    items = [SimpleNamespace(attribute=a) for a in ("major", "major", "birth_date", "employer")]
+    result = {"correct": [True, False, False, False],
+              "pieces": [[True, True], [True, False], [False, True, True, True], [True]]}
+    got = by_attribute(items, result)
+    assert got == {"birth_date": {"n": 1, "exact_match": 0.0, "first_piece": 0.0, "later_pieces": 1.0},
+                   "employer": {"n": 1, "exact_match": 0.0, "first_piece": 1.0, "later_pieces": None},
+                   "major": {"n": 2, "exact_match": 0.5, "first_piece": 1.0, "later_pieces": 0.5}}
+
+
+def test_every_axis_is_split_by_attribute_consistently(quick):
+    out, s, r = quick
+    for axis in r["axes"].values():
+        for mode in ("memory", "memory_off"):
+            per = axis["by_attribute"][mode]
+            assert sum(v["n"] for v in per.values()) == axis["n"]
+            assert sum(v["n"] * v["exact_match"] for v in per.values()) == pytest.approx(axis[mode] * axis["n"])
+            assert all(v["exact_match"] <= v["first_piece"] for v in per.values())
