@@ -526,10 +526,78 @@ def sink(run_dirs: list[str], out: str, batches: int = 4, batch_size: int = 32) 
     return result
 
 
+def attends(run_dirs: list[str], out: str, n: int = 400) -> dict:
+    """Where the memory attention of the answer position goes: each run's model reads the asked person's own top-8
+    memory only (1 memory, so nothing else competes), and at the question's last token (where the answer's first
+    token is predicted) each memory layer's attention to the memory slots is summed, averaged over query heads, by
+    what the kept token is in the biography: an attribute's first answer token, a later one, the name, or other. Per
+    asked attribute and memory layer (held-out questions). It reads the label (the asked person's reference is
+    given): a diagnostic, never an evaluation. All runs must share the world settings of the first."""
+    from collections import defaultdict
+
+    import torch
+
+    from mini_m3.checkpoint import load_pretrained
+    from mini_m3.data.bios import ATTRIBUTES
+    from mini_m3.memory.encode import encode_reference_tokens
+    from mini_m3.reading import build_reading_data, reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    people = {p.pid: p for p in world.people}
+    items = reading_questions(world, others, n, s.seed)["heldout"]
+    result = {"question_set": "heldout", "n": n, "memory": "the asked person's own, top-8, 1 per chunk", "runs": {}}
+    for run in run_dirs:
+        model, run_tok = load_pretrained(Path(run) / "model")
+        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        one = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=1).eval()
+        c = one.cfg
+        names = [f"blocks.{l}.attn.hook_pattern" for l in c.memory_layers]
+        share = defaultdict(lambda: defaultdict(float))
+        asked = defaultdict(int)
+        for it in items:
+            ids = tok.encode_references([refs[it.person]])[0]
+            what = {}
+            for a in ATTRIBUTES:
+                for j, i in enumerate(answer_span(tok, ids, people[it.person].facts()[a]) or []):
+                    what[i] = f"{a} (first)" if j == 0 else f"{a} (later)"
+            for i in answer_span(tok, ids, people[it.person].name) or []:
+                what.setdefault(i, "name")
+            x = torch.tensor([[tok.bos_id] + tok.encode(it.prompt)])
+            with torch.no_grad():
+                mem = encode_reference_tokens(one, [ids])
+                _, cache = one.run_with_cache(x, names=names, memory=mem.to_memory_kv(torch.zeros(1, 1, 1).long()),
+                                              query_chunks=torch.zeros(x.shape[1], dtype=torch.long))
+            asked[it.attribute] += 1
+            k = mem.keys.shape[-2]
+            for li, layer in enumerate(c.memory_layers):
+                pattern = cache[names[li]][0, :, -1, c.prefix_length:c.prefix_length + k]  # (H, k): memory slots
+                row = share[f"{it.attribute} / layer {layer}"]
+                for h in range(pattern.shape[0]):
+                    hk = h // c.n_query_groups
+                    for j in range(k):
+                        if mem.mask[0, li, hk, j]:
+                            t = int(mem.positions[0, li, hk, j]) - c.prefix_length
+                            row[what.get(t, "other")] += float(pattern[h, j]) / pattern.shape[0]
+                row["all memory slots"] += float(pattern.sum()) / pattern.shape[0]
+        rows = {key: {w: v / asked[key.split(" / ")[0]] for w, v in sorted(d.items(), key=lambda x: -x[1])}
+                for key, d in sorted(share.items())}
+        result["runs"][run] = rows
+        for key, d in rows.items():
+            print(run, key, {w: round(v, 3) for w, v in list(d.items())[:5]}, flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
                "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes",
+               "attends": "attends OUT.json RUN_DIR ...: what the answer position's memory attention reads, per "
+                          "asked attribute (a label-reading diagnostic)",
                "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps",
                "forced": "forced OUT.json RUN_DIR ...: top-8 reading with the answer forced into the kept set "
                          "(a label-reading diagnostic)",
@@ -563,6 +631,9 @@ def main(argv=None) -> None:
         return
     if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
         sink(argv[2:], argv[1])
+        return
+    if argv[:1] == ["attends"]:  # attends OUT.json RUN_DIR [RUN_DIR ...]
+        attends(argv[2:], argv[1])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
