@@ -96,6 +96,8 @@ def table(paths: list[str]) -> str:
         if s.get("wordings", "base") != "base":
             world += f", {s['wordings']} wordings"
         init = f" (from `{s['init_model']}`)" if s.get("init_model") else ""
+        if s.get("lr", 2e-3) != 2e-3:  # the default peak learning rate is left unsaid
+            init += f", peak LR {s['lr']:g}"
         rows.append(f"| `{path}` | {world} | {model} | {s['warmup_steps']} + {s['curriculum_steps']} + "
                     f"{s['continual_steps']}{init} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
