@@ -557,6 +557,8 @@ def attends(run_dirs: list[str], out: str, n: int = 400) -> dict:
         assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
         one = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=1).eval()
         c = one.cfg
+        if list(c.memory_heads) != list(range(c.n_kv_heads)):  # memory head h_mem is KV head h_mem below
+            raise ValueError(f"{run}: attends reads models whose memory heads are all the KV heads")
         names = [f"blocks.{l}.attn.hook_pattern" for l in c.memory_layers]
         share = defaultdict(lambda: defaultdict(float))
         asked = defaultdict(int)
