@@ -103,6 +103,23 @@ def table(paths: list[str]) -> str:
     return "\n".join(rows)
 
 
+def run_world(run_dir: str):
+    """The settings of a run (its results.json, no progress output) and its rebuilt world: (settings,
+    `build_reading_data`'s tuple). Diagnostics rebuild the world of the first run and read every run in it."""
+    from mini_m3.reading import build_reading_data
+    settings = json.loads((Path(run_dir) / "results.json").read_text())["settings"]
+    s = ReadingSettings(**{**settings, "progress": False})
+    return s, build_reading_data(s)
+
+
+def run_model(run: str, tok, first: str):
+    """A run's model, refused if its tokenizer is not the world's (`tok`, the world of run `first`)."""
+    from mini_m3.checkpoint import load_pretrained
+    model, run_tok = load_pretrained(Path(run) / "model")
+    assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {first}"
+    return model
+
+
 FORMATS = (("all", 1), ("all", 5), ("attention", 1), ("attention", 5))
 
 
@@ -130,19 +147,15 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
     another, e.g. "disjoint") on the held-out axis (its bank rebuilt in each format through
     `with_memory_format`, a deliberate ablation), in all and per asked attribute (`by_attribute`: exact match, the
     first answer token, the later ones). All runs must share the world settings of the first."""
-    from mini_m3.checkpoint import load_pretrained
-    from mini_m3.reading import build_reading_data, by_attribute, reading_questions
+    from mini_m3.reading import by_attribute, reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
-    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
-    s = ReadingSettings(**{**settings, "progress": False})
-    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
     items = reading_questions(world, others, n, s.seed)["heldout"]
     result = {"question_set": "heldout", "n": n, "runs": {}}
     for run in run_dirs:
-        model, run_tok = load_pretrained(Path(run) / "model")
-        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        model = run_model(run, tok, run_dirs[0])
         row, per = {}, {}
         own = model.cfg.memory_selector  # a model trained with another selector is also read with its own
         extra = ((own, 1), (own, 5)) if own not in ("attention", "all") else ()
@@ -258,19 +271,14 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
 def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
     """The share of held-out answer tokens each run's top-8 selection keeps (`answer_tokens_kept`), over the first
     `n_bios` held-out bank biographies. All runs must share the world settings of the first."""
-    from mini_m3.checkpoint import load_pretrained
-    from mini_m3.reading import build_reading_data
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
-    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
-    s = ReadingSettings(**{**settings, "progress": False})
-    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
     heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
     result = {"n_biographies": n_bios, "k": 8, "runs": {}}
     for run in run_dirs:
-        model, run_tok = load_pretrained(Path(run) / "model")
-        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        model = run_model(run, tok, run_dirs[0])
         result["runs"][run] = answer_tokens_kept(model, tok, refs, heldout)
         r = result["runs"][run]
         print(run, f"{r['pooled_any_layer']:.3f} whole: {r['whole_answer_one_layer']:.3f} (layer) "
@@ -292,24 +300,20 @@ def diagnose(run_dirs: list[str], out: str, n: int = 200, n_bios: int = 100) -> 
 
     import torch
 
-    from mini_m3.checkpoint import load_pretrained
     from mini_m3.evaluate import qa_eval
     from mini_m3.memory.bank import MemoryBank
     from mini_m3.memory.retrieve import Retriever
-    from mini_m3.reading import build_reading_data, reading_questions
+    from mini_m3.reading import reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
-    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
-    s = ReadingSettings(**{**settings, "progress": False})
-    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
     items = reading_questions(world, others, n, s.seed)["heldout"]
     heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
 
     result = {"question_set": "heldout", "n": n, "n_biographies": n_bios, "runs": {}}
     for run in run_dirs:
-        model, run_tok = load_pretrained(Path(run) / "model")
-        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        model = run_model(run, tok, run_dirs[0])
         row = {"answer_tokens_kept_top8": answer_tokens_kept(model, tok, refs, heldout)["per_attribute"]}
         qa = {}
         for k_tok, k_mem in ((8, 1), (8, 5), (16, 1), (16, 5)):
@@ -344,16 +348,13 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
     world settings of the first."""
     import torch
 
-    from mini_m3.checkpoint import load_pretrained
     from mini_m3.data.bios import ATTRIBUTES
     from mini_m3.memory.encode import encode_reference_tokens
-    from mini_m3.reading import build_reading_data, reading_questions
+    from mini_m3.reading import reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
-    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
-    s = ReadingSettings(**{**settings, "progress": False})
-    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
     items = reading_questions(world, others, n, s.seed)["heldout"]
     people = list(world.people) + list(others)  # index = pid = bank row
     ids = tok.encode_references(refs)
@@ -376,8 +377,7 @@ def forced(run_dirs: list[str], out: str, n: int = 200) -> dict:
 
     result = {"question_set": "heldout", "n": n, "format": "attention/8/5", "runs": {}}
     for run in run_dirs:
-        model, run_tok = load_pretrained(Path(run) / "model")
-        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        model = run_model(run, tok, run_dirs[0])
         top = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
         rows = {"top8": read(top, items),
                 "all tokens": read(model.with_memory_format(selector="all", memories_per_chunk=5), items)}
@@ -435,15 +435,12 @@ def questions(run_dirs: list[str], out: str, n: int = 200, n_askers: int = 300, 
     All runs must share the world settings of the first."""
     import torch
 
-    from mini_m3.checkpoint import load_pretrained
     from mini_m3.memory.encode import encode_reference_tokens
-    from mini_m3.reading import build_reading_data, reading_questions
+    from mini_m3.reading import reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
-    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
-    s = ReadingSettings(**{**settings, "progress": False})
-    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
     items = reading_questions(world, others, n, s.seed)["heldout"]
     askers = world.eval_questions("memory", n_askers, seed=s.seed + 1, question_family="train")
     heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
@@ -456,8 +453,7 @@ def questions(run_dirs: list[str], out: str, n: int = 200, n_askers: int = 300, 
 
     result = {"question_set": "heldout", "n": n, "format": "attention/8/5", "askers": n_askers, "runs": {}}
     for run in run_dirs:
-        model, run_tok = load_pretrained(Path(run) / "model")
-        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        model = run_model(run, tok, run_dirs[0])
         top = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=5)
         row = {"top8 (the paper's score)": {"queries": 0, "kept": answer_tokens_kept(model, tok, refs, heldout),
                                             "correct": read_bank(top, tok, refs, items)["correct"]}}
@@ -486,14 +482,11 @@ def sink(run_dirs: list[str], out: str, batches: int = 4, batch_size: int = 32) 
     import torch
 
     from mini_m3.checkpoint import load_pretrained
-    from mini_m3.reading import build_reading_data
     from mini_m3.train import TrainConfig, batch_order, continual_memory
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
-    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
-    s = ReadingSettings(**{**settings, "progress": False})
-    *_, data, _ = build_reading_data(s)
+    s, (*_, data, _) = run_world(run_dirs[0])
     keep_all = TrainConfig(stage="continual", steps=1, selection_distill=1.0, selector="attention")
     result = {"batches": batches, "batch_size": batch_size, "runs": {}}
     for run in run_dirs:
@@ -539,22 +532,18 @@ def attends(run_dirs: list[str], out: str, n: int = 400) -> dict:
 
     import torch
 
-    from mini_m3.checkpoint import load_pretrained
     from mini_m3.data.bios import ATTRIBUTES
     from mini_m3.memory.encode import encode_reference_tokens
-    from mini_m3.reading import build_reading_data, reading_questions
+    from mini_m3.reading import reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
-    settings = json.loads((Path(run_dirs[0]) / "results.json").read_text())["settings"]
-    s = ReadingSettings(**{**settings, "progress": False})
-    world, others, tok, cfg, refs, data, docs = build_reading_data(s)
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
     people = {p.pid: p for p in world.people}
     items = reading_questions(world, others, n, s.seed)["heldout"]
     result = {"question_set": "heldout", "n": n, "memory": "the asked person's own, top-8, 1 per chunk", "runs": {}}
     for run in run_dirs:
-        model, run_tok = load_pretrained(Path(run) / "model")
-        assert run_tok.fingerprint() == tok.fingerprint(), f"{run}: another tokenizer than {run_dirs[0]}"
+        model = run_model(run, tok, run_dirs[0])
         one = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=1).eval()
         c = one.cfg
         if list(c.memory_heads) != list(range(c.n_kv_heads)):  # memory head h_mem is KV head h_mem below
