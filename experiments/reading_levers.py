@@ -11,6 +11,7 @@ failures included.
     python experiments/reading_levers.py diagnose OUT.json runs/a runs/b # kept answer tokens, top-16, distractors
     python experiments/reading_levers.py sink OUT.json runs/a runs/b     # where memory attention goes
     python experiments/reading_levers.py kept OUT.json runs/a runs/b     # held-out answer tokens the top-8 keeps
+    python experiments/reading_levers.py first OUT.json runs/a runs/b    # each attribute's first answer token, by steps
     python experiments/reading_levers.py forced OUT.json runs/a runs/b   # top-8 with the answer forced in (diagnostic)
     python experiments/reading_levers.py questions OUT.json runs/a     # top-8 ranked by training questions' queries
 """
@@ -585,12 +586,79 @@ def attends(run_dirs: list[str], out: str, n: int = 400) -> dict:
     return result
 
 
+def chain_steps(run: str) -> int:
+    """Training steps of a run and of every run its `--init-model` continued from (warmup + curriculum + continual)."""
+    total, seen = 0, set()
+    d = Path(run)
+    while d not in seen and (d / "results.json").exists():
+        seen.add(d)
+        st = json.loads((d / "results.json").read_text())["settings"]
+        total += st["warmup_steps"] + st["curriculum_steps"] + st["continual_steps"]
+        if not st.get("init_model"):
+            break
+        d = Path(st["init_model"]).parent
+    return total
+
+
+def first_token_reads(model, tok, refs: list[str], items) -> dict:
+    """Per asked attribute of `items`: n, and how often the answer's first token is `model`'s greedy prediction
+    ("first_memory", "first_memory_off") and its mean probability ("p_memory", "p_memory_off"), reading only the
+    asked person's own memory (`refs[item.person]`, in `model`'s memory format) or none."""
+    from collections import defaultdict
+
+    import torch
+
+    from mini_m3.memory.encode import encode_reference_tokens
+
+    acc = defaultdict(lambda: defaultdict(float))
+    for it in items:
+        x = torch.tensor([[tok.bos_id] + tok.encode(it.prompt)])
+        gold = tok.encode(" " + it.answer)[0]
+        with torch.no_grad():
+            kv = encode_reference_tokens(model, [tok.encode_references([refs[it.person]])[0]]).to_memory_kv(
+                torch.zeros(1, 1, 1).long())  # chunk 0 reads memory 0
+            for arm, kw in (("memory", {"memory": kv, "query_chunks": torch.zeros(x.shape[1], dtype=torch.long)}),
+                            ("memory_off", {})):
+                logits = model(x, **kw).logits[0, -1]  # (vocab,): where the answer's first token is predicted
+                a = acc[it.attribute]
+                a[f"first_{arm}"] += float(logits.argmax() == gold)
+                a[f"p_{arm}"] += float(torch.softmax(logits.float(), -1)[gold])
+        acc[it.attribute]["n"] += 1
+    return {attr: {k: (int(v) if k == "n" else v / a["n"]) for k, v in sorted(a.items())}
+            for attr, a in sorted(acc.items())}
+
+
+def first(run_dirs: list[str], out: str, n: int = 200) -> dict:
+    """When each asked attribute's reader forms: `first_token_reads` of held-out questions, each model reading the
+    asked person's own memory as top-8 tokens per head, 1 memory (so nothing competes). Run it on the checkpoints of
+    one training chain (`chain_steps` gives each one's steps) to see the readers form one attribute at a time. It
+    reads the label (the asked person's reference is given): a diagnostic, never an evaluation. All runs must share
+    the world settings of the first."""
+    from mini_m3.reading import reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
+    items = reading_questions(world, others, n, s.seed)["heldout"]
+    result = {"question_set": "heldout", "n": n, "memory": "the asked person's own, top-8, 1 per chunk", "runs": {}}
+    for run in run_dirs:
+        model = run_model(run, tok, run_dirs[0])
+        one = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=1).eval()
+        row = first_token_reads(one, tok, refs, items)
+        result["runs"][run] = {"steps": chain_steps(run), "per_attribute": row}
+        print(run, chain_steps(run), {k: round(v["first_memory"], 2) for k, v in row.items()}, flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
                "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes",
                "attends": "attends OUT.json RUN_DIR ...: what the answer position's memory attention reads, per "
                           "asked attribute (a label-reading diagnostic)",
+               "first": "first OUT.json RUN_DIR ...: per asked attribute, the answer's first token read from the "
+                        "asked person's own memory, along a training chain (a label-reading diagnostic)",
                "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps",
                "forced": "forced OUT.json RUN_DIR ...: top-8 reading with the answer forced into the kept set "
                          "(a label-reading diagnostic)",
@@ -624,6 +692,9 @@ def main(argv=None) -> None:
         return
     if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
         sink(argv[2:], argv[1])
+        return
+    if argv[:1] == ["first"]:  # first OUT.json RUN_DIR [RUN_DIR ...]
+        first(argv[2:], argv[1])
         return
     if argv[:1] == ["attends"]:  # attends OUT.json RUN_DIR [RUN_DIR ...]
         attends(argv[2:], argv[1])

@@ -86,3 +86,45 @@ def test_levers_table_names_the_head_shape_and_reads_the_numbers_from_the_json()
         r = json.loads(path.read_text())
         cells = [c.strip() for c in row.strip("|").split("|")][-len(AXES):]
         assert cells == [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
+
+
+def test_chain_steps_adds_the_runs_a_continuation_started_from(tmp_path):
+    """`chain_steps` follows `--init-model` back to the first run: 300 + 2,500, then 1,500, then 1,200."""
+    import json
+
+    levers = _levers()
+    chain = [("a", 300, 2500, ""), ("b", 0, 1500, "a"), ("c", 0, 1200, "b")]
+    for name, warmup, continual, init in chain:
+        (tmp_path / name / "model").mkdir(parents=True)
+        settings = {"warmup_steps": warmup, "curriculum_steps": 0, "continual_steps": continual,
+                    "init_model": str(tmp_path / init / "model") if init else ""}
+        (tmp_path / name / "results.json").write_text(json.dumps({"settings": settings}))
+    assert [levers.chain_steps(str(tmp_path / n)) for n in "abc"] == [2800, 4300, 5500]
+
+
+def test_first_token_reads_scores_the_first_answer_token_per_attribute():
+    """Per attribute: the counts add up to the questions, and each share and mean probability is the one a plain
+    forward pass gives (memory off); reading the asked person's memory changes the prediction."""
+    world = BioWorld.generate(40, seed=1)
+    docs = world.training_documents(500, seed=0)
+    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
+    refs = world.references(lambda t: len(tok.encode_reference(t)) <= 128)
+    items = world.eval_questions("memory", 12, seed=0, question_family="train")
+    torch.manual_seed(0)
+    model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    got = _levers().first_token_reads(model, tok, refs, items)
+    assert sum(a["n"] for a in got.values()) == len(items)
+    for attr, a in got.items():
+        asked = [it for it in items if it.attribute == attr]
+        hits, probs = 0.0, 0.0
+        for it in asked:
+            with torch.no_grad():
+                logits = model(torch.tensor([[tok.bos_id] + tok.encode(it.prompt)])).logits[0, -1]
+            gold = tok.encode(" " + it.answer)[0]
+            hits += float(logits.argmax() == gold)
+            probs += float(torch.softmax(logits, -1)[gold])
+        assert a["n"] == len(asked)
+        assert abs(a["first_memory_off"] - hits / len(asked)) < 1e-9
+        assert abs(a["p_memory_off"] - probs / len(asked)) < 1e-6
+        assert 0.0 <= a["first_memory"] <= 1.0 and 0.0 < a["p_memory"] < 1.0
+    assert any(abs(a["p_memory"] - a["p_memory_off"]) > 1e-6 for a in got.values())
