@@ -636,7 +636,7 @@ def first(run_dirs: list[str], out: str, n: int = 200) -> dict:
     the world settings of the first."""
     from mini_m3.reading import reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
-    from _common import write_json
+    from _common import png_path, write_json
 
     s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
     items = reading_questions(world, others, n, s.seed)["heldout"]
@@ -648,7 +648,30 @@ def first(run_dirs: list[str], out: str, n: int = 200) -> dict:
         result["runs"][run] = {"steps": chain_steps(run), "per_attribute": row}
         print(run, chain_steps(run), {k: round(v["first_memory"], 2) for k, v in row.items()}, flush=True)
     write_json(out, result, seed=s.seed)
+    plot_first(result, png_path(out))
     return result
+
+
+def plot_first(result: dict, path) -> None:
+    """`first`'s figure: per asked attribute, the share of first answer tokens predicted from the asked person's own
+    memory (solid) and with memory off (dotted) against each checkpoint's training steps, in the order given."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import plt, save_figure
+
+    runs = list(result["runs"].values())
+    steps = [r["steps"] for r in runs]
+    fig, ax = plt().subplots(figsize=(7, 4))
+    for i, attr in enumerate(runs[0]["per_attribute"]):
+        color = f"C{i}"
+        ax.plot(steps, [r["per_attribute"][attr]["first_memory"] for r in runs], "o-", color=color, label=attr)
+        ax.plot(steps, [r["per_attribute"][attr]["first_memory_off"] for r in runs], ":", color=color)
+    for step, run in zip(steps, result["runs"]):
+        ax.annotate(Path(run).name, (step, 0.0), rotation=90, fontsize=7, va="bottom", ha="right")
+    ax.set(xlabel="training steps (the run and those it continued from)", ylim=(-0.02, 1.02),
+           ylabel="first answer token predicted", title=f"reading its own top-8 memory ({result['question_set']}; "
+           "dotted: memory off)")
+    ax.legend(fontsize=8, loc="center left")
+    save_figure(fig, path)
 
 
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",

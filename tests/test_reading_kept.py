@@ -128,3 +128,12 @@ def test_first_token_reads_scores_the_first_answer_token_per_attribute():
         assert abs(a["p_memory_off"] - probs / len(asked)) < 1e-6
         assert 0.0 <= a["first_memory"] <= 1.0 and 0.0 < a["p_memory"] < 1.0
     assert any(abs(a["p_memory"] - a["p_memory_off"]) > 1e-6 for a in got.values())
+
+
+def test_plot_first_draws_each_attribute_against_the_steps(tmp_path):
+    attrs = {"birth_date": {"n": 3, "first_memory": 0.0, "first_memory_off": 0.0},
+             "major": {"n": 2, "first_memory": 1.0, "first_memory_off": 0.5}}
+    result = {"question_set": "heldout", "runs": {"runs/a": {"steps": 100, "per_attribute": attrs},
+                                                  "runs/b": {"steps": 300, "per_attribute": attrs}}}
+    _levers().plot_first(result, tmp_path / "first.png")
+    assert (tmp_path / "first.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
