@@ -698,29 +698,10 @@ def main(argv=None) -> None:
     if argv[:1] == ["table"]:
         print(table(argv[1:]))
         return
-    if argv[:1] == ["formats"]:  # formats OUT.json RUN_DIR [RUN_DIR ...]
-        formats(argv[2:], argv[1])
-        return
-    if argv[:1] == ["diagnose"]:  # diagnose OUT.json RUN_DIR [RUN_DIR ...]
-        diagnose(argv[2:], argv[1])
-        return
-    if argv[:1] == ["kept"]:  # kept OUT.json RUN_DIR [RUN_DIR ...]
-        kept(argv[2:], argv[1])
-        return
-    if argv[:1] == ["forced"]:  # forced OUT.json RUN_DIR [RUN_DIR ...]
-        forced(argv[2:], argv[1])
-        return
-    if argv[:1] == ["questions"]:  # questions OUT.json RUN_DIR [RUN_DIR ...]
-        questions(argv[2:], argv[1])
-        return
-    if argv[:1] == ["sink"]:  # sink OUT.json RUN_DIR [RUN_DIR ...]
-        sink(argv[2:], argv[1])
-        return
-    if argv[:1] == ["first"]:  # first OUT.json RUN_DIR [RUN_DIR ...]
-        first(argv[2:], argv[1])
-        return
-    if argv[:1] == ["attends"]:  # attends OUT.json RUN_DIR [RUN_DIR ...]
-        attends(argv[2:], argv[1])
+    diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "forced": forced, "questions": questions,
+                   "sink": sink, "first": first, "attends": attends}
+    if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
+        diagnostics[argv[0]](argv[2:], argv[1])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
