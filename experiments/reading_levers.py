@@ -587,11 +587,14 @@ def attends(run_dirs: list[str], out: str, n: int = 400) -> dict:
 
 
 def chain_steps(run: str) -> int:
-    """Training steps of a run and of every run its `--init-model` continued from (warmup + curriculum + continual)."""
+    """Training steps of a run and of every run its `--init-model` continued from (warmup + curriculum + continual).
+    A run of the chain whose results.json is gone is an error, not a shorter chain."""
     total, seen = 0, set()
     d = Path(run)
-    while d not in seen and (d / "results.json").exists():
+    while d not in seen:
         seen.add(d)
+        if not (d / "results.json").exists():
+            raise FileNotFoundError(f"{run}: the chain's run {d} has no results.json, so its steps are unknown")
         st = json.loads((d / "results.json").read_text())["settings"]
         total += st["warmup_steps"] + st["curriculum_steps"] + st["continual_steps"]
         if not st.get("init_model"):
@@ -645,8 +648,8 @@ def first(run_dirs: list[str], out: str, n: int = 200) -> dict:
         model = run_model(run, tok, run_dirs[0])
         one = model.with_memory_format(selector="attention", tokens_per_head=8, memories_per_chunk=1).eval()
         row = first_token_reads(one, tok, refs, items)
-        result["runs"][run] = {"steps": chain_steps(run), "per_attribute": row}
-        print(run, chain_steps(run), {k: round(v["first_memory"], 2) for k, v in row.items()}, flush=True)
+        result["runs"][run] = {"steps": (steps := chain_steps(run)), "per_attribute": row}
+        print(run, steps, {k: round(v["first_memory"], 2) for k, v in row.items()}, flush=True)
     write_json(out, result, seed=s.seed)
     plot_first(result, png_path(out))
     return result

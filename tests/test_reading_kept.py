@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from mini_m3.config import Memory3Config
@@ -100,6 +101,9 @@ def test_chain_steps_adds_the_runs_a_continuation_started_from(tmp_path):
                     "init_model": str(tmp_path / init / "model") if init else ""}
         (tmp_path / name / "results.json").write_text(json.dumps({"settings": settings}))
     assert [levers.chain_steps(str(tmp_path / n)) for n in "abc"] == [2800, 4300, 5500]
+    (tmp_path / "a" / "results.json").unlink()  # a run the chain started from is gone: no silent undercount
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        levers.chain_steps(str(tmp_path / "c"))
 
 
 def test_first_token_reads_scores_the_first_answer_token_per_attribute():
