@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -348,6 +349,10 @@ def _train_sharded(a, out: Path) -> int:
             if rank == 0:
                 print(f"model saved to {out / 'model'}", flush=True)
     if owns_group:
+        # The sharded model's device mesh holds the process group, which destroy_process_group does not free: drop
+        # it first, so gloo's threads end here and not during interpreter shutdown (a rare SIGABRT at exit there).
+        del model
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
