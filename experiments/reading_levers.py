@@ -54,6 +54,8 @@ SETTING_HELP = {
     "selection_distill": "weight of selection distillation in the main continual stage (a lever; 0: off)",
     "selection_target": "what selection distillation fits the top-k score to: 'attention' (the reader's "
                         "attention per token) or 'attribution' (max(0, -dLoss/d slot log-weight))",
+    "format_mix": "share of the main continual stage's steps (evenly spaced) that read every token of the chunk's "
+                  "own memory instead of the model's format (a lever; 0 = the paper's format throughout)",
     "init_model": "continue from a run's OUT/model, trained with the same settings but steps and memory format "
                   "(empty: a fresh model)",
     "threads": "torch and faiss threads",

@@ -449,6 +449,8 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
         raise ValueError(f"batch_size={cfg.batch_size} is smaller than the world size {world}: every rank needs rows")
     if cfg.stage == "continual" and (data.chunk_refs < 0).all():
         raise ValueError("continual training needs retrieved references (data.chunk_refs is all -1)")
+    if cfg.format_mix:
+        raise ValueError(f"format_mix={cfg.format_mix}: format mixing is a one-process lever (mini_m3.train.train)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -74,6 +74,7 @@ class ReadingSettings:
     soft_selection_gate: str = "logit"  # TrainConfig.soft_selection_gate: what a slot's soft weight scales (a lever)
     selection_distill: float = 0.0  # TrainConfig.selection_distill of the main continual stage (a lever)
     selection_target: str = "attention"  # TrainConfig.selection_target: what the distillation fits (a lever)
+    format_mix: float = 0.0  # TrainConfig.format_mix of the main continual stage: share of all-tokens 1-memory steps
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps and memory format (a lever)
     threads: int = 2
     progress: bool = True
@@ -219,14 +220,15 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                    threads=s.threads, soft_selection=s.soft_selection,
                                    soft_selection_until=s.soft_selection_until,
                                    soft_selection_gate=s.soft_selection_gate, selection_distill=s.selection_distill,
-                                   selection_target=s.selection_target)
+                                   selection_target=s.selection_target, format_mix=s.format_mix)
     res = {}
     if warm is not None:
         res["warmup"] = stage("warmup", warm, data)
     if s.curriculum_steps:  # between the two: continual steps reading only the top-1 memory, no LR warmup or decay
         one = ChunkedData(data.tokens, data.targets, data.chunk_refs[..., :1].contiguous(), data.references)
         res["curriculum"] = stage("curriculum", dataclasses.replace(cont, steps=s.curriculum_steps, decay_fraction=0.0,
-                                                                   soft_selection=0.0, selection_distill=0.0), one)
+                                                                   soft_selection=0.0, selection_distill=0.0,
+                                                                   format_mix=0.0), one)
     res["continual"] = stage("continual", cont, data)
     t_train = time.perf_counter() - t0
     save_pretrained(model, out / "model", tokenizer)

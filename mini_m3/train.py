@@ -205,6 +205,13 @@ class TrainConfig:
     # reader pays each token; "attribution", how much the loss would fall if the reader attended more to the token
     # (-dL/d slot bias, clipped at 0): useful tokens rather than the attention sink. See `selection_targets`.
     selection_target: str = "attention"
+    # format mixing (a named lever, not the paper's): this share of the continual steps, evenly spaced
+    # (`mixed_step`), reads an easier memory format, `mix_selector` tokens of the first `mix_memories` memories
+    # per chunk (default: every token of the chunk's own reference, the format that forms the readers fastest),
+    # the other steps the model's format; evaluation always reads the model's. 0 = off.
+    format_mix: float = 0.0
+    mix_selector: str = "all"
+    mix_memories: int = 1
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -238,6 +245,11 @@ class TrainConfig:
                              f"{list(SELECTION_TARGETS)}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive")
+        if not 0 <= self.format_mix <= 1 or self.mix_selector not in MEMORY_SELECTORS or isinstance(
+                self.mix_memories, bool) or not isinstance(self.mix_memories, int) or self.mix_memories < 1:
+            raise ValueError(f"TrainConfig.format_mix={self.format_mix} must be in [0, 1], mix_selector="
+                             f"{self.mix_selector!r} one of {list(MEMORY_SELECTORS)} and mix_memories="
+                             f"{self.mix_memories!r} an integer >= 1")
         k = self.keep_checkpoints
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"TrainConfig.keep_checkpoints={self.keep_checkpoints!r}: must be an integer >= 1")
@@ -337,20 +349,29 @@ def distill_phase(step: int | None, cfg: TrainConfig) -> bool:
     return step is not None and cfg.selection_distill > 0 and step < cfg.soft_selection_until * cfg.steps
 
 
+def mixed_step(step: int | None, cfg: TrainConfig) -> bool:
+    """Whether continual step `step` reads format mixing's easier format (`TrainConfig.format_mix`): the steps where
+    floor((step + 1) x share) rises, evenly spaced (share 0.5: steps 1, 3, 5, ...); an evaluation (None) never."""
+    share = cfg.format_mix
+    return step is not None and share > 0 and math.floor((step + 1) * share) > math.floor(step * share)
+
+
 def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig,
-                     temperature: float = 0.0, distill: bool = False):
+                     temperature: float = 0.0, distill: bool = False, mixed: bool = False):
     """Encode the references a batch reads (live, through the memory layers) and lay them out per chunk: in the
     model's memory format (memories per chunk, selector, tokens per head) unless `cfg` overrides the latter two;
-    `temperature` > 0: soft selection (`soft_temperature`). distill=True: every token kept, and returns
+    `temperature` > 0: soft selection (`soft_temperature`). mixed=True: format mixing's format instead
+    (`cfg.mix_selector`, the first `cfg.mix_memories` memories; `mixed_step`). distill=True: every token kept, and returns
     (MemoryKV collecting each slot's attention, the ExplicitMemory with its selection scores, the (B, C, n) rows)."""
     mcfg = model.cfg
     refs = data.chunk_refs[rows]  # (B, C)
-    index = memory_index(refs, mcfg.memories_per_chunk)  # (B, C, n) reference ids
+    index = memory_index(refs, cfg.mix_memories if mixed else mcfg.memories_per_chunk)  # (B, C, n) reference ids
     used, local = reference_rows(index)
     if not used:
         return (None, None, None) if distill else None
     with torch.set_grad_enabled(cfg.memory_grad and torch.is_grad_enabled()):
-        mem = encode_reference_tokens(model, [data.references[r] for r in used], selector=cfg.selector,
+        mem = encode_reference_tokens(model, [data.references[r] for r in used],
+                                      selector=cfg.mix_selector if mixed else cfg.selector,
                                       tokens_per_head=cfg.tokens_per_head,
                                       generator=torch.Generator().manual_seed(cfg.seed),
                                       score_dtype=torch.float32,  # 2-3x faster selection; see selection_scores
@@ -407,12 +428,14 @@ def selection_distill_loss(usage: torch.Tensor, mem, local: torch.Tensor) -> tor
 def train_step(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg: TrainConfig,
                step: int | None = None) -> torch.Tensor:
     """The loss of batch `rows` (forward only), in `cfg.dtype` on the model's device; the caller runs backward.
-    `step` sets the soft-selection temperature (`soft_temperature`); None reads the hard format."""
+    `step` sets the soft-selection temperature (`soft_temperature`) and format mixing (`mixed_step`); None reads
+    the model's hard format."""
     dev = model.tok_emb.weight.device
-    distill = cfg.stage == "continual" and distill_phase(step, cfg)
+    mixed = cfg.stage == "continual" and mixed_step(step, cfg)  # format mixing's easier format: no soft selection
+    distill = cfg.stage == "continual" and distill_phase(step, cfg) and not mixed
     with autocast_to(dev, cfg.dtype):
-        memory = (continual_memory(model, data, rows, cfg, soft_temperature(step, cfg), distill)
-                  if cfg.stage == "continual" else None)
+        memory = (continual_memory(model, data, rows, cfg, 0.0 if mixed else soft_temperature(step, cfg), distill,
+                                   mixed) if cfg.stage == "continual" else None)
         if distill:
             memory, mem, local = memory
         out = model(data.tokens[rows].to(dev), targets=data.targets[rows].to(dev), memory=memory,

@@ -120,3 +120,28 @@ def test_build_bank_takes_the_format_from_the_model(tmp_path, tok, texts, capsys
     assert "selector 'all', tokens per head 128" in capsys.readouterr().out
     m = json.loads((tmp_path / "bank" / "manifest.json").read_text())
     assert (m["selector"], m["tokens_per_head"]) == ("all", 128)
+
+
+def test_format_mixing_reads_the_easier_format_on_evenly_spaced_steps_only(tok, texts):
+    """TrainConfig.format_mix (a named lever): the mixed steps' loss is that of a model whose own format is all
+    tokens and 1 memory; the other steps' and an evaluation's (step None) that of the model's format."""
+    from mini_m3.train import mixed_step, train_step
+    tc = TrainConfig(stage="continual", format_mix=0.5)
+    assert [mixed_step(i, tc) for i in range(6)] == [False, True, False, True, False, True]
+    assert sum(mixed_step(i, TrainConfig(stage="continual", format_mix=0.25)) for i in range(100)) == 25
+    assert not any(mixed_step(i, TrainConfig(stage="continual")) for i in range(10)) and not mixed_step(None, tc)
+    model = tiny_model(0, memories_per_chunk=2)
+    easy = model.with_memory_format(selector="all", memories_per_chunk=1)
+    ref_tokens = tok.encode_references(texts)
+    data = ChunkedData(torch.randint(4, 500, (2, 128)), torch.randint(4, 500, (2, 128)),
+                       torch.tensor([[0, 1], [2, 3]]), ref_tokens)
+    rows = torch.arange(2)
+    with torch.no_grad():
+        paper, all_one = (float(train_step(m, data, rows, TrainConfig(stage="continual"))) for m in (model, easy))
+        assert abs(paper - all_one) > 1e-4  # the two formats give different losses here
+        assert float(train_step(model, data, rows, tc, step=1)) == pytest.approx(all_one, abs=1e-6)
+        assert float(train_step(model, data, rows, tc, step=0)) == pytest.approx(paper, abs=1e-6)
+        assert float(train_step(model, data, rows, tc)) == pytest.approx(paper, abs=1e-6)
+    for bad in (dict(format_mix=1.5), dict(mix_selector="oracle"), dict(mix_memories=0)):
+        with pytest.raises(ValueError, match=r"TrainConfig\.format_mix="):
+            TrainConfig(**bad)
