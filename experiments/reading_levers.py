@@ -94,6 +94,8 @@ def table(paths: list[str]) -> str:
             target = s.get("selection_target", "attention")
             model += (f", selection distillation{'' if target == 'attention' else ' (' + target + ')'} "
                       f"{s['selection_distill']} to {s['soft_selection_until']}")
+        if s.get("format_mix"):  # every so many steps read all tokens of 1 memory (a lever, point 29)
+            model += f", format mixing {s['format_mix']:g} (all tokens, 1 memory)"
         cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
         world = f"{s.get('name_share', 4)} / {s.get('value_share', 8)}, {s['vocab_size']}"
         if s.get("wordings", "base") != "base":

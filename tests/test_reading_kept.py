@@ -87,6 +87,10 @@ def test_levers_table_names_the_head_shape_and_reads_the_numbers_from_the_json()
         r = json.loads(path.read_text())
         cells = [c.strip() for c in row.strip("|").split("|")][-len(AXES):]
         assert cells == [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
+    # a lever of the run's settings is named in the model cell: format mixing (point 29), and only where it was on
+    mixed, plain = _levers().table([str(ROOT / "experiments/results" / f"reading_h16_{n}_s0.json")
+                                    for n in ("mx", "d5")]).splitlines()[2:]
+    assert ", format mixing 0.5 (all tokens, 1 memory) |" in mixed and "format mixing" not in plain
 
 
 def test_chain_steps_adds_the_runs_a_continuation_started_from(tmp_path):
