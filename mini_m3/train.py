@@ -361,8 +361,9 @@ def continual_memory(model: Memory3, data: ChunkedData, rows: torch.Tensor, cfg:
     """Encode the references a batch reads (live, through the memory layers) and lay them out per chunk: in the
     model's memory format (memories per chunk, selector, tokens per head) unless `cfg` overrides the latter two;
     `temperature` > 0: soft selection (`soft_temperature`). mixed=True: format mixing's format instead
-    (`cfg.mix_selector`, the first `cfg.mix_memories` memories; `mixed_step`). distill=True: every token kept, and returns
-    (MemoryKV collecting each slot's attention, the ExplicitMemory with its selection scores, the (B, C, n) rows)."""
+    (`cfg.mix_selector`, the first `cfg.mix_memories` memories; `mixed_step`). distill=True: every token kept, and
+    returns (MemoryKV collecting each slot's attention, the ExplicitMemory with its selection scores, the (B, C, n)
+    rows)."""
     mcfg = model.cfg
     refs = data.chunk_refs[rows]  # (B, C)
     index = memory_index(refs, cfg.mix_memories if mixed else mcfg.memories_per_chunk)  # (B, C, n) reference ids
