@@ -56,6 +56,8 @@ SETTING_HELP = {
                         "attention per token) or 'attribution' (max(0, -dLoss/d slot log-weight))",
     "format_mix": "share of the main continual stage's steps (evenly spaced) that read every token of the chunk's "
                   "own memory instead of the model's format (a lever; 0 = the paper's format throughout)",
+    "memory_grad": "gradients flow through the live reference encoding in continual training (the paper's natural "
+                   "reading); --no-memory-grad encodes references without them (a lever: about half the step time)",
     "init_model": "continue from a run's OUT/model, trained with the same settings but steps and memory format "
                   "(empty: a fresh model)",
     "threads": "torch and faiss threads",
@@ -96,6 +98,8 @@ def table(paths: list[str]) -> str:
                       f"{s['selection_distill']} to {s['soft_selection_until']}")
         if s.get("format_mix"):  # every so many steps read all tokens of 1 memory (a lever, point 29)
             model += f", format mixing {s['format_mix']:g} (all tokens, 1 memory)"
+        if not s.get("memory_grad", True):  # references encoded without gradients in training (a lever, point 32)
+            model += ", no gradient through reference encoding"
         cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]
         world = f"{s.get('name_share', 4)} / {s.get('value_share', 8)}, {s['vocab_size']}"
         if s.get("wordings", "base") != "base":
@@ -717,6 +721,10 @@ def main(argv=None) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     for f in fields(ReadingSettings):
         if f.name in ("model", "progress"):
+            continue
+        if isinstance(f.default, bool):  # --memory-grad / --no-memory-grad (type=bool would read "False" as True)
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,
+                           help=SETTING_HELP[f.name])
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=SETTING_HELP[f.name])

@@ -75,6 +75,7 @@ class ReadingSettings:
     selection_distill: float = 0.0  # TrainConfig.selection_distill of the main continual stage (a lever)
     selection_target: str = "attention"  # TrainConfig.selection_target: what the distillation fits (a lever)
     format_mix: float = 0.0  # TrainConfig.format_mix of the main continual stage: share of all-tokens 1-memory steps
+    memory_grad: bool = True  # TrainConfig.memory_grad: gradients through reference encoding (False: a lever)
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps and memory format (a lever)
     threads: int = 2
     progress: bool = True
@@ -220,7 +221,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                    threads=s.threads, soft_selection=s.soft_selection,
                                    soft_selection_until=s.soft_selection_until,
                                    soft_selection_gate=s.soft_selection_gate, selection_distill=s.selection_distill,
-                                   selection_target=s.selection_target, format_mix=s.format_mix)
+                                   selection_target=s.selection_target, format_mix=s.format_mix,
+                                   memory_grad=s.memory_grad)
     res = {}
     if warm is not None:
         res["warmup"] = stage("warmup", warm, data)
