@@ -700,20 +700,8 @@ SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                             "queries"}
 
 
-def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] and argv[0] in SUBCOMMANDS and (len(argv) < (2 if argv[0] == "table" else 3)
-                                               or {"-h", "--help"} & set(argv[1:])):
-        print(f"usage: python experiments/reading_levers.py {SUBCOMMANDS[argv[0]]}")
-        raise SystemExit(0 if {"-h", "--help"} & set(argv[1:]) else 2)
-    if argv[:1] == ["table"]:
-        print(table(argv[1:]))
-        return
-    diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "forced": forced, "questions": questions,
-                   "sink": sink, "first": first, "attends": attends}
-    if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
-        diagnostics[argv[0]](argv[2:], argv[1])
-        return
+def parse_run(argv: list[str]) -> tuple[str, ReadingSettings]:
+    """A training run's flags: (the --out folder, its ReadingSettings)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: results.json, the model, the bank, training logs")
@@ -730,8 +718,25 @@ def main(argv=None) -> None:
                        help=SETTING_HELP[f.name])
     a = p.parse_args(argv)
     kw = {f.name: getattr(a, f.name) for f in fields(ReadingSettings) if f.name not in ("model", "progress")}
-    s = ReadingSettings(**kw, model=parse_model(a.model), progress=not a.quiet)
-    run_reading(a.out, s, argv=["experiments/reading_levers.py", *argv])
+    return a.out, ReadingSettings(**kw, model=parse_model(a.model), progress=not a.quiet)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in SUBCOMMANDS and (len(argv) < (2 if argv[0] == "table" else 3)
+                                               or {"-h", "--help"} & set(argv[1:])):
+        print(f"usage: python experiments/reading_levers.py {SUBCOMMANDS[argv[0]]}")
+        raise SystemExit(0 if {"-h", "--help"} & set(argv[1:]) else 2)
+    if argv[:1] == ["table"]:
+        print(table(argv[1:]))
+        return
+    diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "forced": forced, "questions": questions,
+                   "sink": sink, "first": first, "attends": attends}
+    if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
+        diagnostics[argv[0]](argv[2:], argv[1])
+        return
+    out, s = parse_run(argv)
+    run_reading(out, s, argv=["experiments/reading_levers.py", *argv])
 
 
 if __name__ == "__main__":

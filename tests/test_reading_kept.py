@@ -145,3 +145,21 @@ def test_plot_first_draws_each_attribute_against_the_steps(tmp_path):
                                                   "runs/b": {"steps": 300, "per_attribute": attrs}}}
     _levers().plot_first(result, tmp_path / "first.png")
     assert (tmp_path / "first.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_flags_turn_gradients_through_reference_encoding_off_and_the_table_says_so(tmp_path):
+    """`--no-memory-grad` (a lever) reaches ReadingSettings as False, the default stays the paper's natural reading
+    (True), and a results file with it off is named in the lever table's model cell."""
+    import json
+
+    levers = _levers()
+    out, s = levers.parse_run(["--out", "runs/x", "--no-memory-grad", "--lr", "5e-4"])
+    assert out == "runs/x" and s.memory_grad is False and s.lr == 5e-4
+    assert levers.parse_run(["--out", "runs/x"])[1].memory_grad is True
+    r = json.loads((ROOT / "experiments/results/reading_h16_e5p_s0.json").read_text())
+    (tmp_path / "on.json").write_text(json.dumps(r))
+    r["settings"]["memory_grad"] = False
+    (tmp_path / "off.json").write_text(json.dumps(r))
+    on, off = (row.split(" | ")[2] for row in  # the model cell (the path's folder may say "gradient" too)
+               levers.table([str(tmp_path / "on.json"), str(tmp_path / "off.json")]).splitlines()[2:])
+    assert off.endswith(", no gradient through reference encoding") and "gradient" not in on
