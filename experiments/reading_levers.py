@@ -685,6 +685,86 @@ def plot_first(result: dict, path) -> None:
     save_figure(fig, path)
 
 
+def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
+    """Per asked attribute of `items`, each answer token read teacher-forced from the asked person's own memory
+    (`refs[item.person]`, 1 memory) in the paper's top-8 (top-`k` tokens per KV head) and with every token kept: n, the share of them that the
+    top-8 keeps in some memory layer ("kept"), and how often each is `model`'s greedy prediction: with the top-8,
+    where it was kept ("top8_if_kept") and where it was not ("top8_if_lost"), and with all tokens ("all"), for the
+    first answer token ("first") and the later ones ("later") apart. A later token read where the top-8 lost it must
+    come from another kept token (which carries its neighbours) or from the model's weights."""
+    from collections import defaultdict
+
+    import torch
+
+    from mini_m3.memory.encode import encode_reference_tokens
+
+    top = model.with_memory_format(selector="attention", tokens_per_head=k, memories_per_chunk=1).eval()
+    every = model.with_memory_format(selector="all", memories_per_chunk=1).eval()
+    acc = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # attribute -> measure -> [hits, n]
+    off = model.cfg.prefix_length
+    for it in items:
+        ids = tok.encode_references([refs[it.person]])[0]
+        answer = tok.encode(" " + it.answer)
+        sp = answer_span(tok, ids, it.answer)
+        if not sp or len(sp) != len(answer):
+            continue
+        prompt = [tok.bos_id] + tok.encode(it.prompt)
+        x = torch.tensor([prompt + answer[:-1]])
+        where = torch.zeros(x.shape[1], dtype=torch.long)  # every position reads memory 0
+        with torch.no_grad():
+            pred = {}
+            for arm, m in (("top8", top), ("all", every)):
+                mem = encode_reference_tokens(m, [ids])
+                kv = mem.to_memory_kv(torch.zeros(1, 1, 1).long())
+                pred[arm] = m(x, memory=kv, query_chunks=where).logits[0, len(prompt) - 1:].argmax(-1).tolist()
+                if arm == "top8":
+                    kept = set()
+                    for l in range(mem.positions.shape[1]):
+                        for h in range(mem.positions.shape[2]):
+                            kept |= set((mem.positions[0, l, h][mem.mask[0, l, h]] - off).tolist())
+        a = acc[it.attribute]
+        for i, (gold, pos) in enumerate(zip(answer, sp)):
+            part = "first" if i == 0 else "later"
+            k = pos in kept
+            a[f"{part}_kept"][0] += k
+            a[f"{part}_kept"][1] += 1
+            a[f"{part}_top8_if_{'kept' if k else 'lost'}"][0] += pred["top8"][i] == gold
+            a[f"{part}_top8_if_{'kept' if k else 'lost'}"][1] += 1
+            a[f"{part}_all"][0] += pred["all"][i] == gold
+            a[f"{part}_all"][1] += 1
+    out = {}
+    for attr, a in sorted(acc.items()):
+        out[attr] = {key: {"share": h / n if n else None, "n": n} for key, (h, n) in sorted(a.items())}
+    pooled = defaultdict(lambda: [0, 0])
+    for a in acc.values():
+        for key, (h, n) in a.items():
+            pooled[key][0] += h
+            pooled[key][1] += n
+    out["all_attributes"] = {key: {"share": h / n if n else None, "n": n} for key, (h, n) in sorted(pooled.items())}
+    return out
+
+
+def span(run_dirs: list[str], out: str, n: int = 200) -> dict:
+    """Why later answer tokens are lost in the paper's format: `span_reads` of held-out questions, each model
+    reading the asked person's own memory (1 memory, so nothing competes) as its top-8 and with all tokens kept.
+    It reads the label (the asked person's reference is given): a diagnostic, never an evaluation. All runs must
+    share the world settings of the first."""
+    from mini_m3.reading import reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
+    items = reading_questions(world, others, n, s.seed)["heldout"]
+    result = {"question_set": "heldout", "n": n, "memory": "the asked person's own, 1 per chunk: top-8 and all "
+              "tokens", "runs": {}}
+    for run in run_dirs:
+        row = span_reads(run_model(run, tok, run_dirs[0]), tok, refs, items)
+        result["runs"][run] = row
+        print(run, {k: (v["n"], round(v["share"], 3)) for k, v in row["all_attributes"].items()}, flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
@@ -693,6 +773,8 @@ SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                           "asked attribute (a label-reading diagnostic)",
                "first": "first OUT.json RUN_DIR ...: per asked attribute, the answer's first token read from the "
                         "asked person's own memory, along a training chain (a label-reading diagnostic)",
+               "span": "span OUT.json RUN_DIR ...: per asked attribute, each answer token read from the asked "
+                       "person's own memory, kept or lost by the top-8 (a label-reading diagnostic)",
                "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps",
                "forced": "forced OUT.json RUN_DIR ...: top-8 reading with the answer forced into the kept set "
                          "(a label-reading diagnostic)",
@@ -731,7 +813,7 @@ def main(argv=None) -> None:
         print(table(argv[1:]))
         return
     diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "forced": forced, "questions": questions,
-                   "sink": sink, "first": first, "attends": attends}
+                   "sink": sink, "first": first, "attends": attends, "span": span}
     if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
         diagnostics[argv[0]](argv[2:], argv[1])
         return

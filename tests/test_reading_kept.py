@@ -163,3 +163,26 @@ def test_run_flags_turn_gradients_through_reference_encoding_off_and_the_table_s
     on, off = (row.split(" | ")[2] for row in  # the model cell (the path's folder may say "gradient" too)
                levers.table([str(tmp_path / "on.json"), str(tmp_path / "off.json")]).splitlines()[2:])
     assert off.endswith(", no gradient through reference encoding") and "gradient" not in on
+
+
+def test_span_reads_splits_each_answer_token_by_whether_the_top_k_kept_it():
+    """`span_reads` (the `span` diagnostic): with k at least the reference's length every answer token is kept and
+    the top-k reads exactly what all tokens read; with k = 1 most are lost, and kept + lost add up to every token."""
+    world = BioWorld.generate(60, seed=0)
+    docs = world.training_documents(2000, seed=0)
+    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
+    refs = world.references(lambda t: len(tok.encode_reference(t)) <= 128)
+    items = world.eval_questions("heldout", 12, seed=0, question_family="train", bio_family="train")
+    torch.manual_seed(0)
+    model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    levers = _levers()
+    every = levers.span_reads(model, tok, refs, items, k=128)["all_attributes"]
+    assert every["first_kept"]["n"] == len(items) and every["later_kept"]["n"] > 0
+    for part in ("first", "later"):
+        assert every[f"{part}_kept"]["share"] == 1.0 and f"{part}_top8_if_lost" not in every
+        assert every[f"{part}_top8_if_kept"] == every[f"{part}_all"]
+    one = levers.span_reads(model, tok, refs, items, k=1)["all_attributes"]
+    assert one["later_kept"]["share"] < 0.5
+    for part in ("first", "later"):
+        n = [one.get(f"{part}_top8_if_{s}", {"n": 0})["n"] for s in ("kept", "lost")]  # absent: none of them
+        assert sum(n) == every[f"{part}_kept"]["n"] and n[0] == round(one[f"{part}_kept"]["share"] * sum(n))
