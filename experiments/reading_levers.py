@@ -57,7 +57,8 @@ SETTING_HELP = {
     "format_mix": "share of the main continual stage's steps (evenly spaced) that read every token of the chunk's "
                   "own memory instead of the model's format (a lever; 0 = the paper's format throughout)",
     "memory_grad": "gradients flow through the live reference encoding in continual training (the paper's natural "
-                   "reading); --no-memory-grad encodes references without them (a lever: about half the step time)",
+                   "reading); --no-memory-grad encodes references without them (a lever: a cheaper step, no "
+                   "gradient reaches the writer)",
     "init_model": "continue from a run's OUT/model, trained with the same settings but steps and memory format "
                   "(empty: a fresh model)",
     "threads": "torch and faiss threads",
@@ -687,11 +688,11 @@ def plot_first(result: dict, path) -> None:
 
 def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
     """Per asked attribute of `items`, each answer token read teacher-forced from the asked person's own memory
-    (`refs[item.person]`, 1 memory) in the paper's top-8 (top-`k` tokens per KV head) and with every token kept: n, the share of them that the
-    top-8 keeps in some memory layer ("kept"), and how often each is `model`'s greedy prediction: with the top-8,
-    where it was kept ("top8_if_kept") and where it was not ("top8_if_lost"), and with all tokens ("all"), for the
-    first answer token ("first") and the later ones ("later") apart. A later token read where the top-8 lost it must
-    come from another kept token (which carries its neighbours) or from the model's weights."""
+    (`refs[item.person]`, 1 memory) in the paper's top-8 (top-`k` tokens per KV head) and with every token kept: n, the
+    share of them that the top-8 keeps in some memory layer ("kept"), and how often each is `model`'s greedy prediction:
+    with the top-8, where it was kept ("top8_if_kept") and where it was not ("top8_if_lost"), and with all tokens
+    ("all"), for the first answer token ("first") and the later ones ("later") apart. A later token read where the top-8
+    lost it must come from another kept token (which carries its neighbours) or from the model's weights."""
     from collections import defaultdict
 
     import torch
