@@ -692,8 +692,10 @@ def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
     share of them that the top-8 keeps in some memory layer ("kept"), and how often each is `model`'s greedy prediction:
     with the top-8, where it was kept ("top8_if_kept") and where it was not ("top8_if_lost"), and with all tokens
     ("all"), for the first answer token ("first") and the later ones ("later") apart. A later token read where the top-8
-    lost it must come from another kept token (which carries its neighbours) or from the model's weights."""
-    from collections import defaultdict
+    lost it must come from another kept token (which carries its neighbours) or from the model's weights.
+    "top8_if_heads_B": the same read split by how many memory heads (layer, KV head) keep the token, in bins B (0, 1,
+    2-3, 4-7, 8+)."""
+    from collections import Counter, defaultdict
 
     import torch
 
@@ -719,20 +721,24 @@ def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
                 kv = mem.to_memory_kv(torch.zeros(1, 1, 1).long())
                 pred[arm] = m(x, memory=kv, query_chunks=where).logits[0, len(prompt) - 1:].argmax(-1).tolist()
                 if arm == "top8":
-                    kept = set()
+                    copies = Counter()  # token index -> the memory heads (layer, KV head) that keep it
                     for l in range(mem.positions.shape[1]):
                         for h in range(mem.positions.shape[2]):
-                            kept |= set((mem.positions[0, l, h][mem.mask[0, l, h]] - off).tolist())
+                            copies.update(set((mem.positions[0, l, h][mem.mask[0, l, h]] - off).tolist()))
         a = acc[it.attribute]
         for i, (gold, pos) in enumerate(zip(answer, sp)):
             part = "first" if i == 0 else "later"
-            k = pos in kept
+            k = copies[pos] > 0
             a[f"{part}_kept"][0] += k
             a[f"{part}_kept"][1] += 1
             a[f"{part}_top8_if_{'kept' if k else 'lost'}"][0] += pred["top8"][i] == gold
             a[f"{part}_top8_if_{'kept' if k else 'lost'}"][1] += 1
             a[f"{part}_all"][0] += pred["all"][i] == gold
             a[f"{part}_all"][1] += 1
+            c = copies[pos]  # kept by how many memory heads, in bins
+            b = "0" if c == 0 else "1" if c == 1 else "2-3" if c <= 3 else "4-7" if c <= 7 else "8+"
+            a[f"{part}_top8_if_heads_{b}"][0] += pred["top8"][i] == gold
+            a[f"{part}_top8_if_heads_{b}"][1] += 1
     out = {}
     for attr, a in sorted(acc.items()):
         out[attr] = {key: {"share": h / n if n else None, "n": n} for key, (h, n) in sorted(a.items())}

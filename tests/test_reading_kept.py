@@ -186,3 +186,7 @@ def test_span_reads_splits_each_answer_token_by_whether_the_top_k_kept_it():
     for part in ("first", "later"):
         n = [one.get(f"{part}_top8_if_{s}", {"n": 0})["n"] for s in ("kept", "lost")]  # absent: none of them
         assert sum(n) == every[f"{part}_kept"]["n"] and n[0] == round(one[f"{part}_kept"]["share"] * sum(n))
+        bins = {k: v["n"] for k, v in one.items() if k.startswith(f"{part}_top8_if_heads_")}  # by heads keeping it
+        assert sum(bins.values()) == sum(n) and bins.get(f"{part}_top8_if_heads_0", 0) == n[1]
+    heads = len(model.cfg.memory_layers) * model.cfg.n_kv_heads  # k >= the reference: every head keeps every token
+    assert heads == 4 and {k for k in every if "_heads_" in k} == {"first_top8_if_heads_4-7", "later_top8_if_heads_4-7"}
