@@ -694,7 +694,8 @@ def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
     ("all"), for the first answer token ("first") and the later ones ("later") apart. A later token read where the top-8
     lost it must come from another kept token (which carries its neighbours) or from the model's weights.
     "top8_if_heads_B": the same read split by how many memory heads (layer, KV head) keep the token, in bins B (0, 1,
-    2-3, 4-7, 8+)."""
+    2-3, 4-7, 8+). An item whose answer is not in its reference verbatim is skipped (the counts "n" say what was
+    read)."""
     from collections import Counter, defaultdict
 
     import torch
@@ -728,11 +729,11 @@ def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
         a = acc[it.attribute]
         for i, (gold, pos) in enumerate(zip(answer, sp)):
             part = "first" if i == 0 else "later"
-            k = copies[pos] > 0
-            a[f"{part}_kept"][0] += k
+            kept = copies[pos] > 0
+            a[f"{part}_kept"][0] += kept
             a[f"{part}_kept"][1] += 1
-            a[f"{part}_top8_if_{'kept' if k else 'lost'}"][0] += pred["top8"][i] == gold
-            a[f"{part}_top8_if_{'kept' if k else 'lost'}"][1] += 1
+            a[f"{part}_top8_if_{'kept' if kept else 'lost'}"][0] += pred["top8"][i] == gold
+            a[f"{part}_top8_if_{'kept' if kept else 'lost'}"][1] += 1
             a[f"{part}_all"][0] += pred["all"][i] == gold
             a[f"{part}_all"][1] += 1
             c = copies[pos]  # kept by how many memory heads, in bins
