@@ -223,6 +223,13 @@ def answer_span(tok, ids: list[int], value: str) -> list[int] | None:
     return None
 
 
+def kept_by_head(mem, offset: int) -> list[list[set[int]]]:
+    """The token indices (in the reference, after removing the `offset`-token prefix) that each memory head of the
+    first reference of ExplicitMemory `mem` keeps: [memory layer][KV head] -> set."""
+    return [[set((mem.positions[0, l, h][mem.mask[0, l, h]] - offset).tolist()) for h in range(mem.positions.shape[2])]
+            for l in range(mem.positions.shape[1])]
+
+
 def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_queries=None) -> dict:
     """How much of each answer the top-k selection (attention received, k tokens per KV head; from the learned
     selection queries for a "learned" model, divided among the heads for a "disjoint" one) keeps in `people`'s
@@ -246,8 +253,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
         with torch.no_grad():
             mem = encode_reference_tokens(top, [ids], score_queries=score_queries)
         off = model.cfg.prefix_length
-        heads = [[set((mem.positions[0, l, h][mem.mask[0, l, h]] - off).tolist()) for h in range(mem.positions.shape[2])]
-                 for l in range(mem.positions.shape[1])]  # [layer][head] kept token indices
+        heads = kept_by_head(mem, off)
         layers = [set().union(*hs) for hs in heads]
         distinct += [len(L) / sum(map(len, hs)) for L, hs in zip(layers, heads)]  # 1: no head repeats another's
         name = answer_span(tok, ids, p.name)  # the full name's first mention (the introduction); None: not counted
@@ -721,11 +727,8 @@ def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
                 mem = encode_reference_tokens(m, [ids])
                 kv = mem.to_memory_kv(torch.zeros(1, 1, 1).long())
                 pred[arm] = m(x, memory=kv, query_chunks=where).logits[0, len(prompt) - 1:].argmax(-1).tolist()
-                if arm == "top8":
-                    copies = Counter()  # token index -> the memory heads (layer, KV head) that keep it
-                    for l in range(mem.positions.shape[1]):
-                        for h in range(mem.positions.shape[2]):
-                            copies.update(set((mem.positions[0, l, h][mem.mask[0, l, h]] - off).tolist()))
+                if arm == "top8":  # token index -> how many memory heads (layer, KV head) keep it
+                    copies = Counter(i for layer in kept_by_head(mem, off) for head in layer for i in head)
         a = acc[it.attribute]
         for i, (gold, pos) in enumerate(zip(answer, sp)):
             part = "first" if i == 0 else "later"
