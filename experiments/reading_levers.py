@@ -75,7 +75,8 @@ def parse_model(items: list[str]) -> dict:
 
 def table(paths: list[str]) -> str:
     """One markdown row per results.json: the levers of the run, then memory / off for every axis. The model is
-    written `6L d64 kv8x16`: layers, width, KV heads x head dim. (Runs before name_share / value_share existed used
+    written `6L d64 kv8x16`: layers, width, KV heads x head dim, with `q40` before the KV heads where the query heads
+    are more (grouped-query attention: `6L d64 q40 kv8x16`). (Runs before name_share / value_share existed used
     4 / 8.)"""
     from mini_m3.reading import AXES
     rows = ["| run | world (people per name / value, vocab) | model, memory format | steps: warmup + 1-memory "
@@ -83,7 +84,8 @@ def table(paths: list[str]) -> str:
     for path in paths:
         r = json.loads(open(path).read())
         s, c = r["settings"], r["config"]
-        model = (f"{c['n_layers']}L d{c['d_model']} kv{c['n_kv_heads']}x{c['head_dim']}, "
+        query = f"q{c['n_heads']} " if c["n_heads"] != c["n_kv_heads"] else ""  # GQA: query heads per KV head > 1
+        model = (f"{c['n_layers']}L d{c['d_model']} {query}kv{c['n_kv_heads']}x{c['head_dim']}, "
                  f"memory layers {c['memory_layers']}, "
                  f"{r['memory_settings']['selector']}/{r['memory_settings']['tokens_per_head']}/"
                  f"{r['memory_settings']['memories_per_chunk']}")

@@ -74,15 +74,18 @@ def test_question_queries_are_the_memory_layers_queries_where_the_answer_is_pred
 
 
 def test_levers_table_names_the_head_shape_and_reads_the_numbers_from_the_json():
-    """The table's model cell tells 8 KV heads of 8 dims from 8 of 16 (the h8 and h16 runs differ only there), and
-    its cells are the JSON's memory / memory-off numbers."""
+    """The table's model cell tells 8 KV heads of 8 dims from 8 of 16 (the h8 and h16 runs differ only there) and
+    names the query heads where there are more than KV heads, and its cells are the JSON's memory / memory-off
+    numbers."""
     import json
 
     from mini_m3.reading import AXES
-    paths = [ROOT / "experiments/results" / f"reading_{name}.json" for name in ("n_all1_s0", "h8_1b_s0", "h16_5_s0")]
+    paths = [ROOT / "experiments/results" / f"reading_{name}.json" for name in ("n_all1_s0", "h8_1b_s0", "h16_5_s0",
+                                                                                 "e2_tiny")]
     rows = _levers().table([str(p) for p in paths]).splitlines()[2:]
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert "6L d64 kv4x16," in rows[0] and "6L d64 kv8x8," in rows[1] and "6L d64 kv8x16," in rows[2]
+    assert "4L d64 q4 kv2x16," in rows[3]  # tiny's own 4 query heads over 2 KV heads: the query heads are named
     for path, row in zip(paths, rows):
         r = json.loads(path.read_text())
         cells = [c.strip() for c in row.strip("|").split("|")][-len(AXES):]
