@@ -34,8 +34,8 @@ SETTING_HELP = {
     "n_docs": "training documents",
     "name_share": "people per first / last name (look-alikes; BioWorld.generate)",
     "value_share": "people per generated city / company",
-    "wordings": "BioWorld wordings: 'base', or 'wide' for more training biography and question templates (a "
-                "lever; the held-out families are unchanged)",
+    "wordings": "BioWorld wordings: 'base', 'wide' for more training biography and question templates, or "
+                "'compositional' for hundreds more per attribute (levers; the held-out families are unchanged)",
     "vocab_size": "tokenizer vocabulary (trained on training text only)",
     "bio_fraction": "share of training documents that are biographies (the rest: QA)",
     "max_qa": "at most this many questions (about one person) per QA document",
@@ -603,6 +603,84 @@ def attends(run_dirs: list[str], out: str, n: int = 400) -> dict:
     return result
 
 
+def choice_scores(m, tok, items, top5: list[list[int]], people, bank=None) -> dict:
+    """`choice`'s row for one format: exact match, and how often the asked value outscores every different value
+    held by the retrieved people (`top5`: bank ids = pids, -1 pad) in answer log-likelihood (bank None: memory off)."""
+    import dataclasses
+
+    import numpy as np
+
+    from mini_m3.evaluate import qa_eval
+
+    mode = "none" if bank is None else "memory"
+    own = qa_eval(m, tok, items, mode=mode, bank=bank)
+    scores = [own["logliks"]]
+    for j in range(5):  # the j-th retrieved person's value of the asked attribute (the asked one's own if none)
+        alt = [dataclasses.replace(it, answer=getattr(people[r[j]], it.attribute) if j < len(r) and r[j] >= 0
+                                   else it.answer) for it, r in zip(items, top5)]
+        scores.append(qa_eval(m, tok, alt, mode=mode, bank=bank)["logliks"])
+    L = np.array(scores).T  # (n, 6): the asked value, then the 5 retrieved people's
+    chose, wrong, found = [], [], []
+    for i, (it, r) in enumerate(zip(items, top5)):
+        other = [L[i, j + 1] for j in range(len(r)) if r[j] >= 0 and getattr(people[r[j]], it.attribute) != it.answer]
+        best = max(other, default=-np.inf)
+        chose.append(L[i, 0] > best)
+        wrong.append(best > L[i, 0])
+        found.append(it.person in r)
+    return {"exact_match": own["accuracy"], "chose": float(np.mean(chose)), "distractor": float(np.mean(wrong)),
+            "retrieved": float(np.mean(found))}
+
+
+def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
+    """Choosing the memory, or reading it? For each held-out question, the answer log-likelihood the model gives
+    the asked person's value and each different value of the asked attribute held by the 5 people retrieved for it
+    (whose memories the paper's format reads), read in the model's own format (top-8, 5 memories), with top-8 and 1
+    memory, with all tokens and 5 memories, and with memory off (the prior). "chose": the asked person's value
+    scores highest; "distractor": a retrieved other person's value scores higher (read from the wrong memory, or
+    guessed); "retrieved": the asked person is among the 5. Exact match beside it. Biographies in training and in
+    held-out wordings. It reads the labels: a diagnostic, never an evaluation. All runs must share the world
+    settings of the first."""
+    import tempfile
+
+    import torch
+
+    from mini_m3.evaluate import EVAL_LEAKAGE_THRESHOLD
+    from mini_m3.memory.bank import MemoryBank
+    from mini_m3.memory.retrieve import Retriever
+    from mini_m3.reading import reading_questions
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
+    people = list(world.people) + list(others)  # the bank's order: index = pid
+    assert all(p.pid == i for i, p in enumerate(people)), "bank index is not pid"
+    axes = {k: v for k, v in reading_questions(world, others, n, s.seed).items() if k in ("heldout", "new_bio_wording")}
+    formats = (("attention", 5), ("attention", 1), ("all", 5), ("off", 0))  # the first builds a bank: retrieval
+    result = {"n": n, "candidates": "the asked person's value and the different values of the 5 retrieved people",
+              "runs": {}}
+    for run in run_dirs:
+        model = run_model(run, tok, run_dirs[0])
+        row, top5 = {}, {}
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+            for f, (sel, k) in enumerate(formats):
+                m, bank, name = model, None, "memory off"
+                if sel != "off":
+                    m = model.with_memory_format(selector=sel, tokens_per_head=None if sel == "all" else 8,
+                                                 memories_per_chunk=k)
+                    bank = MemoryBank.build(Path(tmp) / f"bank{f}", m, tok, refs, retriever=Retriever(),
+                                            progress=False)
+                    name = f"{'top-8' if sel == 'attention' else 'all tokens'}, {k} memor{'y' if k == 1 else 'ies'}"
+                for axis, items in axes.items():
+                    if axis not in top5:  # retrieval reads the prompt only: the same 5 people in every format
+                        top5[axis] = [[int(i) for i in r[:5]] for r in bank.search(
+                            [it.prompt for it in items], 5, leakage_threshold=EVAL_LEAKAGE_THRESHOLD)]
+                    row[f"{name} | {axis}"] = choice_scores(m, tok, items, top5[axis], people, bank)
+                    print(run, name, axis, {kk: round(v, 3) for kk, v in row[f"{name} | {axis}"].items()}, flush=True)
+        result["runs"][run] = row
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 def chain_steps(run: str) -> int:
     """Training steps of a run and of every run its `--init-model` continued from (warmup + curriculum + continual).
     A run of the chain whose results.json is gone is an error, not a shorter chain."""
@@ -792,7 +870,9 @@ SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "forced": "forced OUT.json RUN_DIR ...: top-8 reading with the answer forced into the kept set "
                          "(a label-reading diagnostic)",
                "questions": "questions OUT.json RUN_DIR ...: top-8 ranked by the attention of training questions' "
-                            "queries"}
+                            "queries",
+               "choice": "choice OUT.json RUN_DIR ...: does the asked value outscore the other retrieved people's "
+                         "values (a label-reading diagnostic)"}
 
 
 def parse_run(argv: list[str]) -> tuple[str, ReadingSettings]:
@@ -826,7 +906,7 @@ def main(argv=None) -> None:
         print(table(argv[1:]))
         return
     diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "forced": forced, "questions": questions,
-                   "sink": sink, "first": first, "attends": attends, "span": span}
+                   "sink": sink, "first": first, "attends": attends, "span": span, "choice": choice}
     if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
         diagnostics[argv[0]](argv[2:], argv[1])
         return

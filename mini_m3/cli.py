@@ -553,7 +553,7 @@ def _evaluate(a) -> int:
     _refuse_foreign_tokenizer(a.model, tok, world)
     items = world.eval_questions(a.split, a.n, seed=a.seed)
     r = qa_eval(model, tok, items, mode=a.mode, bank=bank, progress=not a.quiet)
-    print(json.dumps({k: v for k, v in r.items() if k not in ("correct", "pieces", "retrieved")}, indent=1))
+    print(json.dumps({k: v for k, v in r.items() if k not in ("correct", "pieces", "logliks", "retrieved")}, indent=1))
     return 0
 
 

@@ -42,7 +42,8 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
     `QAItem`, or a `UserQuestion`). RAG mode puts the retrieved texts before the prompt, leaving out the
     lowest-ranked ones that do not fit `max_seq_len` ("rag_references_read": how many were read, on average).
     "correct": each item's exact match (every answer token greedy-right, then an end); "pieces": for each item, whether
-    each answer token is the greedy prediction given the true tokens before it (teacher forced)."""
+    each answer token is the greedy prediction given the true tokens before it (teacher forced); "logliks": each
+    item's answer log-likelihood (their mean is "answer_loglik")."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode != "none" and bank is None:
@@ -95,7 +96,7 @@ def qa_eval(model: Memory3, tokenizer, items: Sequence, *, mode: str = "none", b
             loglik.append(float(ll))
     out = {"accuracy": float(np.mean(correct)) if correct else float("nan"), "n": len(correct),
            "answer_loglik": float(np.mean(loglik)) if loglik else float("nan"), "correct": correct,
-           "pieces": pieces}
+           "pieces": pieces, "logliks": loglik}
     if retrieved:
         out["retrieved"] = retrieved
     if rag_read:

@@ -152,3 +152,39 @@ def test_wide_world_same_people_more_wordings_heldout_still_unseen():
             BioWorld.generate(400, seed=5, wordings=bad)
     with pytest.raises(ValueError, match="wordings"):
         BioWorld(base.people, seed=5, config={"wordings": "x"})
+
+
+def test_compositional_wordings_are_hundreds_of_training_templates_that_share_no_word_of_the_heldout_family():
+    held_only = _words(_family("base", "heldout")) - _words(_family("base", "train"))
+    comp, wide = _family("compositional", "train"), _family("wide", "train")
+    assert set(wide) < set(comp) and len(comp) == len(set(comp)) > 5 * len(wide)
+    assert _words(set(comp) - set(wide)) & held_only == set()
+    assert not [t for t in comp if t.startswith("{N}") and t.endswith("?")]  # the held-out questions' frame
+    assert _family("compositional", "heldout") == _family("base", "heldout")
+    for a in ATTRIBUTES:
+        sentences = wording_templates("compositional", "sentence", "train", a)
+        assert len(sentences) > 100 and all(t.count("{v}") == 1 and (t[0].isupper() or t[0] == "{") for t in sentences)
+        questions = wording_templates("compositional", "question", "train", a)
+        assert len(questions) > 40 and all(t.count("{N}") == 1 for t in questions)
+    with pytest.raises(ValueError, match="kind"):
+        wording_templates("compositional", "title", "train")
+
+
+def test_compositional_world_tells_biographies_in_new_wordings_and_keeps_heldout_unseen():
+    base, comp = BioWorld.generate(400, seed=5), BioWorld.generate(400, seed=5, wordings="compositional")
+    assert comp.people == base.people and BioWorld.from_json(comp.to_json()).wordings == "compositional"
+    p = comp.people_in("memory")[0]
+    bio = comp.biography(p, seed=7)
+    assert all(v in bio for v in p.facts().values()) and "{" not in bio and ". ." not in bio
+    sentences = [x for x in re.split(r"(?<=\.) (?=[A-Z0-9])", bio)]
+    assert all(x[0].isupper() or x[0].isdigit() for x in sentences), sentences
+    docs = comp.training_documents(3000, seed=5)
+    corpus = "\n".join(comp.tokenizer_corpus(docs))
+    assert [t for t in _family("base", "heldout") if _pattern(t).search(corpus)] == []
+    used = [t for t in set(_family("compositional", "train")) - set(_family("wide", "train"))
+            if _pattern(t).search(corpus)]
+    assert len(used) > 300  # the new wordings are in the training text
+    assert comp.eval_questions("heldout", 50, question_family="heldout", bio_family="heldout") == base.eval_questions(
+        "heldout", 50, question_family="heldout", bio_family="heldout")
+    told_heldout = [q for q in comp.people_in("heldout") if q.bio_family == "heldout"]  # the new-bio-wording axis
+    assert told_heldout and comp.references(people=told_heldout) == base.references(people=told_heldout)

@@ -193,3 +193,34 @@ def test_span_reads_splits_each_answer_token_by_whether_the_top_k_kept_it():
         assert sum(bins.values()) == sum(n) and bins.get(f"{part}_top8_if_heads_0", 0) == n[1]
     heads = len(model.cfg.memory_layers) * model.cfg.n_kv_heads  # k >= the reference: every head keeps every token
     assert heads == 4 and {k for k in every if "_heads_" in k} == {"first_top8_if_heads_4-7", "later_top8_if_heads_4-7"}
+
+
+def test_choice_scores_compare_the_asked_value_with_the_retrieved_peoples():
+    """`choice_scores` (the `choice` diagnostic), memory off: with only the asked person retrieved it always
+    "chooses"; with two other people it counts a distractor exactly when one of their different values has a higher
+    answer log-likelihood than the asked value, as a plain forward pass computes it."""
+    world = BioWorld.generate(40, seed=1)
+    docs = world.training_documents(500, seed=0)
+    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
+    items = world.eval_questions("memory", 10, seed=0, question_family="train")
+    torch.manual_seed(0)
+    model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    levers, people = _levers(), list(world.people)
+    own = levers.choice_scores(model, tok, items, [[it.person] for it in items], people)
+    assert (own["chose"], own["distractor"], own["retrieved"]) == (1.0, 0.0, 1.0)
+
+    def loglik(prompt: str, value: str) -> float:
+        p, a = [tok.bos_id] + tok.encode(prompt), tok.encode(" " + value)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p + a])).logits[0].float(), -1)
+        return float(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(a)))
+
+    others = [[(it.person + d) % len(people) for d in (1, 2)] for it in items]
+    got = levers.choice_scores(model, tok, items, others, people)
+    wrong = []
+    for it, r in zip(items, others):
+        values = {getattr(people[j], it.attribute) for j in r} - {it.answer}
+        wrong.append(max((loglik(it.prompt, v) for v in values), default=float("-inf")) > loglik(it.prompt, it.answer))
+    assert 0 < sum(wrong) < len(items)  # the check is not vacuous
+    assert got["distractor"] == sum(wrong) / len(items) and got["chose"] == 1 - got["distractor"]
+    assert got["retrieved"] == 0.0

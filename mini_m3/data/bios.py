@@ -81,8 +81,8 @@ OTHER_STYLE_LAST: tuple[str, ...] = (
 )
 
 # --------------------------------------------------------------------------------------------------
-# Wordings. {N} full name, {S} subject (full name, first name or pronoun, capitalised), {P} possessive
-# (capitalised: "Her", "Anna's"), {p} possessive lower case ("her"), {v} the value.
+# Wordings. {N} full name, {S} subject (full name, first name or pronoun, capitalised; {s} the same in lower case),
+# {P} possessive (capitalised: "Her", "Anna's"), {p} possessive lower case ("her"), {v} the value.
 # --------------------------------------------------------------------------------------------------
 INTRO_TEMPLATES: dict[str, tuple[str, ...]] = {
     "train": ("{N} is a person in our records.", "This is the profile of {N}.", "Meet {N}.",
@@ -142,7 +142,7 @@ QUESTION_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
 # only, so the held-out family stays what no training text uses. Written after the held-out family existed, they
 # share none of its own words ("hails", "salary", "diploma", ...: checked in tests/test_bios.py) and none starts a
 # question with the name, the held-out questions' frame.
-WORDINGS: tuple[str, ...] = ("base", "wide")
+WORDINGS: tuple[str, ...] = ("base", "wide", "compositional")
 WIDE_INTRO_TEMPLATES: tuple[str, ...] = (
     "This note describes {N}.", "A brief account of {N}.", "Profile: {N}.", "Entry for {N}.",
     "We present {N} here.", "The person described below is {N}.")
@@ -182,22 +182,120 @@ WIDE_QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Compositional training wordings (``wordings="compositional"``, a lever of issue 15 item 1: *Physics of Language
+# Models* 3.1's "many wordings", so that no template can be memorised): a sentence is one of 9 core clauses per
+# attribute, alone, after one of 10 openers or before one of 5 closers; a question is a direct one, alone or in one of
+# 6 frames, or an indirect one in one of 5 frames: 144 sentence and 44-56 question wordings per attribute, added to the
+# base and wide "train" templates. Like the wide set they share no word of the held-out family, and no question
+# starts with the name (tests/test_bios.py). {s} is the subject in lower case ("she", "Anna", "Anna Kowal").
+COMPOSITIONAL_OPENERS: tuple[str, ...] = (
+    "Notably,", "In fact,", "As it happens,", "For the record,", "By all accounts,", "As the file notes,",
+    "We note that", "It is known that", "The file shows that", "Of note,")
+COMPOSITIONAL_CLOSERS: tuple[str, ...] = (
+    ", as the file notes", ", we are told", ", it seems", ", by all accounts", ", as far as we know")
+COMPOSITIONAL_CORES: dict[str, tuple[str, ...]] = {
+    "birth_date": ("{s} was born on {v}", "{s} came into the world on {v}", "{s} entered the world on {v}",
+                   "{s} was born in the early hours of {v}", "{s} arrived on {v}",
+                   "the birth of {N} was recorded on {v}", "the date of birth of {N} is {v}",
+                   "{v} is the birthday of {N}", "{v} is the birth date of {N}"),
+    "birth_city": ("{s} was born in {v}", "{s} grew up in {v}", "{s} is a native of {v}", "{s} was raised in {v}",
+                   "{s} was born and bred in {v}", "{s} is from {v}", "the hometown of {N} is {v}",
+                   "the birthplace of {N} is {v}", "{v} is the hometown of {N}"),
+    "university": ("{s} studied at {v}", "{s} graduated from {v}", "{s} attended {v}", "{s} enrolled at {v}",
+                   "{s} earned a degree at {v}", "{s} went to college at {v}", "{s} is a graduate of {v}",
+                   "the alma mater of {N} is {v}", "{v} is the university of {N}"),
+    "major": ("{s} majored in {v}", "{s} studied {v}", "{s} holds a degree in {v}", "{s} trained in {v}",
+              "{s} took a degree in {v}", "{s} focused on {v} as a student", "the field of study of {N} was {v}",
+              "the major of {N} was {v}", "{v} was the subject {N} studied"),
+    "employer": ("{s} works for {v}", "{s} is employed by {v}", "{s} works at {v}", "{s} took a job at {v}",
+                 "{s} has a position at {v}", "{s} holds a job at {v}", "the employer of {N} is {v}",
+                 "{v} employs {N}", "{v} is the company {N} works for"),
+}
+COMPOSITIONAL_QUESTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # (direct questions, indirect wh-clauses, noun phrases)
+    "birth_date": (("When was {N} born?", "What is the date of birth of {N}?", "What date was {N} born on?",
+                    "When is the birthday of {N}?"),
+                   ("when {N} was born", "what the birth date of {N} is"),
+                   ("the date of birth of {N}", "the birthday of {N}")),
+    "birth_city": (("Where was {N} born?", "In which city was {N} born?", "What city was {N} born in?",
+                    "What is the hometown of {N}?", "Where did {N} grow up?", "What is the birthplace of {N}?"),
+                   ("where {N} was born", "which city {N} is a native of"),
+                   ("the hometown of {N}", "the birthplace of {N}")),
+    "university": (("Which university did {N} attend?", "Where did {N} study?", "What university did {N} go to?",
+                    "Where did {N} earn a degree?", "What is the alma mater of {N}?"),
+                   ("which university {N} attended", "where {N} earned a degree"),
+                   ("the alma mater of {N}", "the university of {N}")),
+    "major": (("What did {N} study?", "What was the major of {N}?", "Which subject did {N} major in?",
+               "In which field does {N} hold a degree?", "What is the field of study of {N}?"),
+              ("what {N} studied", "which subject {N} majored in"),
+              ("the major of {N}", "the field of study of {N}")),
+    "employer": (("Which company does {N} work for?", "Who employs {N}?", "Where does {N} work?",
+                  "What is the employer of {N}?", "Which firm hired {N}?"),
+                 ("which company {N} works for", "who employs {N}"),
+                 ("the employer of {N}", "the company {N} works for")),
+}
+COMPOSITIONAL_DIRECT_FRAMES: tuple[str, ...] = (
+    "{q}", "Quick question: {q}", "Tell me this: {q}", "One more thing: {q}", "Please answer: {q}",
+    "{q} Answer in a few words.")
+COMPOSITIONAL_CLAUSE_FRAMES: tuple[str, ...] = (
+    "Tell me {q}.", "I wonder {q}.", "I need to know {q}.", "Please find out {q}.", "I am asking {q}.")
+COMPOSITIONAL_PHRASE_FRAMES: tuple[str, ...] = (
+    "Tell me {q}.", "Please state {q}.", "Name {q}.", "Give {q}.", "I need {q}.")
+COMPOSITIONAL_INTRO_TEMPLATES: tuple[str, ...] = (
+    "This entry describes {N}.", "A note on {N}.", "Here is what we know of {N}.", "{N}: a profile.",
+    "The lines below describe {N}.", "We describe {N} in this note.", "A short record of {N}.",
+    "Here is an entry on {N}.")
+
+
+def _sentence_case(text: str) -> str:
+    """A core clause at the start of a sentence: {s} becomes {S} (the capitalised subject), a word gets a capital."""
+    return "{S}" + text[3:] if text.startswith("{s}") else text[:1].upper() + text[1:]
+
+
+def _compositional_sentences(attribute: str) -> tuple[str, ...]:
+    out = []
+    for core in COMPOSITIONAL_CORES[attribute]:
+        out.append(_sentence_case(core) + ".")
+        out += [f"{o} {core}." for o in COMPOSITIONAL_OPENERS]
+        out += [_sentence_case(core) + c + "." for c in COMPOSITIONAL_CLOSERS]
+    return tuple(out)
+
+
+def _compositional_questions(attribute: str) -> tuple[str, ...]:
+    direct, clauses, phrases = COMPOSITIONAL_QUESTIONS[attribute]
+    out = [f.replace("{q}", q) for q in direct for f in COMPOSITIONAL_DIRECT_FRAMES]
+    out += [f.replace("{q}", q) for q in clauses for f in COMPOSITIONAL_CLAUSE_FRAMES]
+    out += [f.replace("{q}", q) for q in phrases for f in COMPOSITIONAL_PHRASE_FRAMES]
+    return tuple(out)
+
+
+def _unique(*groups: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(t for g in groups for t in g))
+
+
 def wording_templates(wordings: str, kind: str, family: str, attribute: str | None = None) -> tuple[str, ...]:
-    """The templates of one wording ``family`` under ``wordings`` ("base", or "wide": the "train" family gets the
-    WIDE_* templates too). kind: "intro", "sentence" or "question" (the last two per ``attribute``)."""
+    """The templates of one wording ``family`` under ``wordings`` ("base"; "wide": the "train" family gets the WIDE_*
+    templates too; "compositional": the WIDE_* and the COMPOSITIONAL_* ones too). kind: "intro", "sentence" or
+    "question" (the last two per ``attribute``). The held-out family is the same under every ``wordings``."""
     if wordings not in WORDINGS:
         raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    base, extra = {"intro": (INTRO_TEMPLATES, WIDE_INTRO_TEMPLATES),
-                   "sentence": (SENTENCE_TEMPLATES, WIDE_SENTENCE_TEMPLATES),
-                   "question": (QUESTION_TEMPLATES, WIDE_QUESTION_TEMPLATES)}[kind]
-    out, more = base[family], extra
-    if kind != "intro":
-        if attribute not in ATTRIBUTES:
-            raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-        out, more = out[attribute], more[attribute]
-    return out + more if wordings == "wide" and family == "train" else out
+    if kind not in ("intro", "sentence", "question"):
+        raise ValueError(f"kind must be 'intro', 'sentence' or 'question', got {kind!r}")
+    if kind != "intro" and attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    base = {"intro": lambda f: INTRO_TEMPLATES[f], "sentence": lambda f: SENTENCE_TEMPLATES[f][attribute],
+            "question": lambda f: QUESTION_TEMPLATES[f][attribute]}[kind](family)
+    if wordings == "base" or family != "train":
+        return base
+    wide = {"intro": lambda: WIDE_INTRO_TEMPLATES, "sentence": lambda: WIDE_SENTENCE_TEMPLATES[attribute],
+            "question": lambda: WIDE_QUESTION_TEMPLATES[attribute]}[kind]()
+    if wordings == "wide":
+        return base + wide
+    more = {"intro": lambda: COMPOSITIONAL_INTRO_TEMPLATES, "sentence": lambda: _compositional_sentences(attribute),
+            "question": lambda: _compositional_questions(attribute)}[kind]()
+    return _unique(base, wide, more)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -327,8 +425,9 @@ class BioWorld:
         """``n_people`` people: ``heldout_fraction`` of them held out (own name and value pools, half told with
         the held-out biography wording), ``text_fraction`` with biographies in the training text, the rest
         ``memory`` people (biography only in the bank). ``name_share`` / ``value_share``: people per first or
-        last name / per generated place or company (see ``_make_pools``). ``wordings``: "base", or "wide" for the
-        WIDE_* training templates as well (:func:`wording_templates`); people and facts do not depend on it."""
+        last name / per generated place or company (see ``_make_pools``). ``wordings``: "base", "wide" for the
+        WIDE_* training templates as well, or "compositional" for those and the COMPOSITIONAL_* ones
+        (:func:`wording_templates`); people and facts do not depend on it."""
         if wordings not in WORDINGS:
             raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
         for f, v in (("name_share", name_share), ("value_share", value_share)):
@@ -395,7 +494,8 @@ class BioWorld:
             subject = rng.choice((p.name, p.first_name, pron, pron, pron))
             P = poss if subject == pron else f"{subject}'s"
             parts.append(rng.choice(self.templates("sentence", family, a)).format(
-                N=p.name, S=subject, P=P, p=poss.lower(), v=getattr(p, a)))
+                N=p.name, S=subject, s=pron.lower() if subject == pron else subject, P=P, p=poss.lower(),
+                v=getattr(p, a)))
         return " ".join(parts)
 
     def bank_biography(self, person: int | BioPerson, fits=None, tries: int = 64) -> str:
@@ -515,6 +615,9 @@ class BioWorld:
                                          for f in FAMILIES}}
 
 
-__all__ = ["ATTRIBUTES", "BioPerson", "BioWorld", "FAMILIES", "INTRO_TEMPLATES", "OTHER_STYLE_FIRST",
-           "OTHER_STYLE_LAST", "QUESTION_TEMPLATES", "SENTENCE_TEMPLATES", "SPLITS", "WIDE_INTRO_TEMPLATES",
-           "WIDE_QUESTION_TEMPLATES", "WIDE_SENTENCE_TEMPLATES", "WORDINGS", "wording_templates"]
+__all__ = ["ATTRIBUTES", "BioPerson", "BioWorld", "COMPOSITIONAL_CLAUSE_FRAMES", "COMPOSITIONAL_CLOSERS",
+           "COMPOSITIONAL_CORES", "COMPOSITIONAL_DIRECT_FRAMES", "COMPOSITIONAL_INTRO_TEMPLATES",
+           "COMPOSITIONAL_OPENERS", "COMPOSITIONAL_PHRASE_FRAMES", "COMPOSITIONAL_QUESTIONS", "FAMILIES",
+           "INTRO_TEMPLATES", "OTHER_STYLE_FIRST", "OTHER_STYLE_LAST", "QUESTION_TEMPLATES", "SENTENCE_TEMPLATES",
+           "SPLITS", "WIDE_INTRO_TEMPLATES", "WIDE_QUESTION_TEMPLATES", "WIDE_SENTENCE_TEMPLATES", "WORDINGS",
+           "wording_templates"]
