@@ -20,6 +20,17 @@ def _levers():
     return mod
 
 
+def _untrained(n_items: int):
+    """A 40-person world, its tokenizer, `n_items` questions about memory people in training wordings, and an
+    untrained `tiny` model (seed 0)."""
+    world = BioWorld.generate(40, seed=1)
+    docs = world.training_documents(500, seed=0)
+    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
+    items = world.eval_questions("memory", n_items, seed=0, question_family="train")
+    torch.manual_seed(0)
+    return world, tok, items, Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+
+
 def test_answer_tokens_kept_counts_what_the_selection_keeps():
     world = BioWorld.generate(60, seed=0)
     docs = world.training_documents(2000, seed=0)
@@ -47,12 +58,7 @@ def test_answer_tokens_kept_counts_what_the_selection_keeps():
 def test_question_queries_are_the_memory_layers_queries_where_the_answer_is_predicted():
     """`question_queries` keeps, per memory layer, the un-rotated queries of the positions that predict an answer
     token (or of every position); RoPE only rotates, so each head's query norm equals the model's own q there."""
-    world = BioWorld.generate(40, seed=1)
-    docs = world.training_documents(500, seed=0)
-    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
-    items = world.eval_questions("memory", 3, seed=0, question_family="train")
-    torch.manual_seed(0)
-    model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    world, tok, items, model = _untrained(3)
     levers = _levers()
     answer = levers.question_queries(model, tok, items, "answer")
     every = levers.question_queries(model, tok, items, "all")
@@ -199,12 +205,7 @@ def test_choice_scores_compare_the_asked_value_with_the_retrieved_peoples():
     """`choice_scores` (the `choice` diagnostic), memory off: with only the asked person retrieved it always
     "chooses"; with two other people it counts a distractor exactly when one of their different values has a higher
     answer log-likelihood than the asked value, as a plain forward pass computes it."""
-    world = BioWorld.generate(40, seed=1)
-    docs = world.training_documents(500, seed=0)
-    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
-    items = world.eval_questions("memory", 10, seed=0, question_family="train")
-    torch.manual_seed(0)
-    model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
+    world, tok, items, model = _untrained(10)
     levers, people = _levers(), list(world.people)
     own = levers.choice_scores(model, tok, items, [[it.person] for it in items], people)
     assert (own["chose"], own["distractor"], own["retrieved"]) == (1.0, 0.0, 1.0)
