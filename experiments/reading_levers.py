@@ -634,8 +634,8 @@ def choice_scores(m, tok, items, top5: list[list[int]], people, bank=None) -> di
 def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
     """Choosing the memory, or reading it? For each held-out question, the answer log-likelihood the model gives
     the asked person's value and each different value of the asked attribute held by the 5 people retrieved for it
-    (whose memories the paper's format reads), read in the model's own format (top-8, 5 memories), with top-8 and 1
-    memory, with all tokens and 5 memories, and with memory off (the prior). "chose": the asked person's value
+    (whose memories the paper's format reads), read in the paper's format (top-8, 5 memories), with top-8 and 1
+    memory, with all tokens and 5 memories or 1, and with memory off (the prior). "chose": the asked person's value
     scores highest; "distractor": a retrieved other person's value scores higher (read from the wrong memory, or
     guessed); "retrieved": the asked person is among the 5. Exact match beside it. Biographies in training and in
     held-out wordings. It reads the labels: a diagnostic, never an evaluation. All runs must share the world
@@ -655,7 +655,7 @@ def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
     people = list(world.people) + list(others)  # the bank's order: index = pid
     assert all(p.pid == i for i, p in enumerate(people)), "bank index is not pid"
     axes = {k: v for k, v in reading_questions(world, others, n, s.seed).items() if k in ("heldout", "new_bio_wording")}
-    formats = (("attention", 5), ("attention", 1), ("all", 5), ("off", 0))  # the first builds a bank: retrieval
+    formats = (("attention", 5), ("attention", 1), ("all", 5), ("all", 1), ("off", 0))  # the first: retrieval
     result = {"n": n, "candidates": "the asked person's value and the different values of the 5 retrieved people",
               "runs": {}}
     for run in run_dirs:
