@@ -285,16 +285,17 @@ def wording_templates(wordings: str, kind: str, family: str, attribute: str | No
         raise ValueError(f"kind must be 'intro', 'sentence' or 'question', got {kind!r}")
     if kind != "intro" and attribute not in ATTRIBUTES:
         raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-    base = {"intro": lambda f: INTRO_TEMPLATES[f], "sentence": lambda f: SENTENCE_TEMPLATES[f][attribute],
-            "question": lambda f: QUESTION_TEMPLATES[f][attribute]}[kind](family)
+    pick = lambda table: table if kind == "intro" else table[attribute]  # noqa: E731
+    base = pick({"intro": INTRO_TEMPLATES, "sentence": SENTENCE_TEMPLATES,
+                 "question": QUESTION_TEMPLATES}[kind][family])
     if wordings == "base" or family != "train":
         return base
-    wide = {"intro": lambda: WIDE_INTRO_TEMPLATES, "sentence": lambda: WIDE_SENTENCE_TEMPLATES[attribute],
-            "question": lambda: WIDE_QUESTION_TEMPLATES[attribute]}[kind]()
+    wide = pick({"intro": WIDE_INTRO_TEMPLATES, "sentence": WIDE_SENTENCE_TEMPLATES,
+                 "question": WIDE_QUESTION_TEMPLATES}[kind])
     if wordings == "wide":
         return base + wide
-    more = {"intro": lambda: COMPOSITIONAL_INTRO_TEMPLATES, "sentence": lambda: _compositional_sentences(attribute),
-            "question": lambda: _compositional_questions(attribute)}[kind]()
+    more = (COMPOSITIONAL_INTRO_TEMPLATES if kind == "intro" else
+            (_compositional_sentences if kind == "sentence" else _compositional_questions)(attribute))
     return _unique(base, wide, more)
 
 
