@@ -856,6 +856,72 @@ def span(run_dirs: list[str], out: str, n: int = 200) -> dict:
     return result
 
 
+def chain_results(path: str) -> list[tuple[str, dict]]:
+    """A training chain from its committed results: the run of `path` (a results JSON such as
+    `results/reading_NAME.json`) and, first, each run it continued from, found next to it by the folder name of its
+    `--init-model` (`.../RUN/model` -> `reading_RUN.json`). A missing link is an error, not a shorter chain."""
+    chain, seen, p = [], set(), Path(path)
+    while True:
+        if p in seen:
+            raise ValueError(f"{path}: the chain loops at {p}")
+        seen.add(p)
+        if not p.exists():
+            raise FileNotFoundError(f"{path}: the chain's run {p} is missing, so its steps are unknown")
+        r = json.loads(p.read_text())
+        chain.append((str(p), r))
+        init = r["settings"].get("init_model")
+        if not init:
+            return chain[::-1]
+        p = p.parent / f"reading_{Path(init).parent.name}.json"
+
+
+def curve(paths: list[str], out: str) -> dict:
+    """Held-out reading along training chains: for each results JSON given (the last run of a chain), every run of its
+    chain (`chain_results`) with its cumulative training steps, its memory format and what it read on held-out people
+    with memory and memory off. Writes OUT.json and OUT.png: held-out exact match against steps, one line per chain,
+    filled where the run was evaluated in the paper's format (top-8 tokens per KV head, 5 memories per chunk) and
+    joined by the line, hollow in any other (a stage in another format), one colour per query-head count. From committed results only: nothing is trained or read."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import plt, png_path, save_figure, write_json
+
+    chains = {}
+    for path in paths:
+        steps, rows = 0, []
+        for run, r in chain_results(path):
+            st, ms, c = r["settings"], r["memory_settings"], r["config"]
+            steps += st["warmup_steps"] + st["curriculum_steps"] + st["continual_steps"]
+            rows.append({"run": run, "steps": steps, "format": f"{ms['selector']}/{ms['tokens_per_head']}/"
+                         f"{ms['memories_per_chunk']}", "paper_format": ms["selector"] == "attention"
+                         and ms["tokens_per_head"] == 8 and ms["memories_per_chunk"] == 5,
+                         "query_heads": c["n_heads"], "kv_heads": c["n_kv_heads"], "head_dim": c["head_dim"],
+                         "heldout": r["axes"]["heldout"]["memory"], "heldout_off": r["axes"]["heldout"]["memory_off"],
+                         "commit": r["provenance"]["commit"]})
+        chains[path] = rows
+    result = {"measure": "exact match on 200 held-out people's questions, the run's own format", "chains": chains}
+    write_json(out, result, seed=0)
+    fig, ax = plt().subplots(figsize=(8, 4.5))
+    colours = {q: f"C{i}" for i, q in enumerate(sorted({r["query_heads"] for rows in chains.values() for r in rows}))}
+    for path, rows in chains.items():
+        colour = colours[rows[-1]["query_heads"]]
+        paper = [r for r in rows if r["paper_format"]]  # the line joins the paper-format evaluations only
+        ax.plot([r["steps"] for r in paper], [r["heldout"] for r in paper], "-", color=colour, alpha=0.6, lw=1)
+        x, y = rows[-1]["steps"], rows[-1]["heldout"]
+        for r in rows:
+            ax.plot(r["steps"], r["heldout"], "o", color=colour, ms=5,
+                    mfc=colour if r["paper_format"] else "white")
+        ax.annotate(Path(path).stem.replace("reading_", ""), (x, y), fontsize=7, xytext=(3, 0),
+                    textcoords="offset points", va="center")
+    for q, colour in colours.items():
+        ax.plot([], [], "o", color=colour, label=f"{q} query heads")
+    ax.plot([], [], "o", color="gray", mfc="white", label="evaluated in another format")
+    ax.axhline(0.9, color="gray", ls=":", lw=1)
+    ax.set(xlabel="training steps (the run and those it continued from)", ylabel="held-out exact match",
+           ylim=(-0.02, 1.02), title="reading held-out people along each training chain (filled: the paper's format)")
+    ax.legend(fontsize=8, loc="upper left")
+    save_figure(fig, png_path(out))
+    return result
+
+
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
@@ -872,7 +938,9 @@ SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "questions": "questions OUT.json RUN_DIR ...: top-8 ranked by the attention of training questions' "
                             "queries",
                "choice": "choice OUT.json RUN_DIR ...: does the asked value outscore the other retrieved people's "
-                         "values (a label-reading diagnostic)"}
+                         "values (a label-reading diagnostic)",
+               "curve": "curve OUT.json RESULTS.json ...: held-out reading along each results file's training chain "
+                        "(committed results only)"}
 
 
 def parse_run(argv: list[str]) -> tuple[str, ReadingSettings]:
@@ -906,7 +974,8 @@ def main(argv=None) -> None:
         print(table(argv[1:]))
         return
     diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "forced": forced, "questions": questions,
-                   "sink": sink, "first": first, "attends": attends, "span": span, "choice": choice}
+                   "sink": sink, "first": first, "attends": attends, "span": span, "choice": choice,
+                   "curve": curve}
     if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
         diagnostics[argv[0]](argv[2:], argv[1])
         return

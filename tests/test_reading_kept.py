@@ -119,6 +119,30 @@ def test_chain_steps_adds_the_runs_a_continuation_started_from(tmp_path):
         levers.chain_steps(str(tmp_path / "c"))
 
 
+def test_curve_follows_committed_results_back_along_the_chain(tmp_path):
+    """`curve` rebuilds point 38's chain from the committed results alone (2,800 steps of top-8 with 1 memory, then
+    1,000 and 1,000 in the paper's format), with each run's held-out numbers, and draws it; a missing link is an error.
+    """
+    import json
+    import shutil
+
+    results = ROOT / "experiments/results"
+    got = _levers().curve([str(results / "reading_g40_5b_s1.json")], str(tmp_path / "curve.json"))
+    rows = got["chains"][str(results / "reading_g40_5b_s1.json")]
+    assert [Path(r["run"]).name for r in rows] == ["reading_g40_1_s1.json", "reading_g40_5_s1.json",
+                                                   "reading_g40_5b_s1.json"]
+    assert [r["steps"] for r in rows] == [2800, 3800, 4800]
+    assert [r["paper_format"] for r in rows] == [False, True, True] and rows[0]["format"] == "attention/8/1"
+    for r in rows:
+        assert r["heldout"] == json.loads(Path(r["run"]).read_text())["axes"]["heldout"]["memory"]
+    assert json.loads((tmp_path / "curve.json").read_text())["chains"] == got["chains"]
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("g40_1_s1", "g40_5b_s1"):  # the middle run is gone: no silent shorter chain
+        shutil.copy(results / f"reading_{name}.json", tmp_path)
+    with pytest.raises(FileNotFoundError, match="reading_g40_5_s1.json is missing"):
+        _levers().chain_results(str(tmp_path / "reading_g40_5b_s1.json"))
+
+
 def test_first_token_reads_scores_the_first_answer_token_per_attribute():
     """Per attribute: the counts add up to the questions, and each share and mean probability is the one a plain
     forward pass gives (memory off); reading the asked person's memory changes the prediction."""
