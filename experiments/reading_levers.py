@@ -880,7 +880,8 @@ def curve(paths: list[str], out: str) -> dict:
     chain (`chain_results`) with its cumulative training steps, its memory format and what it read on held-out people
     with memory and memory off. Writes OUT.json and OUT.png: held-out exact match against steps, one line per chain,
     filled where the run was evaluated in the paper's format (top-8 tokens per KV head, 5 memories per chunk) and
-    joined by the line, hollow in any other (a stage in another format), one colour per query-head count. From committed results only: nothing is trained or read."""
+    joined by the line, hollow in any other (a stage in another format), one colour per query-head count. From
+    committed results only: nothing is trained or read."""
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import plt, png_path, save_figure, write_json
 
