@@ -681,21 +681,15 @@ def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
     return result
 
 
+def run_steps(settings: dict) -> int:
+    """A run's own training steps: warmup + 1-memory curriculum + main."""
+    return settings["warmup_steps"] + settings["curriculum_steps"] + settings["continual_steps"]
+
+
 def chain_steps(run: str) -> int:
-    """Training steps of a run and of every run its `--init-model` continued from (warmup + curriculum + continual).
-    A run of the chain whose results.json is gone is an error, not a shorter chain."""
-    total, seen = 0, set()
-    d = Path(run)
-    while d not in seen:
-        seen.add(d)
-        if not (d / "results.json").exists():
-            raise FileNotFoundError(f"{run}: the chain's run {d} has no results.json, so its steps are unknown")
-        st = json.loads((d / "results.json").read_text())["settings"]
-        total += st["warmup_steps"] + st["curriculum_steps"] + st["continual_steps"]
-        if not st.get("init_model"):
-            break
-        d = Path(st["init_model"]).parent
-    return total
+    """Training steps of a run folder and of every run its `--init-model` continued from (`chain_results` on the run
+    folders' results.json). A run of the chain whose results.json is gone is an error, not a shorter chain."""
+    return sum(run_steps(r["settings"]) for _, r in chain_results(str(Path(run) / "results.json"), committed=False))
 
 
 def first_token_reads(model, tok, refs: list[str], items) -> dict:
@@ -856,23 +850,26 @@ def span(run_dirs: list[str], out: str, n: int = 200) -> dict:
     return result
 
 
-def chain_results(path: str) -> list[tuple[str, dict]]:
-    """A training chain from its committed results: the run of `path` (a results JSON such as
-    `results/reading_NAME.json`) and, first, each run it continued from, found next to it by the folder name of its
-    `--init-model` (`.../RUN/model` -> `reading_RUN.json`). A missing link is an error, not a shorter chain."""
+def chain_results(path: str, committed: bool = True) -> list[tuple[str, dict]]:
+    """A training chain, first run first: the results JSON `path` and, before it, each run it continued from by its
+    `--init-model` (`.../RUN/model`). committed=True: each link is the committed `reading_RUN.json` beside `path`;
+    False: `path` is a run folder's results.json, and each link is `RUN/results.json`. A missing link is an error, not
+    a shorter chain."""
     chain, seen, p = [], set(), Path(path)
     while True:
         if p in seen:
             raise ValueError(f"{path}: the chain loops at {p}")
         seen.add(p)
         if not p.exists():
-            raise FileNotFoundError(f"{path}: the chain's run {p} is missing, so its steps are unknown")
+            raise FileNotFoundError(f"{path}: {p} is missing (no results.json for a run of the chain), so its steps "
+                                    "are unknown")
         r = json.loads(p.read_text())
         chain.append((str(p), r))
         init = r["settings"].get("init_model")
         if not init:
             return chain[::-1]
-        p = p.parent / f"reading_{Path(init).parent.name}.json"
+        run = Path(init).parent
+        p = p.parent / f"reading_{run.name}.json" if committed else run / "results.json"
 
 
 def curve(paths: list[str], out: str) -> dict:
@@ -890,7 +887,7 @@ def curve(paths: list[str], out: str) -> dict:
         steps, rows = 0, []
         for run, r in chain_results(path):
             st, ms, c = r["settings"], r["memory_settings"], r["config"]
-            steps += st["warmup_steps"] + st["curriculum_steps"] + st["continual_steps"]
+            steps += run_steps(st)
             rows.append({"run": run, "steps": steps, "format": f"{ms['selector']}/{ms['tokens_per_head']}/"
                          f"{ms['memories_per_chunk']}", "paper_format": ms["selector"] == "attention"
                          and ms["tokens_per_head"] == 8 and ms["memories_per_chunk"] == 5,
