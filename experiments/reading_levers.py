@@ -915,7 +915,7 @@ def curve(paths: list[str], out: str) -> dict:
     ax.axhline(0.9, color="gray", ls=":", lw=1)
     ax.set(xlabel="training steps (the run and those it continued from)", ylabel="held-out exact match",
            ylim=(-0.02, 1.02), title="reading held-out people along each training chain (filled: the paper's format)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")
     save_figure(fig, png_path(out))
     return result
 
