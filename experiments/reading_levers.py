@@ -133,6 +133,13 @@ def run_model(run: str, tok, first: str):
 
 
 FORMATS = (("all", 1), ("all", 5), ("attention", 1), ("attention", 5))
+OWN_TOP_K = ("learned", "disjoint", "headmax")  # top-k selectors a model may be trained with instead of the paper's
+
+
+def own_top_k(model) -> str:
+    """The top-k selector a diagnostic reads `model` with: its own if it was trained with a named top-k lever
+    (`OWN_TOP_K`), else the paper's "attention" (e.g. for a model trained with all tokens)."""
+    return model.cfg.memory_selector if model.cfg.memory_selector in OWN_TOP_K else "attention"
 
 
 def read_bank(m, tok, refs: list[str], items, memories=None) -> dict:
@@ -156,7 +163,7 @@ def read_bank(m, tok, refs: list[str], items, memories=None) -> dict:
 def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
     """Which half of the paper's format breaks reading: each run's model read in all four combinations of
     {all tokens, top-8} x {1, 5 memories} (and with 8 tokens per head of its own selector if it was trained with
-    another, e.g. "disjoint") on the held-out axis (its bank rebuilt in each format through
+    another, e.g. "disjoint", and of "headmax" if its KV heads serve several query heads) on the held-out axis (its bank rebuilt in each format through
     `with_memory_format`, a deliberate ablation), in all and per asked attribute (`by_attribute`: exact match, the
     first answer token, the later ones). All runs must share the world settings of the first."""
     from mini_m3.reading import by_attribute, reading_questions
@@ -171,6 +178,8 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
         row, per = {}, {}
         own = model.cfg.memory_selector  # a model trained with another selector is also read with its own
         extra = ((own, 1), (own, 5)) if own not in ("attention", "all") else ()
+        if model.cfg.n_query_groups > 1 and own != "headmax":  # open choice 2's other reading: max, not sum
+            extra += (("headmax", 1), ("headmax", 5))
         for sel, k in FORMATS + extra:
             m = model.with_memory_format(selector=sel, tokens_per_head=None if sel == "all" else 8,
                                          memories_per_chunk=k)
@@ -245,8 +254,7 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
     from mini_m3.data.bios import ATTRIBUTES
     from mini_m3.memory.encode import encode_reference_tokens
 
-    # a "learned" or "disjoint" model: its own selection; any other: the paper's
-    scored = model.cfg.memory_selector if model.cfg.memory_selector in ("learned", "disjoint") else "attention"
+    scored = own_top_k(model)
     top = model.with_memory_format(selector=scored, tokens_per_head=k, memories_per_chunk=5)
     kept = {a: {"per_layer": [], "any_layer": [], "first_any_layer": []} for a in ATTRIBUTES}
     pooled, whole_layer, whole_head, distinct, name_layer, both_layer = [], [], [], [], [], []
@@ -634,7 +642,8 @@ def choice_scores(m, tok, items, top5: list[list[int]], people, bank=None) -> di
 def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
     """Choosing the memory, or reading it? For each held-out question, the answer log-likelihood the model gives
     the asked person's value and each different value of the asked attribute held by the 5 people retrieved for it
-    (whose memories the paper's format reads), read in the paper's format (top-8, 5 memories), with top-8 and 1
+    (whose memories the paper's format reads), read in the paper's format (top-8, 5 memories; a model trained with
+    a named top-k lever reads its own, `own_top_k`), with top-8 and 1
     memory, with all tokens and 5 memories or 1, and with memory off (the prior). "chose": the asked person's value
     scores highest; "distractor": a retrieved other person's value scores higher (read from the wrong memory, or
     guessed); "retrieved": the asked person is among the 5. Exact match beside it. Biographies in training and in
@@ -655,7 +664,7 @@ def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
     people = list(world.people) + list(others)  # the bank's order: index = pid
     assert all(p.pid == i for i, p in enumerate(people)), "bank index is not pid"
     axes = {k: v for k, v in reading_questions(world, others, n, s.seed).items() if k in ("heldout", "new_bio_wording")}
-    formats = (("attention", 5), ("attention", 1), ("all", 5), ("all", 1), ("off", 0))  # the first: retrieval
+    formats = (("top", 5), ("top", 1), ("all", 5), ("all", 1), ("off", 0))  # the first: retrieval
     result = {"n": n, "candidates": "the asked person's value and the different values of the 5 retrieved people",
               "runs": {}}
     for run in run_dirs:
@@ -664,12 +673,12 @@ def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
         with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
             for f, (sel, k) in enumerate(formats):
                 m, bank, name = model, None, "memory off"
-                if sel != "off":
-                    m = model.with_memory_format(selector=sel, tokens_per_head=None if sel == "all" else 8,
-                                                 memories_per_chunk=k)
+                if sel != "off":  # "top": the paper's top-8, or the model's own top-k lever (`own_top_k`)
+                    m = model.with_memory_format(selector=own_top_k(model) if sel == "top" else sel,
+                                                 tokens_per_head=None if sel == "all" else 8, memories_per_chunk=k)
                     bank = MemoryBank.build(Path(tmp) / f"bank{f}", m, tok, refs, retriever=Retriever(),
                                             progress=False)
-                    name = f"{'top-8' if sel == 'attention' else 'all tokens'}, {k} memor{'y' if k == 1 else 'ies'}"
+                    name = f"{'top-8' if sel == 'top' else 'all tokens'}, {k} memor{'y' if k == 1 else 'ies'}"
                 for axis, items in axes.items():
                     if axis not in top5:  # retrieval reads the prompt only: the same 5 people in every format
                         top5[axis] = [[int(i) for i in r[:5]] for r in bank.search(
@@ -768,7 +777,8 @@ def plot_first(result: dict, path) -> None:
 
 def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
     """Per asked attribute of `items`, each answer token read teacher-forced from the asked person's own memory
-    (`refs[item.person]`, 1 memory) in the paper's top-8 (top-`k` tokens per KV head) and with every token kept: n, the
+    (`refs[item.person]`, 1 memory) in the paper's top-8 (top-`k` tokens per KV head; a model trained with a named
+    top-k lever, `own_top_k`, reads its own) and with every token kept: n, the
     share of them that the top-8 keeps in some memory layer ("kept"), and how often each is `model`'s greedy prediction:
     with the top-8, where it was kept ("top8_if_kept") and where it was not ("top8_if_lost"), and with all tokens
     ("all"), for the first answer token ("first") and the later ones ("later") apart. A later token read where the top-8
@@ -782,7 +792,7 @@ def span_reads(model, tok, refs: list[str], items, k: int = 8) -> dict:
 
     from mini_m3.memory.encode import encode_reference_tokens
 
-    top = model.with_memory_format(selector="attention", tokens_per_head=k, memories_per_chunk=1).eval()
+    top = model.with_memory_format(selector=own_top_k(model), tokens_per_head=k, memories_per_chunk=1).eval()
     every = model.with_memory_format(selector="all", memories_per_chunk=1).eval()
     acc = defaultdict(lambda: defaultdict(lambda: [0, 0]))  # attribute -> measure -> [hits, n]
     off = model.cfg.prefix_length

@@ -25,9 +25,11 @@ CONFIG_FORMAT_VERSION = 2  # 2: memory_selector (version 1 files load with the p
 # approximation), "learned" (attention received from the model's own learned selection queries instead of from the
 # reference's tokens: a named lever, not the paper's; needs `memory_selection_queries`), "random", "first", and
 # "all" (every reference token kept: no sparsification), and "disjoint" (the paper's attention score, but the KV heads
-# of a memory layer take turns choosing, each its best token that no head keeps yet: a named lever, not the paper's)
-MEMORY_SELECTORS = ("attention", "exp", "learned", "random", "first", "all", "disjoint")
-SCORED_SELECTORS = ("attention", "exp", "learned")  # the selectors that rank tokens by a score
+# of a memory layer take turns choosing, each its best token that no head keeps yet: a named lever, not the paper's),
+# and "headmax" (the paper's attention score per query head, the max over the query heads that share a KV head
+# instead of their sum: the other reading of the spec's open choice 2, a named lever)
+MEMORY_SELECTORS = ("attention", "exp", "learned", "random", "first", "all", "disjoint", "headmax")
+SCORED_SELECTORS = ("attention", "exp", "learned", "headmax")  # the selectors that rank tokens by a score
 # the fields of the memory format: the same weights under another format are the same weights (the bank checks the
 # format itself), so `checkpoint.weights_fingerprint` leaves these out
 MEMORY_FORMAT_FIELDS = ("memory_selector", "memory_tokens_per_head", "memories_per_chunk")

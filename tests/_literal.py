@@ -12,6 +12,7 @@ Python loops over rows, heads and queries, in float64, so a test can hold the pa
   softmax_j(X_i W_Q (X_j W_K)ᵀ / √d_h) over the reference's own tokens (no prefix, no padding), with no causal
   mask and no position encoding; keep the top k tokens (ties to the earlier one); store their keys after RoPE at
   their positions p + j and their values.
+  With pool="max" (the "headmax" selector, a named lever), the largest of the query heads' sums instead of their sum.
 - `literal_disjoint`: the "disjoint" selector's choice (deviation 74, not the paper's) from given scores: k rounds
   in which the KV heads of a layer, in order, each keep their best token no head keeps yet.
 """
@@ -110,9 +111,11 @@ def literal_forward(model, idx: torch.Tensor, memory=None, query_chunks: torch.T
     return (x @ model.lm_head.weight.detach().double().T)[:, p:]
 
 
-def literal_selection(model, ref: list[int], k: int | None = None, *, softmax: bool = True) -> dict[str, torch.Tensor]:
+def literal_selection(model, ref: list[int], k: int | None = None, *, softmax: bool = True,
+                      pool: str = "sum") -> dict[str, torch.Tensor]:
     """§3.3 for one reference (token ids, no prefix); softmax=False: the paper's un-normalised approximation
-    w_j = Σ_i exp(q_i·k_j/√d_h) (ranked by its log). Returns float64 tensors over (L_mem, H_mem, ...):
+    w_j = Σ_i exp(q_i·k_j/√d_h) (ranked by its log). pool="max" (the "headmax" selector, with softmax): each query
+    head's w_j apart, the largest over the query heads that share the KV head instead of their sum. Returns float64 tensors over (L_mem, H_mem, ...):
     scores (L_mem, H_mem, R) = w_j; index (L_mem, H_mem, k) kept tokens in reading order; positions = p + index;
     keys (after RoPE) and values (L_mem, H_mem, k, d_h) of the kept tokens; all_keys, all_values (L_mem, H_mem,
     R, d_h) of every token."""
@@ -134,9 +137,14 @@ def literal_selection(model, ref: list[int], k: int | None = None, *, softmax: b
             K = X @ _head(blk.attn.wk.weight, hk, dh).T  # no RoPE
             for hq in range(hk * g, (hk + 1) * g):  # the query heads that share KV head hk
                 Q = X @ _head(blk.attn.wq.weight, hq, dh).T
+                w_head = torch.zeros(R, dtype=torch.float64)
                 for i in range(R):  # no causal mask: every token i spreads one unit of attention over all j
                     s = K @ Q[i] / math.sqrt(dh)
-                    scores[li, hi] += torch.softmax(s, 0) if softmax else torch.exp(s)
+                    w_head += torch.softmax(s, 0) if softmax else torch.exp(s)
+                if pool == "max":
+                    scores[li, hi] = torch.maximum(scores[li, hi], w_head)
+                else:
+                    scores[li, hi] += w_head
             if not softmax:
                 scores[li, hi] = scores[li, hi].log()
             w = scores[li, hi].tolist()

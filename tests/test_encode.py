@@ -45,6 +45,35 @@ def test_scores_sum_over_the_query_group_and_ignore_padding():
     torch.testing.assert_close(finite.sum(-1), torch.full((1, 2), 11.0 * 2, dtype=torch.float64))
 
 
+def test_headmax_keeps_a_token_one_query_head_needs_where_the_sum_outvotes_it():
+    """The "headmax" selector (a named lever, open choice 2's other reading): per KV head, the largest of its query
+    heads' attention-received sums instead of their sum. One KV head, three query heads, 12 tokens, top-4: heads 0
+    and 1 give all their attention to tokens 2-5 (~3 each); head 2 favours token 9 (~3.2) but gives tokens 2-5
+    ~1.9 each. Summed, 2-5 win (~7.9 against ~3.2) and token 9 is dropped; max keeps it."""
+    R, d = 12, 8
+    q = torch.zeros(1, 3, R, d)
+    k = torch.zeros(1, 1, R, d)
+    q[:, :2, :, 0] = 1.0
+    k[:, 0, 2:6, 0] = 8.0 * d ** 0.5  # logits q·k/√d_h: 8 here, 2.5 and 3 below
+    q[:, 2, :, 1] = 1.0
+    k[:, 0, 2:6, 1] = 2.5 * d ** 0.5
+    k[:, 0, 9, 1] = 3.0 * d ** 0.5
+    valid = torch.ones(1, R, dtype=torch.bool)
+    per_head = [selection_scores(q[:, h:h + 1], k, valid, n_groups=1) for h in range(3)]
+    torch.testing.assert_close(selection_scores(q, k, valid, n_groups=3), sum(per_head))
+    torch.testing.assert_close(selection_scores(q, k, valid, n_groups=3, selector="headmax"),
+                               torch.stack(per_head).amax(0))
+
+    def top(sel):
+        return select_top_tokens(selection_scores(q, k, valid, 3, selector=sel), valid, 4, sel)[0].flatten().tolist()
+
+    assert top("attention") == [2, 3, 4, 5]
+    assert top("headmax") == [2, 3, 4, 9]  # head 2's token kept (ties among 2-5 go to the earlier tokens)
+    # one query head per KV head: "headmax" is the paper's score
+    k3 = k.expand(1, 3, R, d)
+    torch.testing.assert_close(selection_scores(q, k3, valid, 1, selector="headmax"), selection_scores(q, k3, valid, 1))
+
+
 def test_short_reference_leaves_empty_slots():
     scores = torch.randn(1, 2, 5)
     valid = torch.tensor([[True, True, True, False, False]])
@@ -53,7 +82,7 @@ def test_short_reference_leaves_empty_slots():
     assert set(idx[0, 0][kept[0, 0]].tolist()) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("selector", ["attention", "exp", "random", "first", "all"])
+@pytest.mark.parametrize("selector", ["attention", "exp", "headmax", "random", "first", "all"])
 def test_encode_shapes_positions_and_prefix_never_kept(tiny, selector):
     cfg = tiny.cfg
     refs = [torch.randint(4, cfg.vocab_size, (n,)).tolist() for n in (20, 5, 128)]
@@ -100,7 +129,7 @@ def test_to_memory_kv_layout_and_missing_memories(tiny):
     assert kv.mask[0, 1, ..., :k].all()
 
 
-@pytest.mark.parametrize("selector", ["attention", "exp"])
+@pytest.mark.parametrize("selector", ["attention", "exp", "headmax"])
 def test_selection_matches_the_literal_rule(selector):
     """§3.3 written out in tests/_literal.py (loops, float64, no RoPE and no causal mask in the score, prefix and
     padding excluded): the batched encoder keeps a top-k set of the literal scores, and stores the keys (after
@@ -111,7 +140,7 @@ def test_selection_matches_the_literal_rule(selector):
     refs = [torch.randint(4, cfg.vocab_size, (n,), generator=g).tolist() for n in (37, 5, 128, 90)]
     mem = encode_reference_tokens(model, refs, selector=selector)  # one padded batch
     for r, ref in enumerate(refs):
-        lit = literal_selection(model, ref, softmax=selector == "attention")
+        lit = literal_selection(model, ref, softmax=selector != "exp", pool="max" if selector == "headmax" else "sum")
         n = min(k, len(ref))
         kept = mem.mask[r]
         assert kept.sum(-1).eq(n).all()

@@ -40,7 +40,7 @@ def test_build_refuses_a_format_other_than_the_models_and_writes_nothing(tmp_pat
 def test_open_refuses_a_model_whose_config_says_another_format(tmp_path, tiny, tok, texts):
     MemoryBank.build(tmp_path / "b", tiny, tok, texts, progress=False)
     for other in (tiny.with_memory_format(selector="all"), tiny.with_memory_format(tokens_per_head=4),
-                  tiny_model(0, memory_selector="exp")):
+                  tiny_model(0, memory_selector="exp"), tiny_model(0, memory_selector="headmax")):
         with pytest.raises(BankError, match=r"holds memories in format selector='attention', tokens_per_head=8, but "
                                             r"the model's config says"):
             MemoryBank.open(tmp_path / "b", other, tok)

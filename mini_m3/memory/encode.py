@@ -9,8 +9,9 @@ The kept keys are stored after RoPE, so they remain at their positions p..p+127 
 Selectors (for ablations): "attention" (the paper's softmax score), "exp" (the paper's un-normalised
 approximation, ranked stably by log-sum-exp), "learned" (the same softmax score with the memory layer's learned
 selection queries `Attention.select_q` as the askers: a named lever), "disjoint" (the softmax score, with the KV
-heads of a layer taking turns to keep tokens no head keeps yet: a named lever), "random", "first", and "all" (no
-token sparsification).
+heads of a layer taking turns to keep tokens no head keeps yet: a named lever), "headmax" (the softmax score of each
+query head, the max over the query heads that share the KV head instead of their sum: a named lever), "random",
+"first", and "all" (no token sparsification).
 The selector and tokens per head default to the model's memory format (`Memory3Config.memory_selector`,
 `memory_tokens_per_head`); explicit arguments override it (a bank refuses memories not in the model's format).
 """
@@ -28,6 +29,7 @@ from ..config import MEMORY_SELECTORS as SELECTORS
 from ..config import SCORED_SELECTORS
 from ..model import Memory3, MemoryKV
 
+LOG_SCORED = ("attention", "learned", "headmax")  # scored selectors whose score w_j > 0 is ranked as log w_j
 SOFT_GATES = ("logit", "logit+value")  # what soft selection's slot weight g_j scales (encode_reference_tokens)
 
 
@@ -126,6 +128,8 @@ def selection_scores(q_raw: torch.Tensor, k_raw: torch.Tensor, valid: torch.Tens
     Returns (N, H_kv, R) — higher is better; invalid tokens get -inf.
     "attention": Σ_{i valid} Σ_{h in group} softmax_j(q_i·k_j/√d_h)  (softmax over valid j, no causal mask)
     "exp":       log Σ_{i, h} exp(q_i·k_j/√d_h)   (the paper's approximation; the log keeps the ranking)
+    "headmax":   max_{h in group} Σ_{i valid} softmax_j(q_i·k_j/√d_h)  (a named lever: a token one query head
+                 needs is not outvoted by the others; with one query head per KV head it is "attention")
     dtype: float64 (banks, evaluation): its rounding noise, which depends on the batch shape, stays far below
     select_top_tokens' float32 ranking, so a reference keeps the same tokens in any batch. float32 (continual
     training, 2-3x faster): near-ties may then break differently from batch to batch.
@@ -147,15 +151,16 @@ def _selection_scores(q_raw, k_raw, valid, n_groups: int, selector: str, dtype: 
     logits = q_raw.to(dtype) @ k_rep.transpose(-1, -2) / math.sqrt(dh)  # (N, H, R_i, R_j)
     key_ok = valid[:, None, None, :]
     query_ok = valid[:, None, :, None]
-    if selector == "attention":
+    if selector in ("attention", "headmax"):
         a = torch.softmax(logits.masked_fill(~key_ok, float("-inf")), dim=-1)
         a = a.masked_fill(~query_ok | ~key_ok, 0.0)
-        w = a.sum(2).view(N, H // n_groups, n_groups, R).sum(2)
+        per_head = a.sum(2).view(N, H // n_groups, n_groups, R)  # (N, H_kv, group, R) attention each head pays j
+        w = per_head.sum(2) if selector == "attention" else per_head.amax(2)
     elif selector == "exp":
         lg = logits.masked_fill(~query_ok, float("-inf")).view(N, H // n_groups, n_groups * R, R)
         w = torch.logsumexp(lg, dim=2)
     else:
-        raise ValueError(f"selection_scores handles 'attention' and 'exp', not {selector!r}")
+        raise ValueError(f"selection_scores handles 'attention', 'headmax' and 'exp', not {selector!r}")
     return w.masked_fill(~valid[:, None, :], float("-inf"))
 
 
@@ -244,7 +249,7 @@ def soft_selection_bias(scores: torch.Tensor, index: torch.Tensor, kept: torch.T
     """Log-weights log g_j of the gathered tokens under soft selection, a training-time relaxation of the top-k
     (the paper leaves gradients through the selection open, spec open item 4):
 
-        g_j = sigmoid((s_j - τ) / T),   s_j = log w_j ("attention", "learned") or the "exp" score,
+        g_j = sigmoid((s_j - τ) / T),   s_j = log w_j ("attention", "learned", "headmax") or the "exp" score,
 
     τ halfway between the k-th and (k+1)-th best s of the head (no gradient). The k best tokens weigh ~1 and the
     others less the further they fall below; as T → 0 this is the paper's hard top-k. With T > 0 the loss reaches
@@ -253,7 +258,7 @@ def soft_selection_bias(scores: torch.Tensor, index: torch.Tensor, kept: torch.T
     tokens (`select_top_tokens`). Returns (N, H, R') log-weights, 0 on empty slots."""
     if temperature <= 0:
         raise ValueError(f"soft selection needs a temperature > 0, got {temperature}")
-    s = scores.clamp_min(1e-30).log() if selector in ("attention", "learned") else scores.clamp_min(-1e30)
+    s = scores.clamp_min(1e-30).log() if selector in LOG_SCORED else scores.clamp_min(-1e30)
     best = s.detach().sort(dim=-1, descending=True).values  # (N, H, R)
     if best.shape[-1] <= k:  # a reference of at most k tokens keeps them all
         return torch.zeros(index.shape, dtype=s.dtype, device=s.device)
@@ -366,13 +371,13 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
             q_sel = model.blocks[cfg.memory_layers[li]].attn.select_q
             scores = question_selection_scores(q_sel if relaxed else q_sel.detach(), k_sel, valid, cfg.n_query_groups,
                                                score_dtype)[:, heads]
-        elif selector in ("attention", "exp", "disjoint"):
+        elif selector in ("attention", "exp", "disjoint", "headmax"):
             # the hard top-k choice is not differentiable: scoring without autograd keeps its (N, H, R, R) matrices
             # out of the backward graph (~11 MiB per reference per memory layer at paper-2.4b); soft selection
             # needs them there
             qk = (layer["q_raw"], layer["k_raw"]) if relaxed else (layer["q_raw"].detach(), layer["k_raw"].detach())
-            scores = selection_scores(*qk, valid, cfg.n_query_groups, "exp" if selector == "exp" else "attention",
-                                      score_dtype)[:, heads]
+            how = selector if selector in ("exp", "headmax") else "attention"  # "disjoint" divides the paper's score
+            scores = selection_scores(*qk, valid, cfg.n_query_groups, how, score_dtype)[:, heads]
         else:
             scores = torch.zeros(N, len(cfg.memory_heads), R, device=device)
         if force is not None:  # above every score; earlier forced tokens first (ties go to the earlier token)
@@ -384,7 +389,7 @@ def encode_reference_tokens(model: Memory3, ref_ids: Sequence[Sequence[int]] | t
             if soft_gate == "logit+value":
                 gate = biases[-1].exp()[..., None]  # (N, H_mem, R, 1) g_j, 1 on empty slots (zeroed below)
         if keep_scores:  # (N, H_mem, R) log w_j, very negative on padding
-            log_scores.append(scores.clamp_min(1e-30).log() if selector in ("attention", "learned")
+            log_scores.append(scores.clamp_min(1e-30).log() if selector in LOG_SCORED
                               else scores.clamp_min(-1e4))
         gather = index[..., None].expand(-1, -1, -1, cfg.head_dim)
         keys.append(layer["k"][:, heads].gather(2, gather))
