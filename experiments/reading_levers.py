@@ -24,6 +24,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from mini_m3.config import MEMORY_SELECTORS
 from mini_m3.reading import ReadingSettings, run_reading
 
 # --help of the flags made from ReadingSettings' fields (all but model and progress)
@@ -160,12 +161,13 @@ def read_bank(m, tok, refs: list[str], items, memories=None) -> dict:
         return qa_eval(m, tok, items, mode="memory", bank=bank)
 
 
-def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
+def formats(run_dirs: list[str], out: str, n: int = 200, only: str | None = None) -> dict:
     """Which half of the paper's format breaks reading: each run's model read in all four combinations of
     {all tokens, top-8} x {1, 5 memories} (and with 8 tokens per head of its own selector if it was trained with
     another, e.g. "disjoint", and of "headmax" if its KV heads serve several query heads) on the held-out axis (its bank rebuilt in each format through
     `with_memory_format`, a deliberate ablation), in all and per asked attribute (`by_attribute`: exact match, the
-    first answer token, the later ones). All runs must share the world settings of the first."""
+    first answer token, the later ones). only: read the formats of this selector alone (`--only SELECTOR`). All runs
+    must share the world settings of the first."""
     from mini_m3.reading import by_attribute, reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
@@ -181,6 +183,8 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
         if model.cfg.n_query_groups > 1 and own != "headmax":  # open choice 2's other reading: max, not sum
             extra += (("headmax", 1), ("headmax", 5))
         for sel, k in FORMATS + extra:
+            if only is not None and sel != only:
+                continue
             m = model.with_memory_format(selector=sel, tokens_per_head=None if sel == "all" else 8,
                                          memories_per_chunk=k)
             r = read_bank(m, tok, refs, items)
@@ -189,6 +193,9 @@ def formats(run_dirs: list[str], out: str, n: int = 200) -> dict:
             print(run, sel, k, f"{row[f'{sel}/{k}']:.3f}",
                   {a: f"{v['exact_match']:.2f} (first {v['first_piece']:.2f})" for a, v in per[f"{sel}/{k}"].items()},
                   flush=True)
+        if not row:
+            raise SystemExit(f"{run}: no format of selector {only!r} to read (its formats: "
+                             f"{sorted({sel for sel, _ in FORMATS + extra})})")
         result["runs"][run] = {"trained_in": model.cfg.memory_format, "heldout_qa": row,
                                "heldout_qa_by_attribute": per}
     write_json(out, result, seed=s.seed)
@@ -931,7 +938,8 @@ def curve(paths: list[str], out: str) -> dict:
 
 
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
-               "formats": "formats OUT.json RUN_DIR ...: held-out QA of each run read in other memory formats",
+               "formats": "formats OUT.json RUN_DIR ... [--only SELECTOR]: held-out QA of each run read in other "
+                          "memory formats (--only: those of one selector)",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
                "sink": "sink OUT.json RUN_DIR ...: where the context's attention to memory goes",
                "attends": "attends OUT.json RUN_DIR ...: what the answer position's memory attention reads, per "
@@ -985,7 +993,14 @@ def main(argv=None) -> None:
                    "sink": sink, "first": first, "attends": attends, "span": span, "choice": choice,
                    "curve": curve}
     if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
-        diagnostics[argv[0]](argv[2:], argv[1])
+        rest = argv[2:]
+        if argv[0] == "formats" and "--only" in rest:  # formats OUT.json RUN_DIR ... --only SELECTOR
+            i = rest.index("--only")
+            if i + 2 != len(rest) or rest[i + 1] not in MEMORY_SELECTORS:
+                raise SystemExit(f"--only takes one selector of {list(MEMORY_SELECTORS)}, after the run folders")
+            diagnostics["formats"](rest[:i], argv[1], only=rest[i + 1])
+            return
+        diagnostics[argv[0]](rest, argv[1])
         return
     out, s = parse_run(argv)
     run_reading(out, s, argv=["experiments/reading_levers.py", *argv])

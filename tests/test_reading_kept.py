@@ -249,3 +249,16 @@ def test_choice_scores_compare_the_asked_value_with_the_retrieved_peoples():
     assert 0 < sum(wrong) < len(items)  # the check is not vacuous
     assert got["distractor"] == sum(wrong) / len(items) and got["chose"] == 1 - got["distractor"]
     assert got["retrieved"] == 0.0
+
+
+def test_diagnostics_read_a_model_trained_with_a_top_k_lever_in_its_own_selector(capsys):
+    levers = _levers()
+    tiny = Memory3(Memory3Config.from_name("tiny")).eval()
+    assert levers.own_top_k(tiny) == "attention"
+    assert levers.own_top_k(tiny.with_memory_format(selector="all")) == "attention"  # an all-tokens model: the paper's
+    for lever in ("headmax", "disjoint"):
+        assert levers.own_top_k(tiny.with_memory_format(selector=lever)) == lever
+    with pytest.raises(SystemExit, match="--only takes one selector of"):  # refused before any run is read
+        levers.main(["formats", "out.json", "no_such_run", "--only", "bogus"])
+    with pytest.raises(SystemExit, match="--only takes one selector of"):
+        levers.main(["formats", "out.json", "--only", "headmax", "no_such_run"])
