@@ -164,10 +164,10 @@ def read_bank(m, tok, refs: list[str], items, memories=None) -> dict:
 def formats(run_dirs: list[str], out: str, n: int = 200, only: str | None = None) -> dict:
     """Which half of the paper's format breaks reading: each run's model read in all four combinations of
     {all tokens, top-8} x {1, 5 memories} (and with 8 tokens per head of its own selector if it was trained with
-    another, e.g. "disjoint", and of "headmax" if its KV heads serve several query heads) on the held-out axis (its bank rebuilt in each format through
-    `with_memory_format`, a deliberate ablation), in all and per asked attribute (`by_attribute`: exact match, the
-    first answer token, the later ones). only: read the formats of this selector alone (`--only SELECTOR`). All runs
-    must share the world settings of the first."""
+    another, e.g. "disjoint", and of "headmax" if its KV heads serve several query heads) on the held-out axis (its
+    bank rebuilt in each format through `with_memory_format`, a deliberate ablation), in all and per asked attribute
+    (`by_attribute`: exact match, the first answer token, the later ones). only: read the formats of this selector
+    alone (`--only SELECTOR`). All runs must share the world settings of the first."""
     from mini_m3.reading import by_attribute, reading_questions
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
@@ -647,15 +647,14 @@ def choice_scores(m, tok, items, top5: list[list[int]], people, bank=None) -> di
 
 
 def choice(run_dirs: list[str], out: str, n: int = 200) -> dict:
-    """Choosing the memory, or reading it? For each held-out question, the answer log-likelihood the model gives
-    the asked person's value and each different value of the asked attribute held by the 5 people retrieved for it
-    (whose memories the paper's format reads), read in the paper's format (top-8, 5 memories; a model trained with
-    a named top-k lever reads its own, `own_top_k`), with top-8 and 1
-    memory, with all tokens and 5 memories or 1, and with memory off (the prior). "chose": the asked person's value
-    scores highest; "distractor": a retrieved other person's value scores higher (read from the wrong memory, or
-    guessed); "retrieved": the asked person is among the 5. Exact match beside it. Biographies in training and in
-    held-out wordings. It reads the labels: a diagnostic, never an evaluation. All runs must share the world
-    settings of the first."""
+    """Choosing the memory, or reading it? For each held-out question, the answer log-likelihood the model gives the
+    asked person's value and each different value of the asked attribute held by the 5 people retrieved for it (whose
+    memories the paper's format reads), read in the paper's format (top-8, 5 memories; a model trained with a named
+    top-k lever reads its own, `own_top_k`), with top-8 and 1 memory, with all tokens and 5 memories or 1, and with
+    memory off (the prior). "chose": the asked person's value scores highest; "distractor": a retrieved other person's
+    value scores higher (read from the wrong memory, or guessed); "retrieved": the asked person is among the 5. Exact
+    match beside it. Biographies in training and in held-out wordings. It reads the labels: a diagnostic, never an
+    evaluation. All runs must share the world settings of the first."""
     import tempfile
 
     import torch

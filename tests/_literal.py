@@ -113,12 +113,12 @@ def literal_forward(model, idx: torch.Tensor, memory=None, query_chunks: torch.T
 
 def literal_selection(model, ref: list[int], k: int | None = None, *, softmax: bool = True,
                       pool: str = "sum") -> dict[str, torch.Tensor]:
-    """§3.3 for one reference (token ids, no prefix); softmax=False: the paper's un-normalised approximation
-    w_j = Σ_i exp(q_i·k_j/√d_h) (ranked by its log). pool="max" (the "headmax" selector, with softmax): each query
-    head's w_j apart, the largest over the query heads that share the KV head instead of their sum. Returns float64 tensors over (L_mem, H_mem, ...):
-    scores (L_mem, H_mem, R) = w_j; index (L_mem, H_mem, k) kept tokens in reading order; positions = p + index;
-    keys (after RoPE) and values (L_mem, H_mem, k, d_h) of the kept tokens; all_keys, all_values (L_mem, H_mem,
-    R, d_h) of every token."""
+    """§3.3 for one reference (token ids, no prefix); softmax=False: the paper's un-normalised approximation w_j = Σ_i
+    exp(q_i·k_j/√d_h) (ranked by its log). pool="max" (the "headmax" selector, with softmax): each query head's w_j
+    apart, the largest over the query heads that share the KV head instead of their sum. Returns float64 tensors over
+    (L_mem, H_mem, ...): scores (L_mem, H_mem, R) = w_j; index (L_mem, H_mem, k) kept tokens in reading order; positions
+    = p + index; keys (after RoPE) and values (L_mem, H_mem, k, d_h) of the kept tokens; all_keys, all_values (L_mem,
+    H_mem, R, d_h) of every token."""
     cfg = model.cfg
     k = k or cfg.memory_tokens_per_head
     p, dh, g, R = len(cfg.reference_prefix_ids), cfg.head_dim, cfg.n_heads // cfg.n_kv_heads, len(ref)
