@@ -76,7 +76,7 @@ class ReadingSettings:
     selection_target: str = "attention"  # TrainConfig.selection_target: what the distillation fits (a lever)
     format_mix: float = 0.0  # TrainConfig.format_mix of the main continual stage: share of all-tokens 1-memory steps
     memory_grad: bool = True  # TrainConfig.memory_grad: gradients through reference encoding (False: a lever)
-    init_model: str = ""  # continue from a run's OUT/model: same settings but steps and memory format (a lever)
+    init_model: str = ""  # continue from a run's OUT/model: same settings but steps, memory format and layers
     threads: int = 2
     progress: bool = True
 
@@ -180,9 +180,10 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     if s.init_model:  # longer training in pieces: the same world and tokenizer, the previous run's weights
         from .checkpoint import load_pretrained
         prev, prev_tok = load_pretrained(s.init_model)
-        # the memory format may change (a format curriculum: all tokens and 1 memory first, then the paper's), and
-        # learned selection queries may be added (a model without them: they start from their initialisation)
-        free = (*MEMORY_FORMAT_FIELDS, "memory_selection_queries")
+        # the memory format may change (a format curriculum: all tokens and 1 memory first, then the paper's),
+        # learned selection queries may be added (a model without them: they start from their initialisation), and
+        # the memory layers may change (a layer that was not one starts writing and reading memories; a lever)
+        free = (*MEMORY_FORMAT_FIELDS, "memory_selection_queries", "memory_layers")
         same_shape = dataclasses.replace(prev.cfg, **{f: getattr(cfg, f) for f in free}) == cfg
         adds_queries = prev.cfg.memory_selection_queries in (0, cfg.memory_selection_queries)
         if not same_shape or not adds_queries or prev_tok.fingerprint() != tokenizer.fingerprint():

@@ -81,6 +81,21 @@ def test_a_run_may_continue_in_another_memory_format(quick, tmp_path):
         run_reading(tmp_path / "wide", dataclasses.replace(more, model={"n_layers": 2}))
 
 
+def test_a_run_may_continue_with_more_memory_layers(quick, tmp_path):
+    """A layer that was not a memory layer becomes one: the weights carry over unchanged, the saved model's memory
+    layers are the new ones and its memories have a layer more."""
+    out, s, r = quick
+    before = load_pretrained(out / "model")[0]
+    layers = sorted({*before.cfg.memory_layers, before.cfg.n_layers - 1})
+    assert len(layers) == len(before.cfg.memory_layers) + 1
+    more = dataclasses.replace(s, warmup_steps=0, curriculum_steps=0, continual_steps=1, eval_every=0,
+                               init_model=str(out / "model"), model={"memory_layers": layers})
+    run_reading(tmp_path / "deeper", more)
+    after = load_pretrained(tmp_path / "deeper" / "model")[0]
+    assert list(after.cfg.memory_layers) == layers
+    assert after.state_dict().keys() == before.state_dict().keys()
+
+
 def test_by_attribute_splits_exact_match_and_answer_pieces():
     items = [SimpleNamespace(attribute=a) for a in ("major", "major", "birth_date", "employer")]
     result = {"correct": [True, False, False, False],
