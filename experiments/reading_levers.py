@@ -301,6 +301,71 @@ def answer_tokens_kept(model, tok, refs: list[str], people, k: int = 8, score_qu
             "whole_answer_and_name_one_layer": float(np.mean(both_layer))}
 
 
+def layer_copies(model, tok, refs: list[str], people, k: int = 8) -> dict:
+    """What the top-k score (the paper's attention received, k tokens per KV head) would keep of the answers in
+    `people`'s bank biographies if every layer were a memory layer: the model's weights as they are, each layer
+    scored on its own queries and keys (a layer that is not a memory layer has never written or read memories, so
+    this says what a lever adding it would start from, not what it would read). Per layer, the mean number of KV heads
+    keeping an answer token ("heads_per_answer_token"); per set of memory layers (the model's own, its own plus each
+    other layer, every layer), the share of answer tokens some head keeps ("kept"; "kept_later": the tokens after
+    an answer's first), the mean number of heads keeping one ("mean_heads") and the shares kept by 2 or more and by
+    4 or more heads (point 33: a token 4-7 heads keep is read 0.92-1.00, one that one head keeps 0.68-0.82)."""
+    import numpy as np
+    import torch
+
+    from mini_m3.data.bios import ATTRIBUTES
+    from mini_m3.memory.encode import encode_reference_tokens
+    from mini_m3.model import Memory3
+
+    if own_top_k(model) == "learned":
+        raise ValueError("layers: learned selection queries exist only in the memory layers a model was trained with")
+    cfg = model.cfg.with_memory_format(own_top_k(model), k, 5)
+    every = Memory3(cfg.replace(memory_layers=tuple(range(cfg.n_layers))))
+    missing, unexpected = every.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and not unexpected, (missing, unexpected)  # memory layers add no parameters
+    every.eval()
+    copies, first = [], []  # per answer token: heads keeping it in each layer; is it its answer's first token
+    for p in people:
+        ids = tok.encode_references([refs[p.pid]])[0]
+        with torch.no_grad():
+            heads = kept_by_head(encode_reference_tokens(every, [ids]), cfg.prefix_length)
+        for a in ATTRIBUTES:
+            for j, i in enumerate(answer_span(tok, ids, p.facts()[a]) or []):
+                copies.append([sum(i in h for h in layer) for layer in heads])
+                first.append(j == 0)
+    c, later = np.array(copies), ~np.array(first)
+    own = list(model.cfg.memory_layers)
+    sets = {"own": own, **{f"own+{l}": sorted(own + [l]) for l in range(cfg.n_layers) if l not in own},
+            "every": list(range(cfg.n_layers))}
+    rows = {}
+    for name, layers in sets.items():
+        n = c[:, layers].sum(1)
+        rows[name] = {"layers": layers, "kept": float((n > 0).mean()), "kept_later": float((n[later] > 0).mean()),
+                      "mean_heads": float(n.mean()), "heads_2_or_more": float((n >= 2).mean()),
+                      "heads_4_or_more": float((n >= 4).mean())}
+    return {"n_answer_tokens": len(c), "heads_per_answer_token": c.mean(0).tolist(), "layer_sets": rows}
+
+
+def layers(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
+    """`layer_copies` over the first `n_bios` held-out bank biographies, per run: would more memory layers keep each
+    answer token in more heads? All runs must share the world settings of the first."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _common import write_json
+
+    s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
+    heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
+    result = {"n_biographies": n_bios, "k": 8, "runs": {}}
+    for run in run_dirs:
+        r = result["runs"][run] = layer_copies(run_model(run, tok, run_dirs[0]), tok, refs, heldout)
+        print(run, [round(x, 2) for x in r["heads_per_answer_token"]], flush=True)
+        for name, row in r["layer_sets"].items():
+            print(f"  {name:8s} {row['layers']}: kept {row['kept']:.3f} (later {row['kept_later']:.3f}), "
+                  f"heads {row['mean_heads']:.2f}, 2+ {row['heads_2_or_more']:.3f}, 4+ {row['heads_4_or_more']:.3f}",
+                  flush=True)
+    write_json(out, result, seed=s.seed)
+    return result
+
+
 def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
     """The share of held-out answer tokens each run's top-8 selection keeps (`answer_tokens_kept`), over the first
     `n_bios` held-out bank biographies. All runs must share the world settings of the first."""
@@ -948,6 +1013,8 @@ SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
                "span": "span OUT.json RUN_DIR ...: per asked attribute, each answer token read from the asked "
                        "person's own memory, kept or lost by the top-8 (a label-reading diagnostic)",
                "kept": "kept OUT.json RUN_DIR ...: the share of held-out answer tokens the top-8 keeps",
+               "layers": "layers OUT.json RUN_DIR ...: how many heads the top-8 would keep each held-out answer token "
+                         "in if other layers were memory layers too",
                "forced": "forced OUT.json RUN_DIR ...: top-8 reading with the answer forced into the kept set "
                          "(a label-reading diagnostic)",
                "questions": "questions OUT.json RUN_DIR ...: top-8 ranked by the attention of training questions' "
@@ -988,9 +1055,9 @@ def main(argv=None) -> None:
     if argv[:1] == ["table"]:
         print(table(argv[1:]))
         return
-    diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "forced": forced, "questions": questions,
-                   "sink": sink, "first": first, "attends": attends, "span": span, "choice": choice,
-                   "curve": curve}
+    diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "layers": layers, "forced": forced,
+                   "questions": questions, "sink": sink, "first": first, "attends": attends, "span": span,
+                   "choice": choice, "curve": curve}
     if argv[:1] and argv[0] in diagnostics:  # NAME OUT.json RUN_DIR [RUN_DIR ...]
         rest = argv[2:]
         if argv[0] == "formats" and "--only" in rest:  # formats OUT.json RUN_DIR ... --only SELECTOR

@@ -262,3 +262,33 @@ def test_diagnostics_read_a_model_trained_with_a_top_k_lever_in_its_own_selector
         levers.main(["formats", "out.json", "no_such_run", "--only", "bogus"])
     with pytest.raises(SystemExit, match="--only takes one selector of"):
         levers.main(["formats", "out.json", "--only", "headmax", "no_such_run"])
+
+
+def test_layer_copies_scores_every_layer_and_the_own_set_matches_the_models_selection():
+    """`layer_copies` counts, per answer token, the heads of every layer that would keep it: its own memory layers
+    must count what the model's own selection keeps (`answer_tokens_kept`), and adding layers never loses a token."""
+    world = BioWorld.generate(60, seed=0)
+    docs = world.training_documents(2000, seed=0)
+    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
+    refs = world.references(lambda t: len(tok.encode_reference(t)) <= 128)
+    people = [p for p in world.people if p.split == "heldout"][:5]
+    torch.manual_seed(0)
+    model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size, n_layers=4,
+                                            memory_layers=[1, 2])).eval()
+    levers = _levers()
+    r = levers.layer_copies(model, tok, refs, people, k=4)
+    own = levers.answer_tokens_kept(model, tok, refs, people, k=4)
+    assert r["n_answer_tokens"] == own["n_answer_tokens"] > 0 and len(r["heads_per_answer_token"]) == 4
+    sets = r["layer_sets"]
+    assert set(sets) == {"own", "own+0", "own+3", "every"} and sets["own"]["layers"] == [1, 2]
+    assert sets["own"]["kept"] == pytest.approx(own["pooled_any_layer"])
+    assert sets["own"]["mean_heads"] == pytest.approx(sum(r["heads_per_answer_token"][1:3]))
+    for name in ("own+0", "own+3", "every"):
+        assert sets[name]["kept"] >= sets["own"]["kept"] and sets[name]["mean_heads"] >= sets["own"]["mean_heads"]
+        assert sets[name]["heads_4_or_more"] <= sets[name]["heads_2_or_more"] <= sets[name]["kept"]
+    assert sets["every"]["mean_heads"] == pytest.approx(sum(r["heads_per_answer_token"]))
+    every = levers.layer_copies(model, tok, refs, people, k=128)  # k >= the reference: every head keeps every token
+    assert every["layer_sets"]["own"]["mean_heads"] == 2 * model.cfg.n_kv_heads
+    with pytest.raises(ValueError, match="learned"):
+        levers.layer_copies(Memory3(model.cfg.replace(memory_selector="learned", memory_selection_queries=2)), tok,
+                            refs, people)
