@@ -82,8 +82,8 @@ def test_a_run_may_continue_in_another_memory_format(quick, tmp_path):
 
 
 def test_a_run_may_continue_with_more_memory_layers(quick, tmp_path):
-    """A layer that was not a memory layer becomes one: the weights carry over unchanged, the saved model's memory
-    layers are the new ones and its memories have a layer more."""
+    """A layer that was not a memory layer becomes one: the weights carry over (memory layers add no parameters)
+    and the saved model's memory layers are the new ones."""
     out, s, r = quick
     before = load_pretrained(out / "model")[0]
     layers = sorted({*before.cfg.memory_layers, before.cfg.n_layers - 1})
