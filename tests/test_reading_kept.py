@@ -31,13 +31,18 @@ def _untrained(n_items: int):
     return world, tok, items, Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
 
 
-def test_answer_tokens_kept_counts_what_the_selection_keeps():
+def _heldout_bios():
+    """A 60-person world's tokenizer, its bank biographies (index = pid) and 5 held-out people; torch seeded 0."""
     world = BioWorld.generate(60, seed=0)
     docs = world.training_documents(2000, seed=0)
     tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
     refs = world.references(lambda t: len(tok.encode_reference(t)) <= 128)
-    people = [p for p in world.people if p.split == "heldout"][:5]
     torch.manual_seed(0)
+    return tok, refs, [p for p in world.people if p.split == "heldout"][:5]
+
+
+def test_answer_tokens_kept_counts_what_the_selection_keeps():
+    tok, refs, people = _heldout_bios()
     model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size)).eval()
     levers = _levers()
     every = levers.answer_tokens_kept(model, tok, refs, people, k=128)  # k >= the reference: every token kept
@@ -267,12 +272,7 @@ def test_diagnostics_read_a_model_trained_with_a_top_k_lever_in_its_own_selector
 def test_layer_copies_scores_every_layer_and_the_own_set_matches_the_models_selection():
     """`layer_copies` counts, per answer token, the heads of every layer that would keep it: its own memory layers
     must count what the model's own selection keeps (`answer_tokens_kept`), and adding layers never loses a token."""
-    world = BioWorld.generate(60, seed=0)
-    docs = world.training_documents(2000, seed=0)
-    tok = Tokenizer.train(world.tokenizer_corpus(docs), 1024)
-    refs = world.references(lambda t: len(tok.encode_reference(t)) <= 128)
-    people = [p for p in world.people if p.split == "heldout"][:5]
-    torch.manual_seed(0)
+    tok, refs, people = _heldout_bios()
     model = Memory3(Memory3Config.from_name("tiny", vocab_size=tok.vocab_size, n_layers=4,
                                             memory_layers=[1, 2])).eval()
     levers = _levers()
