@@ -317,9 +317,10 @@ def layer_copies(model, tok, refs: list[str], people, k: int = 8) -> dict:
     from mini_m3.memory.encode import encode_reference_tokens
     from mini_m3.model import Memory3
 
-    if own_top_k(model) == "learned":
+    selector = own_top_k(model)
+    if selector == "learned":
         raise ValueError("layers: learned selection queries exist only in the memory layers a model was trained with")
-    cfg = model.cfg.with_memory_format(own_top_k(model), k, 5)
+    cfg = model.cfg.with_memory_format(selector, k, 5)
     every = Memory3(cfg.replace(memory_layers=tuple(range(cfg.n_layers))))
     missing, unexpected = every.load_state_dict(model.state_dict(), strict=False)
     assert not missing and not unexpected, (missing, unexpected)  # memory layers add no parameters

@@ -188,6 +188,9 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         adds_queries = prev.cfg.memory_selection_queries in (0, cfg.memory_selection_queries)
         if not same_shape or not adds_queries or prev_tok.fingerprint() != tokenizer.fingerprint():
             raise ValueError(f"{s.init_model} was trained with another model config or tokenizer than these settings")
+        if prev.cfg.memory_selection_queries and tuple(prev.cfg.memory_layers) != tuple(cfg.memory_layers):
+            # starting the new layers' queries would restart the trained ones too (init_selection_queries)
+            raise ValueError(f"{s.init_model} has learned selection queries: its memory layers cannot change")
         missing, unexpected = model.load_state_dict(prev.state_dict(), strict=False)
         if unexpected or not all(k.endswith(".attn.select_q") for k in missing):
             raise ValueError(f"{s.init_model}: its weights do not fit these settings (missing {missing}, "

@@ -94,6 +94,13 @@ def test_a_run_may_continue_with_more_memory_layers(quick, tmp_path):
     after = load_pretrained(tmp_path / "deeper" / "model")[0]
     assert list(after.cfg.memory_layers) == layers
     assert after.state_dict().keys() == before.state_dict().keys()
+    learned = dataclasses.replace(more, continual_steps=1, model={"memory_selector": "learned",
+                                                                    "memory_selection_queries": 2})
+    run_reading(tmp_path / "learned", learned)  # learned queries added to the same memory layers: allowed
+    with pytest.raises(ValueError, match="learned selection queries: its memory layers cannot change"):
+        run_reading(tmp_path / "learned_deeper", dataclasses.replace(
+            learned, init_model=str(tmp_path / "learned" / "model"),
+            model={**learned.model, "memory_layers": layers}))
 
 
 def test_by_attribute_splits_exact_match_and_answer_pieces():
