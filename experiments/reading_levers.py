@@ -60,6 +60,10 @@ SETTING_HELP = {
     "memory_grad": "gradients flow through the live reference encoding in continual training (the paper's natural "
                    "reading); --no-memory-grad encodes references without them (a lever: a cheaper step, no "
                    "gradient reaches the writer)",
+    "shared_memories": "groups of 5 one-chunk sequences read one set of references, each chunk's own top-1 "
+                       "retrieval first, then the other members' (the leader's retrieved look-alikes where they have "
+                       "chunks): one reference encoded per chunk, as the paper's training reads its own and the "
+                       "previous 4 chunks' (a lever: about 1/5 of the encoding per step)",
     "init_model": "continue from a run's OUT/model, trained with the same settings but steps and memory format "
                   "(empty: a fresh model)",
     "threads": "torch and faiss threads",
@@ -102,6 +106,8 @@ def table(paths: list[str]) -> str:
                       f"{s['selection_distill']} to {s['soft_selection_until']}")
         if s.get("format_mix"):  # every so many steps read all tokens of 1 memory (a lever, point 29)
             model += f", format mixing {s['format_mix']:g} (all tokens, 1 memory)"
+        if s.get("shared_memories"):  # groups of chunks read one set of references (a lever, point 43)
+            model += ", shared memories (one reference encoded per chunk)"
         if not s.get("memory_grad", True):  # references encoded without gradients in training (a lever, point 32)
             model += ", no gradient through reference encoding"
         cells = [f"{r['axes'][a]['memory']:.3f} / {r['axes'][a]['memory_off']:.3f}" for a in AXES]

@@ -476,7 +476,7 @@ def train_distributed(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, ou
         lr = wsd_lr(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        rows = batch_order(len(data), cfg.batch_size, step, cfg.seed)
+        rows = batch_order(len(data), cfg.batch_size, step, cfg.seed, cfg.memory_groups)
         opt.zero_grad(set_to_none=True)
         summed = torch.zeros((), dtype=torch.float64)
         for mine, micro_rows in micro_batches(rows, rank, world, micro_batch):

@@ -42,7 +42,7 @@ from .memory.retrieve import Retriever
 from .model import Memory3
 from .provenance import fixed_numerics, provenance
 from .tokenizer import Tokenizer
-from .train import (ChunkedData, pack_documents, retrieve_for_chunks, stage_lr_warmup, train,
+from .train import (ChunkedData, pack_documents, retrieve_for_chunks, share_memories, stage_lr_warmup, train,
                     two_stage_configs)
 from .utils import atomic_write_text
 
@@ -76,6 +76,7 @@ class ReadingSettings:
     selection_target: str = "attention"  # TrainConfig.selection_target: what the distillation fits (a lever)
     format_mix: float = 0.0  # TrainConfig.format_mix of the main continual stage: share of all-tokens 1-memory steps
     memory_grad: bool = True  # TrainConfig.memory_grad: gradients through reference encoding (False: a lever)
+    shared_memories: bool = False  # groups of chunks read one set of references, one encoded per chunk (a lever)
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps, memory format and layers
     threads: int = 2
     progress: bool = True
@@ -107,6 +108,10 @@ def build_reading_data(s: ReadingSettings):
                                 [reference_tokens[i] for i in seen.tolist()], progress=s.progress,
                                 memories=cfg.memories_per_chunk)
     refs = torch.where(local >= 0, seen[local.clamp(min=0)], -1)  # retriever rows -> pids
+    if s.shared_memories and cfg.memories_per_chunk > 1:  # 5 chunks read one set: its own top-1 each (a lever)
+        order, refs = share_memories(refs, cfg.memories_per_chunk, seed=s.seed, tokens=tokens,
+                                     references=reference_tokens)
+        tokens, targets, docs = tokens[order], targets[order], [docs[i] for i in order.tolist()]
     data = ChunkedData(tokens, targets, refs, reference_tokens)
     return world, others, tokenizer, cfg, references, data, docs
 
@@ -226,7 +231,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                    soft_selection_until=s.soft_selection_until,
                                    soft_selection_gate=s.soft_selection_gate, selection_distill=s.selection_distill,
                                    selection_target=s.selection_target, format_mix=s.format_mix,
-                                   memory_grad=s.memory_grad)
+                                   memory_grad=s.memory_grad,
+                                   memory_groups=cfg.memories_per_chunk if s.shared_memories else 1)
     res = {}
     if warm is not None:
         res["warmup"] = stage("warmup", warm, data)

@@ -55,7 +55,7 @@ STATE_FORMATS = (TRAIN_STATE_FORMAT, "mini_m3.dist_train_state")
 STATE_FILE = "train_state.json"
 # TrainConfig fields a resume may change: they set how a run is watched or stored, not what it computes
 RESUME_FREE_FIELDS = ("quiet", "log_every", "threads", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
-LATER_FIELDS = {"device": None, "dtype": "float32"}  # fields older checkpoints lack, and the values they ran with
+LATER_FIELDS = {"device": None, "dtype": "float32", "memory_groups": 1}  # fields older checkpoints lack, and the values they ran with
 TRAIN_DTYPES = ("float32", "bfloat16")
 SELECTION_TARGETS = ("attention", "attribution")  # TrainConfig.selection_target
 
@@ -157,6 +157,73 @@ def retrieve_for_chunks(tokens: torch.Tensor, chunk_length: int, tokenizer: Toke
     return out[..., 0] if memories == 1 else out
 
 
+def share_memories(chunk_refs: torch.Tensor, group: int, *, seed: int = 0, tokens: torch.Tensor | None = None,
+                   references: Sequence[Sequence[int]] | None = None,
+                   leakage_threshold: float = TRAIN_LEAKAGE_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """§3.6's saving for one-chunk sequences: `group` chunks read one shared set of references, each chunk's own
+    (its top-1 retrieval) among them, so a batch encodes about one reference per chunk instead of `group` (the paper:
+    each chunk retrieves 1 reference and reads its own and the previous 4 chunks').
+
+    chunk_refs: (N, 1, m) each chunk's retrieved reference ids, best first (`retrieve_for_chunks(memories=m)`).
+    A group starts at a leader chunk (in a seeded order) and gathers, for each other reference the leader retrieved
+    (look-alikes, as retrieval found them), a chunk whose top-1 is that reference; it is filled with the next chunks
+    of the seeded order. Each chunk then reads its own top-1 first, then the other members' top-1s (distinct, -1
+    padded to `group`); with `tokens` and `references`, a reference whose text overlaps the chunk's sequence
+    beyond `leakage_threshold` is dropped, as retrieval drops it (Eq. 6). No labels: only retrieval's ids.
+    Returns (order (N,): rows in group order, group g = order[g·group:(g+1)·group], only the last group may be
+    shorter; refs (N, 1, group): what row order[i] reads, in the new order). Batches keep groups whole with
+    `TrainConfig.memory_groups = group` (`batch_order`)."""
+    if chunk_refs.dim() != 3 or chunk_refs.shape[1] != 1:
+        raise ValueError(f"share_memories needs (sequences, 1 chunk, memories) references, got {tuple(chunk_refs.shape)}")
+    if group < 1:
+        raise ValueError(f"share_memories: group={group} must be >= 1")
+    if (tokens is None) != (references is None):
+        raise ValueError("share_memories: the leakage check needs both tokens and references")
+    N = chunk_refs.shape[0]
+    retrieved = chunk_refs[:, 0].tolist()
+    own = [r[0] for r in retrieved]
+    visit = np.random.default_rng(seed).permutation(N).tolist()
+    pool: dict[int, list[int]] = {}
+    for j in reversed(visit):  # each reference's chunks, the first of the seeded order last (popped first)
+        pool.setdefault(own[j], []).append(j)
+    taken = [False] * N
+    fill = iter(visit)
+    order = []
+    for i in visit:
+        if taken[i]:
+            continue
+        members, owns = [i], {own[i]}
+        taken[i] = True
+        for r in retrieved[i][1:]:
+            stack = pool.get(r, [])
+            while stack and taken[stack[-1]]:
+                stack.pop()
+            if len(members) == group or r < 0 or r in owns or not stack:
+                continue
+            members.append(stack.pop())
+            taken[members[-1]] = True
+            owns.add(r)
+        while len(members) < group:  # then the next free chunks of the seeded order (other people)
+            j = next(fill, None)
+            if j is None:
+                break
+            if not taken[j]:
+                members.append(j)
+                taken[j] = True
+        order.extend(members)
+    out = torch.full((N, 1, group), -1, dtype=torch.long)
+    for g in range(0, N, group):
+        members = order[g:g + group]
+        for k, j in enumerate(members):
+            ids = list(dict.fromkeys([own[j]] + [own[m] for m in members if m != j]))
+            ids = [r for r in ids if r >= 0]
+            if tokens is not None:
+                seq = [t for t in tokens[j].tolist() if t > 3]
+                ids = [r for r in ids if not exceeds_overlap(seq, references[r], leakage_threshold)]
+            out[g + k, 0, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(order, dtype=torch.long), out
+
+
 def memory_index(chunk_refs: torch.Tensor, memories_per_chunk: int) -> torch.Tensor:
     """(B, C) retrieved ids -> (B, C, n) ids each chunk reads: its own and the previous n-1 chunks' (-1 pad).
     (B, C, m) ids (each chunk's own top-m retrieval, `retrieve_for_chunks(memories=m)`) -> the first n of them."""
@@ -212,6 +279,9 @@ class TrainConfig:
     format_mix: float = 0.0
     mix_selector: str = "all"
     mix_memories: int = 1
+    # sequences lie in groups of this many consecutive rows that read one set of references (`share_memories`, the
+    # paper's one reference encoded per chunk); batches keep the groups whole (`batch_order`). 1 = no groups.
+    memory_groups: int = 1
     eval_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
@@ -245,6 +315,8 @@ class TrainConfig:
                              f"{list(SELECTION_TARGETS)}")
         if self.lr <= 0:
             raise ValueError(f"TrainConfig.lr={self.lr}: must be positive")
+        if isinstance(self.memory_groups, bool) or not isinstance(self.memory_groups, int) or self.memory_groups < 1:
+            raise ValueError(f"TrainConfig.memory_groups={self.memory_groups!r} must be an integer >= 1")
         if not 0 <= self.format_mix <= 1 or self.mix_selector not in MEMORY_SELECTORS or isinstance(
                 self.mix_memories, bool) or not isinstance(self.mix_memories, int) or self.mix_memories < 1:
             raise ValueError(f"TrainConfig.format_mix={self.format_mix} must be in [0, 1], mix_selector="
@@ -328,11 +400,18 @@ def make_optimizer(model: Memory3, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 # ----------------------------------------------------------------------------------------------- steps
-def batch_order(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
-    """Sequence indices of batch `step`: epochs of seeded permutations, so any step is reproducible alone."""
+def batch_order(n: int, batch_size: int, step: int, seed: int, block: int = 1) -> torch.Tensor:
+    """Sequence indices of batch `step`: epochs of seeded permutations, so any step is reproducible alone.
+    block > 1: the permutation moves blocks of `block` consecutive rows (the groups of `share_memories`) whole."""
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if block == 1:
+        perm = torch.randperm(n, generator=gen)
+    else:
+        blocks = torch.randperm(-(-n // block), generator=gen)
+        perm = (blocks[:, None] * block + torch.arange(block)).flatten()
+        perm = perm[perm < n]
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
@@ -786,7 +865,7 @@ def train(model: Memory3, data: ChunkedData, cfg: TrainConfig, *, out_dir: str |
         lr = wsd_lr(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        rows = batch_order(len(data), cfg.batch_size, step, cfg.seed)
+        rows = batch_order(len(data), cfg.batch_size, step, cfg.seed, cfg.memory_groups)
         loss = train_step(model, data, rows, cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
