@@ -64,6 +64,9 @@ SETTING_HELP = {
                        "retrieval first, then the other members' (the leader's retrieved look-alikes where they have "
                        "chunks): one reference encoded per chunk, as the paper's training reads its own and the "
                        "previous 4 chunks' (a lever: about 1/5 of the encoding per step)",
+    "stages": "later continual stages as a JSON list, each {\"steps\": N} with optional \"lr\", \"selector\" "
+              "and \"memories_per_chunk\" (default: the model's format): a format chain in one run, each stage "
+              "with its own optimizer and schedule, as a continuation would have",
     "init_model": "continue from a run's OUT/model, trained with the same settings but steps and memory format "
                   "(empty: a fresh model)",
     "threads": "torch and faiss threads",
@@ -117,6 +120,10 @@ def table(paths: list[str]) -> str:
         init = f" (from `{s['init_model']}`)" if s.get("init_model") else ""
         if s.get("lr", 2e-3) != 2e-3:  # the default peak learning rate is left unsaid
             init += f", peak LR {s['lr']:g}"
+        for st in s.get("stages", []):  # the format chain after the main stage: steps, format, LR
+            fmt = f"{st.get('selector', r['memory_settings']['selector'])}/" \
+                  f"{st.get('memories_per_chunk', r['memory_settings']['memories_per_chunk'])}"
+            init += f" + {st['steps']} {fmt} at LR {st.get('lr', s.get('lr', 2e-3)):g}"
         rows.append(f"| `{path}` | {world} | {model} | {s['warmup_steps']} + {s['curriculum_steps']} + "
                     f"{s['continual_steps']}{init} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -1041,6 +1048,9 @@ def parse_run(argv: list[str]) -> tuple[str, ReadingSettings]:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     for f in fields(ReadingSettings):
         if f.name in ("model", "progress"):
+            continue
+        if f.name == "stages":  # a JSON list of stage dicts
+            p.add_argument("--stages", type=json.loads, default=[], help=SETTING_HELP[f.name])
             continue
         if isinstance(f.default, bool):  # --memory-grad / --no-memory-grad (type=bool would read "False" as True)
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=f.default,

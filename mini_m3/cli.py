@@ -106,6 +106,14 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_flagship(a) -> int:
+    from .reading import flagship_settings, run_reading
+    s = flagship_settings(a.seed, threads=a.threads, quick=a.quick, progress=not a.quiet)
+    run_reading(a.out, s, argv=["mini-m3", *a.argv])
+    print(f"results written to {Path(a.out) / 'results.json'}; the model in {Path(a.out) / 'model'}")
+    return 0
+
+
 def cmd_smoke(a) -> int:
     """Build the tiny model, encode two references, generate a few tokens reading them."""
     import tempfile
@@ -766,6 +774,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tokens-per-head", type=positive_int, default=None,
                    help="memory format: reference tokens each memory keeps per head (None: the preset's)")
     d.set_defaults(fn=cmd_demo)
+
+    fl = sub.add_parser("flagship", help="issue 15's flagship: train a model to read the paper's memory format "
+                        "(top-8 tokens, 5 memories per chunk) and report every held-out axis", **fmt)
+    _add_common(fl)
+    fl.add_argument("--quick", action="store_true", help="the same chain on a small world, a few steps a stage (CI)")
+    fl.add_argument("--out", default="runs/flagship", help="output folder: results.json, model/, bank/, stage logs")
+    fl.set_defaults(fn=cmd_flagship)
 
     s = sub.add_parser("smoke", help="build tiny, encode two references, generate a few tokens", **fmt)
     _add_common(s)

@@ -46,6 +46,7 @@ from .train import (ChunkedData, pack_documents, retrieve_for_chunks, share_memo
                     two_stage_configs)
 from .utils import atomic_write_text
 
+STAGE_KEYS = ("steps", "lr", "selector", "memories_per_chunk")  # ReadingSettings.stages
 AXES = ("heldout", "new_bio_wording", "new_question_wording", "all_new", "other_style_names", "trained")
 
 
@@ -78,11 +79,52 @@ class ReadingSettings:
     memory_grad: bool = True  # TrainConfig.memory_grad: gradients through reference encoding (False: a lever)
     shared_memories: bool = False  # groups of chunks read one set of references, one encoded per chunk (a lever)
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps, memory format and layers
+    # later continual stages, one after another, each {"steps": N} with optional "lr" (default: lr),
+    # "selector" and "memories_per_chunk" (default: the model's): a memory-format chain in one run, each stage
+    # with its own optimizer and WSD schedule (no LR warmup, the last 10 % decays), as a continuation run would
+    stages: list = field(default_factory=list)
     threads: int = 2
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        from .config import MEMORY_SELECTORS
+        for k, st in enumerate(self.stages):
+            bad = sorted(set(st) - set(STAGE_KEYS)) if isinstance(st, dict) else None
+            steps = st.get("steps") if isinstance(st, dict) else None
+            if (bad is None or bad or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+                    or st.get("selector", "attention") not in MEMORY_SELECTORS
+                    or not isinstance(st.get("lr", 1.0), (int, float)) or not st.get("lr", 1.0) > 0
+                    or st.get("memories_per_chunk", 1) not in range(1, 65)):
+                raise ValueError(f"ReadingSettings.stages[{k}]={st!r}: a stage is a dict with 'steps' (an integer "
+                                 f">= 1) and optional 'lr' (> 0), 'selector' (one of {list(MEMORY_SELECTORS)}) and "
+                                 f"'memories_per_chunk' (1 to the model's)")
+
     def model_config(self, vocab_size: int) -> Memory3Config:
         return Memory3Config.from_name(self.preset, vocab_size=vocab_size, **self.model)
+
+
+FLAGSHIP_MODEL = {"n_layers": 6, "n_heads": 8, "n_kv_heads": 8, "head_dim": 16, "memory_layers": [1, 2, 3],
+                  "memory_selector": "attention", "memory_tokens_per_head": 8, "memories_per_chunk": 5}
+
+
+def flagship_settings(seed: int = 0, *, threads: int = 2, quick: bool = False, **over) -> ReadingSettings:
+    """Issue 15's flagship recipe, one run (`mini-m3 flagship`; experiments/README.md point 44): `tiny` with 8 KV heads
+    of 16 dimensions and memory layers 1-3, saved in the paper's format (top-8 tokens per KV head, 5 memories per
+    chunk). Warmup without memory; top-8 reading only the chunk's own memory (the readers form); the paper's format,
+    5 chunks sharing one set of references (`shared_memories`, one reference encoded per chunk); then at a quarter
+    of the learning rate the paper's format, all tokens of 1 memory (a named lever, deviation 75: it forms the
+    birth-date reader, point 28), the paper's format, all tokens of 5 memories (point 31) and the paper's format.
+    quick=True: the same chain on a small world with a few steps per stage (tests). `over`: any other setting."""
+    paper, low = {}, {"lr": 5e-4}
+    chain = [(2400, paper), (600, {"selector": "all", "memories_per_chunk": 1}), (1200, paper),
+             (300, {"selector": "all", "memories_per_chunk": 5}), (2100, paper)]
+    base = dict(seed=seed, preset="tiny", model=dict(FLAGSHIP_MODEL), warmup_steps=300, curriculum_steps=4000,
+                continual_steps=4700, shared_memories=True, threads=threads,
+                stages=[{"steps": n, **low, **fmt} for n, fmt in chain])
+    if quick:
+        base.update(n_people=200, n_docs=600, warmup_steps=4, curriculum_steps=3, continual_steps=3, batch_size=8,
+                    eval_questions=8, stages=[{"steps": 2, **low, **fmt} for _, fmt in chain])
+    return ReadingSettings(**{**base, **over})
 
 
 def build_reading_data(s: ReadingSettings):
@@ -174,6 +216,11 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     say = print if s.progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
     prov = provenance(s.seed)
+    cfg = s.model_config(s.vocab_size)
+    for k, st in enumerate(s.stages):  # before any work: a stage reads at most what each chunk retrieved
+        if st.get("memories_per_chunk", 1) > cfg.memories_per_chunk:
+            raise ValueError(f"stages[{k}] reads {st['memories_per_chunk']} memories per chunk; the training "
+                             f"chunks retrieve {cfg.memories_per_chunk} (the model's memories_per_chunk)")
     world, others, tokenizer, cfg, references, data, docs = build_reading_data(s)
     own = [d.person for d in docs]
     first = data.chunk_refs[..., 0].flatten().tolist() if data.chunk_refs.dim() == 3 else data.chunk_refs.flatten().tolist()
@@ -217,13 +264,14 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         say(f"step {step + 1}: {r}")
         return r
 
-    def stage(name, tc, d):
+    def stage(name, tc, d, m=model):
         tc = dataclasses.replace(tc, eval_every=s.eval_every if tc.stage == "continual" else 0)
-        return train(model, d, tc, out_dir=out / name, tokenizer=tokenizer, resume=False,
+        return train(m, d, tc, out_dir=out / name, tokenizer=tokenizer, resume=False,
                      eval_fn=check if tc.stage == "continual" and s.eval_every else None)
 
     # §3.6's two stages (`two_stage_configs`), each scheduled on its own as `mini-m3 train` does: the LR warms up
     # over 10 % of the warmup stage only; the decay covers the last 10 % of warmup + main continual steps
+    cont_groups = cfg.memories_per_chunk if s.shared_memories and cfg.memories_per_chunk > 1 else 1
     warm, cont = two_stage_configs(s.warmup_steps, s.continual_steps,
                                    lr_warmup=stage_lr_warmup(s.warmup_steps),
                                    batch_size=s.batch_size, lr=s.lr, seed=s.seed, quiet=not s.progress,
@@ -232,7 +280,7 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                    soft_selection_gate=s.soft_selection_gate, selection_distill=s.selection_distill,
                                    selection_target=s.selection_target, format_mix=s.format_mix,
                                    memory_grad=s.memory_grad,
-                                   memory_groups=cfg.memories_per_chunk if s.shared_memories else 1)
+                                   memory_groups=cont_groups)
     res = {}
     if warm is not None:
         res["warmup"] = stage("warmup", warm, data)
@@ -241,7 +289,14 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         res["curriculum"] = stage("curriculum", dataclasses.replace(cont, steps=s.curriculum_steps, decay_fraction=0.0,
                                                                    soft_selection=0.0, selection_distill=0.0,
                                                                    format_mix=0.0), one)
-    res["continual"] = stage("continual", cont, data)
+    if cont is not None:
+        res["continual"] = stage("continual", cont, data)
+    for k, st in enumerate(s.stages, 1):  # the format chain: each stage a continuation in its own format
+        view = model.with_memory_format(selector=st.get("selector"), memories_per_chunk=st.get("memories_per_chunk"))
+        one = two_stage_configs(0, st["steps"], lr_warmup=0, batch_size=s.batch_size, lr=st.get("lr", s.lr),
+                                seed=s.seed, quiet=not s.progress, threads=s.threads,
+                                memory_groups=cont_groups if view.cfg.memories_per_chunk > 1 else 1)[1]
+        res[f"stage{k}"] = stage(f"stage{k}", one, data, view)
     t_train = time.perf_counter() - t0
     save_pretrained(model, out / "model", tokenizer)
     bank = MemoryBank.build(out / "bank", model, tokenizer, references, retriever=Retriever(),
@@ -273,5 +328,5 @@ def format_axes(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AXES", "ReadingSettings", "build_reading_data", "evaluate_axes", "format_axes", "reading_questions",
+__all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingSettings", "flagship_settings", "build_reading_data", "evaluate_axes", "format_axes", "reading_questions",
            "run_reading"]

@@ -103,6 +103,37 @@ def test_a_run_may_continue_with_more_memory_layers(quick, tmp_path):
             model={**learned.model, "memory_layers": layers}))
 
 
+def test_a_format_chain_in_one_run_equals_its_continuation_runs(quick, tmp_path):
+    """`stages`: a later stage in another format, in the same run, trains exactly as a continuation run would (its
+    own optimizer and schedule); the saved model keeps the settings' format."""
+    out, s, r = quick
+    base = dataclasses.replace(s, warmup_steps=0, curriculum_steps=0, continual_steps=1, eval_every=0,
+                               init_model=str(out / "model"))
+    stage = {"steps": 2, "selector": "all", "memories_per_chunk": 1, "lr": 5e-4}
+    chain = run_reading(tmp_path / "chain", dataclasses.replace(base, stages=[stage]))
+    assert set(chain["final_loss"]) == {"continual", "stage1"} and chain["memory_settings"] == r["memory_settings"]
+    log = [json.loads(l) for l in (tmp_path / "chain" / "stage1" / "continual.jsonl").read_text().splitlines()]
+    assert log[0]["lr"] == 5e-4  # no LR warmup; the WSD decay in its last steps
+    run_reading(tmp_path / "b1", base)
+    run_reading(tmp_path / "b2", dataclasses.replace(
+        base, continual_steps=2, lr=5e-4, init_model=str(tmp_path / "b1" / "model"),
+        model={**base.model, "memory_selector": "all", "memories_per_chunk": 1}))
+    a = load_pretrained(tmp_path / "chain" / "model")[0].state_dict()
+    b = load_pretrained(tmp_path / "b2" / "model")[0].state_dict()
+    before = load_pretrained(out / "model")[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(not torch.equal(a[k], before[k]) for k in a)
+
+
+def test_bad_stages_are_refused_before_any_work(quick, tmp_path):
+    out, s, r = quick
+    for bad in ([{"step": 3}], [{"steps": 0}], [{"steps": 2, "selector": "best"}], [{"steps": 2, "lr": -1}], ["x"]):
+        with pytest.raises(ValueError, match="a stage is a dict"):
+            dataclasses.replace(s, stages=bad)
+    with pytest.raises(ValueError, match="reads 6 memories per chunk"):
+        run_reading(tmp_path / "six", dataclasses.replace(s, stages=[{"steps": 1, "memories_per_chunk": 6}]))
+    assert not (tmp_path / "six").exists() or not any((tmp_path / "six").iterdir())
+
+
 def test_by_attribute_splits_exact_match_and_answer_pieces():
     items = [SimpleNamespace(attribute=a) for a in ("major", "major", "birth_date", "employer")]
     result = {"correct": [True, False, False, False],
@@ -121,3 +152,20 @@ def test_every_axis_is_split_by_attribute_consistently(quick):
             assert sum(v["n"] for v in per.values()) == axis["n"]
             assert sum(v["n"] * v["exact_match"] for v in per.values()) == pytest.approx(axis[mode] * axis["n"])
             assert all(v["exact_match"] <= v["first_piece"] for v in per.values())
+
+
+def test_the_flagship_command_runs_its_chain_and_saves_the_papers_format(tmp_path):
+    """`mini-m3 flagship --quick`: the flagship's whole chain (warmup, 1-memory curriculum, the paper's format with
+    shared memories, the later stages) on a small world; the model is saved and evaluated in the paper's format."""
+    from mini_m3.cli import main
+    from mini_m3.reading import flagship_settings
+    assert main(["flagship", "--quick", "--quiet", "--threads", "1", "--out", str(tmp_path / "f")]) == 0
+    r = json.loads((tmp_path / "f" / "results.json").read_text())
+    full = flagship_settings()
+    assert r["memory_settings"] == {"selector": "attention", "tokens_per_head": 8, "memories_per_chunk": 5}
+    assert set(r["final_loss"]) == {"warmup", "curriculum", "continual"} | {f"stage{k}" for k in
+                                                                          range(1, len(full.stages) + 1)}
+    assert r["argv"][:2] == ["mini-m3", "flagship"] and r["settings"]["shared_memories"]
+    assert [{k: v for k, v in st.items() if k != "steps"} for st in r["settings"]["stages"]] == \
+        [{k: v for k, v in st.items() if k != "steps"} for st in full.stages]  # the quick chain is the full one's
+    assert load_pretrained(tmp_path / "f" / "model")[0].cfg.memory_format == r["memory_settings"]
