@@ -88,13 +88,14 @@ class ReadingSettings:
 
     def __post_init__(self) -> None:
         from .config import MEMORY_SELECTORS
+        def count(v):  # an integer >= 1 (not a bool)
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
         for k, st in enumerate(self.stages):
-            bad = sorted(set(st) - set(STAGE_KEYS)) if isinstance(st, dict) else None
-            steps = st.get("steps") if isinstance(st, dict) else None
-            if (bad is None or bad or isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
-                    or st.get("selector", "attention") not in MEMORY_SELECTORS
-                    or not isinstance(st.get("lr", 1.0), (int, float)) or not st.get("lr", 1.0) > 0
-                    or st.get("memories_per_chunk", 1) not in range(1, 65)):
+            ok = (isinstance(st, dict) and set(st) <= set(STAGE_KEYS) and count(st.get("steps"))
+                  and st.get("selector", "attention") in MEMORY_SELECTORS and count(st.get("memories_per_chunk", 1))
+                  and isinstance(st.get("lr", 1.0), (int, float)) and st.get("lr", 1.0) > 0)
+            if not ok:
                 raise ValueError(f"ReadingSettings.stages[{k}]={st!r}: a stage is a dict with 'steps' (an integer "
                                  f">= 1) and optional 'lr' (> 0), 'selector' (one of {list(MEMORY_SELECTORS)}) and "
                                  f"'memories_per_chunk' (1 to the model's)")
@@ -328,5 +329,5 @@ def format_axes(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingSettings", "flagship_settings", "build_reading_data", "evaluate_axes", "format_axes", "reading_questions",
-           "run_reading"]
+__all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingSettings", "build_reading_data", "evaluate_axes",
+           "flagship_settings", "format_axes", "reading_questions", "run_reading"]

@@ -55,7 +55,8 @@ STATE_FORMATS = (TRAIN_STATE_FORMAT, "mini_m3.dist_train_state")
 STATE_FILE = "train_state.json"
 # TrainConfig fields a resume may change: they set how a run is watched or stored, not what it computes
 RESUME_FREE_FIELDS = ("quiet", "log_every", "threads", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
-LATER_FIELDS = {"device": None, "dtype": "float32", "memory_groups": 1}  # fields older checkpoints lack, and the values they ran with
+# fields older checkpoints lack, and the values they ran with
+LATER_FIELDS = {"device": None, "dtype": "float32", "memory_groups": 1}
 TRAIN_DTYPES = ("float32", "bfloat16")
 SELECTION_TARGETS = ("attention", "attribution")  # TrainConfig.selection_target
 
@@ -174,7 +175,8 @@ def share_memories(chunk_refs: torch.Tensor, group: int, *, seed: int = 0, token
     shorter; refs (N, 1, group): what row order[i] reads, in the new order). Batches keep groups whole with
     `TrainConfig.memory_groups = group` (`batch_order`)."""
     if chunk_refs.dim() != 3 or chunk_refs.shape[1] != 1:
-        raise ValueError(f"share_memories needs (sequences, 1 chunk, memories) references, got {tuple(chunk_refs.shape)}")
+        raise ValueError(f"share_memories needs (sequences, 1 chunk, memories) references, got "
+                         f"{tuple(chunk_refs.shape)}")
     if group < 1:
         raise ValueError(f"share_memories: group={group} must be >= 1")
     if (tokens is None) != (references is None):
