@@ -81,7 +81,8 @@ class ReadingSettings:
     init_model: str = ""  # continue from a run's OUT/model: same settings but steps, memory format and layers
     # later continual stages, one after another, each {"steps": N} with optional "lr" (default: lr),
     # "selector" and "memories_per_chunk" (default: the model's): a memory-format chain in one run, each stage
-    # with its own optimizer and WSD schedule (no LR warmup, the last 10 % decays), as a continuation run would
+    # with its own optimizer and WSD schedule (no LR warmup, the last 10 % decays), as a continuation run would;
+    # memory_grad and shared_memories hold in every stage, the other training levers in the main stage only
     stages: list = field(default_factory=list)
     threads: int = 2
     progress: bool = True
@@ -217,11 +218,11 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     say = print if s.progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
     prov = provenance(s.seed)
-    cfg = s.model_config(s.vocab_size)
-    for k, st in enumerate(s.stages):  # before any work: a stage reads at most what each chunk retrieved
-        if st.get("memories_per_chunk", 1) > cfg.memories_per_chunk:
+    retrieved = s.model_config(s.vocab_size).memories_per_chunk  # what each training chunk retrieves
+    for k, st in enumerate(s.stages):  # before any work: a stage reads at most that many
+        if st.get("memories_per_chunk", 1) > retrieved:
             raise ValueError(f"stages[{k}] reads {st['memories_per_chunk']} memories per chunk; the training "
-                             f"chunks retrieve {cfg.memories_per_chunk} (the model's memories_per_chunk)")
+                             f"chunks retrieve {retrieved} (the model's memories_per_chunk)")
     world, others, tokenizer, cfg, references, data, docs = build_reading_data(s)
     own = [d.person for d in docs]
     first = data.chunk_refs[..., 0].flatten().tolist() if data.chunk_refs.dim() == 3 else data.chunk_refs.flatten().tolist()
@@ -295,7 +296,7 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     for k, st in enumerate(s.stages, 1):  # the format chain: each stage a continuation in its own format
         view = model.with_memory_format(selector=st.get("selector"), memories_per_chunk=st.get("memories_per_chunk"))
         one = two_stage_configs(0, st["steps"], lr_warmup=0, batch_size=s.batch_size, lr=st.get("lr", s.lr),
-                                seed=s.seed, quiet=not s.progress, threads=s.threads,
+                                seed=s.seed, quiet=not s.progress, threads=s.threads, memory_grad=s.memory_grad,
                                 memory_groups=cont_groups if view.cfg.memories_per_chunk > 1 else 1)[1]
         res[f"stage{k}"] = stage(f"stage{k}", one, data, view)
     t_train = time.perf_counter() - t0

@@ -103,12 +103,13 @@ def test_a_run_may_continue_with_more_memory_layers(quick, tmp_path):
             model={**learned.model, "memory_layers": layers}))
 
 
-def test_a_format_chain_in_one_run_equals_its_continuation_runs(quick, tmp_path):
+@pytest.mark.parametrize("memory_grad", [True, False])
+def test_a_format_chain_in_one_run_equals_its_continuation_runs(quick, tmp_path, memory_grad):
     """`stages`: a later stage in another format, in the same run, trains exactly as a continuation run would (its
-    own optimizer and schedule); the saved model keeps the settings' format."""
+    own optimizer and schedule, the run's memory_grad); the saved model keeps the settings' format."""
     out, s, r = quick
     base = dataclasses.replace(s, warmup_steps=0, curriculum_steps=0, continual_steps=1, eval_every=0,
-                               init_model=str(out / "model"))
+                               init_model=str(out / "model"), memory_grad=memory_grad)
     stage = {"steps": 2, "selector": "all", "memories_per_chunk": 1, "lr": 5e-4}
     chain = run_reading(tmp_path / "chain", dataclasses.replace(base, stages=[stage]))
     assert set(chain["final_loss"]) == {"continual", "stage1"} and chain["memory_settings"] == r["memory_settings"]
