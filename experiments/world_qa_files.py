@@ -2,8 +2,8 @@
 `evaluate --qa` read (issue 15 item 4): the shipped checkpoint's setting, asked through the user-facing commands.
 
     python experiments/world_qa_files.py --out runs/world_qa
-    mini-m3 build-bank --model notebooks/assets/memory3_demo --references runs/world_qa/facts.jsonl --out runs/world_qa/bank
-    mini-m3 evaluate --model notebooks/assets/memory3_demo --bank runs/world_qa/bank --qa runs/world_qa/questions.jsonl \\
+    mini-m3 build-bank --model notebooks/assets/alltoken_demo --references runs/world_qa/facts.jsonl --out runs/world_qa/bank
+    mini-m3 evaluate --model notebooks/assets/alltoken_demo --bank runs/world_qa/bank --qa runs/world_qa/questions.jsonl \\
         --out experiments/results/evaluate_qa_shipped.json
 """
 
@@ -20,7 +20,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="folder for facts.jsonl (every biography) and questions.jsonl")
-    p.add_argument("--settings", default="notebooks/assets/memory3_demo/demo_settings.json",
+    p.add_argument("--settings", default="notebooks/assets/alltoken_demo/demo_settings.json",
                    help="the demo settings JSON whose world (n_people, seed) to write")
     p.add_argument("--n", type=int, default=300, help="held-out questions")
     a = p.parse_args(argv)

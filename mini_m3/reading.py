@@ -23,6 +23,7 @@ call :func:`run_reading`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -137,9 +138,7 @@ def build_reading_data(s: ReadingSettings):
     docs = world.training_documents(s.n_docs, seed=s.seed, bio_fraction=s.bio_fraction, max_qa=s.max_qa)
     tokenizer = Tokenizer.train(world.tokenizer_corpus(docs), s.vocab_size)
     cfg = s.model_config(tokenizer.vocab_size)
-    fits = lambda t: len(tokenizer.encode_reference(t)) <= cfg.reference_length  # noqa: E731 (as banks encode)
-    others = world.other_style_people(100, seed=s.seed)
-    references = world.references(fits) + world.references(fits, people=others)  # bank: index = pid
+    others, references = bank_texts(world, s, tokenizer, cfg)
     reference_tokens = tokenizer.encode_references(references)
     # training retrieves among the people training may see: a held-out biography is never read in training,
     # not even as another chunk's distractor; other-style people join the bank only after training
@@ -158,6 +157,88 @@ def build_reading_data(s: ReadingSettings):
         tokens, targets, docs = tokens[order], targets[order], [docs[i] for i in order.tolist()]
     data = ChunkedData(tokens, targets, refs, reference_tokens)
     return world, others, tokenizer, cfg, references, data, docs
+
+
+def bank_texts(world: BioWorld, s: ReadingSettings, tokenizer, cfg: Memory3Config) -> tuple[list, list[str]]:
+    """The people added after training (other-style names) and the bank's texts: one biography per person, every
+    person of `world` then the others, index = pid (each biography the first wording that fits in a reference)."""
+    fits = lambda t: len(tokenizer.encode_reference(t)) <= cfg.reference_length  # noqa: E731 (as banks encode)
+    others = world.other_style_people(100, seed=s.seed)
+    return others, world.references(fits) + world.references(fits, people=others)
+
+
+def texts_sha256(texts) -> str:
+    """A fingerprint of a list of texts (order included): a saved run records its bank's, a loader checks it."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
+
+
+RUN_FILE, RUN_FORMAT, RUN_VERSION = "reading_run.json", "mini_m3.reading_run", 1
+
+
+@dataclass
+class ReadingRun:
+    """A trained reading model with what it needs to be evaluated again: its settings, and its world of people and
+    bank texts regenerated from them (`load_reading_run`). The shipped flagship (notebooks/assets/memory3_demo) is
+    one."""
+    model: Memory3
+    tokenizer: Tokenizer
+    settings: ReadingSettings
+    world: BioWorld
+    others: list
+    references: list[str]
+
+    def questions(self, n: int | None = None) -> dict:
+        """The evaluation items of every axis, as the run evaluated them (n: its eval_questions)."""
+        return reading_questions(self.world, self.others, n or self.settings.eval_questions, self.settings.seed)
+
+    def build_bank(self, directory, *, quantizer=None, progress: bool = False) -> MemoryBank:
+        """Every person's memory in the model's own format (held-out and other-style people included)."""
+        return MemoryBank.build(directory, self.model, self.tokenizer, self.references, retriever=Retriever(),
+                                overwrite=True, progress=progress, seed=self.settings.seed, quantizer=quantizer)
+
+
+def write_reading_run(model_dir, settings: ReadingSettings, references_sha256: str, **extra) -> Path:
+    """The file `load_reading_run` reads beside a model directory's weights: the run's settings and its bank's
+    fingerprint (`extra`: e.g. where the run's results are)."""
+    path = Path(model_dir) / RUN_FILE
+    atomic_write_text(path, json.dumps({"format": RUN_FORMAT, "version": RUN_VERSION, "settings": asdict(settings),
+                                        "references_sha256": references_sha256, **extra}, indent=1))
+    return path
+
+
+def load_reading_run(model_dir: str | os.PathLike) -> ReadingRun:
+    """A model directory of a reading run: `OUT/model` of `run_reading` (settings from `OUT/results.json`), or one
+    with a `reading_run.json` (`write_reading_run`; the shipped flagship). The world is regenerated from the settings
+    and checked against the run: the model's config must be the settings' and the bank texts must have the run's
+    fingerprint (a changed world generator is an error, not silently other people)."""
+    from .checkpoint import load_pretrained
+    model_dir = Path(model_dir)
+    own, beside = model_dir / RUN_FILE, model_dir.parent / "results.json"
+    source = own if own.exists() else beside
+    if not source.exists():
+        raise FileNotFoundError(f"{model_dir}: neither {RUN_FILE} in it nor a run's results.json beside it")
+    try:
+        meta = json.loads(source.read_text())
+        if source == own and (meta.get("format"), meta.get("version")) != (RUN_FORMAT, RUN_VERSION):
+            raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}, expected "
+                             f"{RUN_FORMAT!r} version {RUN_VERSION}")
+        settings = ReadingSettings(**{**meta["settings"], "progress": False})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{source} is not a reading run's settings: {e}") from e
+    model, tokenizer = load_pretrained(model_dir)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer.json: a reading run saves its tokenizer with the model")
+    if settings.model_config(tokenizer.vocab_size) != model.cfg:
+        raise ValueError(f"{model_dir}: the model's config is not the one its settings in {source} give")
+    world = BioWorld.generate(settings.n_people, seed=settings.seed, name_share=settings.name_share,
+                              value_share=settings.value_share, wordings=settings.wordings)
+    others, references = bank_texts(world, settings, tokenizer, model.cfg)
+    want = meta.get("references_sha256")
+    if want is not None and texts_sha256(references) != want:
+        raise ValueError(f"{model_dir}: the world regenerated from its settings is not the one it was trained on "
+                         f"(bank texts differ from the run's fingerprint): has the world generator or the tokenizer "
+                         f"changed since? Train it again")
+    return ReadingRun(model, tokenizer, settings, world, others, references)
 
 
 def reading_questions(world: BioWorld, others, n: int, seed: int) -> dict:
@@ -311,7 +392,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
         "step_time": {k: v["step_time"] for k, v in res.items()},
         "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0,
         "parameters": {"non_embedding": model.num_parameters(), "total": model.num_parameters(False)},
-        "config": cfg.to_dict(), "settings": asdict(s), "world": world.summary(), "seed": s.seed,
+        "config": cfg.to_dict(), "settings": asdict(s), "world": world.summary(),
+        "references_sha256": texts_sha256(references), "seed": s.seed,
         "argv": list(argv) if argv is not None else None, "provenance": prov,
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
@@ -330,5 +412,6 @@ def format_axes(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingSettings", "build_reading_data", "evaluate_axes",
-           "flagship_settings", "format_axes", "reading_questions", "run_reading"]
+__all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingRun", "ReadingSettings", "bank_texts", "build_reading_data",
+           "evaluate_axes", "flagship_settings", "format_axes", "load_reading_run", "reading_questions", "run_reading",
+           "texts_sha256", "write_reading_run"]

@@ -15,7 +15,7 @@ from mini_m3.memory.bank import BankError, MemoryBank
 from mini_m3.memory.encode import encode_references
 from mini_m3.train import ChunkedData, TrainConfig, continual_memory
 
-ASSET = Path(__file__).resolve().parents[1] / "notebooks" / "assets" / "memory3_demo"
+ASSET = Path(__file__).resolve().parents[1] / "notebooks" / "assets" / "alltoken_demo"
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,22 @@
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mini_m3.checkpoint import load_pretrained
+from mini_m3.evaluate import qa_eval
 from mini_m3.memory.bank import MemoryBank
-from mini_m3.reading import AXES, ReadingSettings, build_reading_data, by_attribute, run_reading
+from mini_m3.provenance import fixed_numerics
+from mini_m3.reading import (AXES, ReadingSettings, build_reading_data, by_attribute, evaluate_axes, load_reading_run,
+                             flagship_settings, run_reading, texts_sha256, write_reading_run)
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGSHIP = ROOT / "notebooks" / "assets" / "memory3_demo"
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +51,40 @@ def test_the_saved_model_and_bank_carry_the_papers_format(quick):
     other = model.with_memory_format(selector="all")
     with pytest.raises(Exception, match="format"):
         MemoryBank.open(out / "bank", other, tok)
+
+
+def test_a_saved_run_loads_with_its_world_and_evaluates_to_its_own_numbers(quick, tmp_path):
+    """load_reading_run regenerates the run's people and bank texts from its settings (the run's fingerprint); a
+    bank built from them and the run's own questions give the run's numbers exactly."""
+    out, s, r = quick
+    run = load_reading_run(out / "model")
+    assert texts_sha256(run.references) == r["references_sha256"] and run.settings.seed == s.seed
+    assert run.model.cfg.memory_format == r["memory_settings"] and len(run.others) == 100
+    with fixed_numerics(s.seed, s.threads):
+        bank = run.build_bank(tmp_path / "bank")
+        assert evaluate_axes(run.model, run.tokenizer, bank, run.questions()) == r["axes"]
+
+
+def test_a_reading_run_file_is_checked_before_use(quick, tmp_path):
+    out, s, r = quick
+    m = tmp_path / "m"
+    shutil.copytree(out / "model", m)
+    with pytest.raises(FileNotFoundError, match="reading_run.json"):  # no settings beside or in it
+        load_reading_run(m)
+    write_reading_run(m, s, r["references_sha256"], results="somewhere.json")
+    assert load_reading_run(m).references == load_reading_run(out / "model").references
+    write_reading_run(m, s, "0" * 64)
+    with pytest.raises(ValueError, match="world regenerated from its settings is not"):
+        load_reading_run(m)
+    write_reading_run(m, dataclasses.replace(s, model={"n_layers": 3}), r["references_sha256"])
+    with pytest.raises(ValueError, match="config is not the one its settings"):
+        load_reading_run(m)
+    good = json.loads((m / "reading_run.json").read_text())
+    for bad in ({**good, "version": 2}, {**good, "settings": {**good["settings"], "colour": 1}}, "[1, 2", "[1, 2]",
+                {k: v for k, v in good.items() if k != "settings"}):
+        (m / "reading_run.json").write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        with pytest.raises(ValueError, match="is not a reading run's settings"):
+            load_reading_run(m)
 
 
 def test_training_chunks_read_five_retrieved_memories_own_first():
@@ -159,7 +201,6 @@ def test_the_flagship_command_runs_its_chain_and_saves_the_papers_format(tmp_pat
     """`mini-m3 flagship --quick`: the flagship's whole chain (warmup, 1-memory curriculum, the paper's format with
     shared memories, the later stages) on a small world; the model is saved and evaluated in the paper's format."""
     from mini_m3.cli import main
-    from mini_m3.reading import flagship_settings
     assert main(["flagship", "--quick", "--quiet", "--threads", "1", "--out", str(tmp_path / "f")]) == 0
     r = json.loads((tmp_path / "f" / "results.json").read_text())
     full = flagship_settings()
@@ -170,3 +211,22 @@ def test_the_flagship_command_runs_its_chain_and_saves_the_papers_format(tmp_pat
     assert [{k: v for k, v in st.items() if k != "steps"} for st in r["settings"]["stages"]] == \
         [{k: v for k, v in st.items() if k != "steps"} for st in full.stages]  # the quick chain is the full one's
     assert load_pretrained(tmp_path / "f" / "model")[0].cfg.memory_format == r["memory_settings"]
+
+
+@pytest.mark.slow
+def test_the_shipped_flagship_is_the_commands_model_and_reads_held_out_people(tmp_path):
+    """notebooks/assets/memory3_demo: trained by `mini-m3 flagship` (its settings, the paper's format), its world
+    regenerates (load_reading_run checks the fingerprint), and on its run's 200 held-out questions it answers what
+    the run recorded (within 2 questions: the run used 2 threads) and memory off does not."""
+    run = load_reading_run(FLAGSHIP)
+    assert run.model.cfg.memory_format == {"selector": "attention", "tokens_per_head": 8, "memories_per_chunk": 5}
+    assert dataclasses.replace(run.settings, progress=True) == flagship_settings(run.settings.seed)
+    recorded = json.loads((ROOT / json.loads((FLAGSHIP / "reading_run.json").read_text())["results"]).read_text())
+    assert {**recorded["settings"], "progress": True} == dataclasses.asdict(flagship_settings(run.settings.seed))
+    items = run.questions()["heldout"]
+    with fixed_numerics(run.settings.seed, 1):
+        bank = run.build_bank(tmp_path / "bank")
+        mem = qa_eval(run.model, run.tokenizer, items, mode="memory", bank=bank)["accuracy"]
+        off = qa_eval(run.model, run.tokenizer, items, mode="none")["accuracy"]
+    assert abs(mem - recorded["axes"]["heldout"]["memory"]) <= 0.01
+    assert off <= 0.05 and mem >= off + 0.2
