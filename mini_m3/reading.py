@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import save_pretrained
+from .checkpoint import load_pretrained, save_pretrained
 from .config import MEMORY_FORMAT_FIELDS, Memory3Config
 from .data.bios import ATTRIBUTES, BioWorld
 from .data.world import QAItem, qa_prompt
@@ -130,11 +130,16 @@ def flagship_settings(seed: int = 0, *, threads: int = 2, quick: bool = False, *
     return ReadingSettings(**{**base, **over})
 
 
+def reading_world(s: ReadingSettings) -> BioWorld:
+    """The run's world of people, from its settings (training and `load_reading_run` both generate it here)."""
+    return BioWorld.generate(s.n_people, seed=s.seed, name_share=s.name_share, value_share=s.value_share,
+                             wordings=s.wordings)
+
+
 def build_reading_data(s: ReadingSettings):
     """World, tokenizer (training text only), bank texts (every person, then other-style people), retriever and
     the training data with each chunk's retrieved memories."""
-    world = BioWorld.generate(s.n_people, seed=s.seed, name_share=s.name_share, value_share=s.value_share,
-                              wordings=s.wordings)
+    world = reading_world(s)
     docs = world.training_documents(s.n_docs, seed=s.seed, bio_fraction=s.bio_fraction, max_qa=s.max_qa)
     tokenizer = Tokenizer.train(world.tokenizer_corpus(docs), s.vocab_size)
     cfg = s.model_config(tokenizer.vocab_size)
@@ -211,7 +216,6 @@ def load_reading_run(model_dir: str | os.PathLike) -> ReadingRun:
     with a `reading_run.json` (`write_reading_run`; the shipped flagship). The world is regenerated from the settings
     and checked against the run: the model's config must be the settings' and the bank texts must have the run's
     fingerprint (a changed world generator is an error, not silently other people)."""
-    from .checkpoint import load_pretrained
     model_dir = Path(model_dir)
     own, beside = model_dir / RUN_FILE, model_dir.parent / "results.json"
     source = own if own.exists() else beside
@@ -230,8 +234,7 @@ def load_reading_run(model_dir: str | os.PathLike) -> ReadingRun:
         raise ValueError(f"{model_dir} has no tokenizer.json: a reading run saves its tokenizer with the model")
     if settings.model_config(tokenizer.vocab_size) != model.cfg:
         raise ValueError(f"{model_dir}: the model's config is not the one its settings in {source} give")
-    world = BioWorld.generate(settings.n_people, seed=settings.seed, name_share=settings.name_share,
-                              value_share=settings.value_share, wordings=settings.wordings)
+    world = reading_world(settings)
     others, references = bank_texts(world, settings, tokenizer, model.cfg)
     want = meta.get("references_sha256")
     if want is not None and texts_sha256(references) != want:
@@ -313,7 +316,6 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
     torch.manual_seed(s.seed)
     model = Memory3(cfg)
     if s.init_model:  # longer training in pieces: the same world and tokenizer, the previous run's weights
-        from .checkpoint import load_pretrained
         prev, prev_tok = load_pretrained(s.init_model)
         # the memory format may change (a format curriculum: all tokens and 1 memory first, then the paper's),
         # learned selection queries may be added (a model without them: they start from their initialisation), and
@@ -413,5 +415,5 @@ def format_axes(r: dict) -> str:
 
 
 __all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingRun", "ReadingSettings", "bank_texts", "build_reading_data",
-           "evaluate_axes", "flagship_settings", "format_axes", "load_reading_run", "reading_questions", "run_reading",
-           "texts_sha256", "write_reading_run"]
+           "evaluate_axes", "flagship_settings", "format_axes", "load_reading_run", "reading_questions", "reading_world",
+           "run_reading", "texts_sha256", "write_reading_run"]
