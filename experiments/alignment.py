@@ -1,6 +1,7 @@
 """§6 and Table 19 at mini scale: base -> SFT -> DPO, and how often each model makes up facts.
 
-Starts from the demo's Memory³ model and raw bank (``runs/demo/memory3_model``, ``runs/demo/bank_raw``; the
+Starts from the all-token demo's Memory³ model and raw bank (``mini-m3 demo --all-tokens --out
+runs/demo_alltoken``: ``runs/demo_alltoken/memory3_model``, ``bank_raw``; the
 world is regenerated from the demo's seed and size). If the demo directory has no model, a quick demo
 (``DemoSettings.quick()``) is trained first, into the work directory. A demo bank this model cannot read (one
 written by an older mini_m3: bank format version 3 or older) is built again from the demo model, into the work
@@ -16,7 +17,7 @@ on held-out people whose biographies are only in the bank; (b) made-up rate on p
 (a reply stating a specific attribute value instead of "I do not know."). Fine-tuned arms read a bank of
 their own (cold start: each memory is written by the tuned weights on first retrieval, Remark 9).
 
-    python experiments/alignment.py [--quick] [--demo-dir runs/demo] [--out experiments/results/alignment.json]
+    python experiments/alignment.py [--quick] [--demo-dir runs/demo_alltoken] [--out experiments/results/alignment.json]
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from mini_m3.memory.bank import BankError  # noqa: E402
 from mini_m3.checkpoint import load_pretrained  # noqa: E402
 from mini_m3.data.instructions import preference_pairs, sft_examples  # noqa: E402
 from mini_m3.data.world import World  # noqa: E402
-from mini_m3.demo import DemoSettings, run_demo  # noqa: E402
+from mini_m3.demo import DemoSettings, run_alltoken_demo  # noqa: E402
 from mini_m3.finetune import (DPOConfig, SFTConfig, bank_for_model, dpo, factuality_probe, reward_margin,  # noqa: E402
                               sft)
 
@@ -50,7 +51,8 @@ QUICK = dict(n_sft=400, sft_steps=40, n_pairs=160, dpo_steps=20, probe=30, batch
 
 
 def _extra(p):
-    p.add_argument("--demo-dir", default="runs/demo", help="output of `mini-m3 demo` (memory3_model, bank_raw)")
+    p.add_argument("--demo-dir", default="runs/demo_alltoken",
+                   help="output of `mini-m3 demo --all-tokens` (memory3_model, bank_raw)")
     p.add_argument("--work-dir", default=None,
                    help="logs and banks (None: runs/alignment, or runs/alignment_quick with --quick)")
 
@@ -65,7 +67,7 @@ def demo_inputs(demo_dir: Path, work: Path, quick: bool, threads: int, progress:
     if not (here / "memory3_model" / "model.safetensors").exists():
         print(f"{demo_dir} has no trained model: training a quick demo in {here} first "
               f"({'as asked by --quick' if quick else 'NOTE: numbers will reflect a barely trained model'})")
-        run_demo(here, DemoSettings.quick(threads=threads), progress=progress)
+        run_alltoken_demo(here, DemoSettings.quick(threads=threads), progress=progress)
     return here, json.loads((here / "results.json").read_text())["settings"], True
 
 

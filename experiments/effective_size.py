@@ -29,7 +29,7 @@ from _common import HelpFormatter, machine, plt as pyplot, png_path, save_figure
 
 from mini_m3 import Memory3  # noqa: E402
 from mini_m3.config import Memory3Config  # noqa: E402
-from mini_m3.demo import DemoSettings, control_train_config, demo_questions, run_demo  # noqa: E402
+from mini_m3.demo import DemoSettings, control_train_config, demo_questions, run_alltoken_demo  # noqa: E402
 from mini_m3.world_data import build_world_data, setup_world  # noqa: E402
 from mini_m3.evaluate import qa_eval  # noqa: E402
 from mini_m3.train import train  # noqa: E402
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="result JSON (a PNG is drawn next to it)")
     p.add_argument("--work", default="runs/effective_size", help="checkpoints of each rung (a rerun resumes them)")
     p.add_argument("--demo-json", default="experiments/results/demo.json",
-                   help="the Memory3 side: results.json of `mini-m3 demo` at the same settings")
+                   help="the Memory3 side: results.json of `mini-m3 demo --all-tokens` at the same settings")
     p.add_argument("--run-demo", action="store_true", help="run the demo into <--work>/demo instead of reading it")
     p.add_argument("--rungs", default=",".join(RUNGS),
                    help="which no-memory sizes to train (1x is the demo's own control: skip it to save time)")
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     work = Path(a.work)
     if a.run_demo:
-        demo = run_demo(work / "demo", s, progress=not a.quiet)
+        demo = run_alltoken_demo(work / "demo", s, progress=not a.quiet)
         demo_source = str(work / "demo" / "results.json")
     else:
         demo = json.loads(Path(a.demo_json).read_text())

@@ -1,13 +1,13 @@
 """§3.3 / Table 16: the paper's own codec, "OPQ20x80-Residual2x14-PQ8x10", on a trained model's memories (issue 16).
 
-The paper's composite quantizer needs head dim 80. `mini-m3 demo --preset tiny-d80` trains the demo's model at that
-head dim and builds its VQ bank with the paper's factory string (the default codec at d_h 80). This script reads
-that demo's folder and measures what the codec does to the memories it stores: bytes per memory raw (bf16) and
+The paper's composite quantizer needs head dim 80. `mini-m3 demo --all-tokens --preset tiny-d80` trains the
+all-token demo's model at that head dim and builds its VQ bank with the paper's factory string (the default codec
+at d_h 80). This script reads that demo's folder and measures what the codec does to the memories it stores: bytes per memory raw (bf16) and
 VQ, the relative squared error ||x - x̂||² / ||x||² and the cosine of keys and values over every stored vector
 (the codec is trained on the bank it stores, as the paper's), and, from the demo's results.json, held-out and
 trained QA exact match and answer log-likelihood read from the raw (bf16) bank and from the VQ bank.
 
-    mini-m3 demo --preset tiny-d80 --out runs/demo_d80
+    mini-m3 demo --all-tokens --preset tiny-d80 --out runs/demo_d80
     python experiments/paper_codec.py --demo runs/demo_d80
 """
 
@@ -24,8 +24,8 @@ from _common import RESULTS, parse_args, write_json  # noqa: E402
 
 
 def _extra(p):
-    p.add_argument("--demo", required=True, help="output folder of `mini-m3 demo --preset tiny-d80` (models, banks, "
-                                                 "results.json)")
+    p.add_argument("--demo", required=True, help="output folder of `mini-m3 demo --all-tokens --preset tiny-d80` "
+                   "(models, banks, results.json)")
     p.set_defaults(out=str(RESULTS / "paper_codec.json"))
 
 

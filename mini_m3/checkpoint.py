@@ -38,6 +38,9 @@ from .utils import atomic_path, remove_stale_temps
 
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "model.safetensors", "tokenizer.json"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE)
+# files a save replaces along with the model's: a reading run's settings beside its weights (reading.RUN_FILE;
+# the demo writes it after each save, so a rerun into the same folder must be able to replace the directory)
+COMPANION_FILES = ("reading_run.json",)
 WEIGHTS_FORMAT = "mini_m3.weights"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # what --dtype accepts
 
@@ -201,7 +204,7 @@ def save_pretrained(model: Memory3, directory: str | os.PathLike, tokenizer: Tok
         if not directory.is_dir():
             raise NotADirectoryError(f"{directory} exists and is not a directory")
         remove_stale_temps(directory)  # temporary files of per-file writes killed in an older save
-        foreign = sorted(p.name for p in directory.iterdir() if p.name not in MODEL_FILES)
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in MODEL_FILES + COMPANION_FILES)
         if foreign:
             raise FileExistsError(f"{directory} holds files that are not part of a model directory "
                                   f"({', '.join(foreign[:5])}); save_pretrained replaces the whole directory, "

@@ -95,13 +95,23 @@ def _print_pipeline(report) -> None:
           f"{st['heldout_fraction']}), {report.heldout_references} of their references in the knowledge base")
 
 
+ALLTOKEN_DEMO_OPTIONS = ("preset", "warmup_steps", "continual_steps", "selector", "tokens_per_head")
+
+
 def cmd_demo(a) -> int:
-    from .demo import DemoSettings, run_demo
-    kw = {k: v for k, v in dict(seed=a.seed, preset=a.preset, warmup_steps=a.warmup_steps,
-                                continual_steps=a.continual_steps, selector=a.selector,
-                                tokens_per_head=a.tokens_per_head, threads=a.threads).items() if v is not None}
-    s = DemoSettings.quick(**kw) if a.quick else DemoSettings(**kw)
-    run_demo(a.out, s, progress=not a.quiet)
+    from .demo import DemoSettings, paper_demo_settings, run_alltoken_demo, run_demo
+    given = [k for k in ALLTOKEN_DEMO_OPTIONS if getattr(a, k) is not None]
+    if a.all_tokens:
+        kw = dict(seed=a.seed, threads=a.threads, **{k: getattr(a, k) for k in given})
+        s = DemoSettings.quick(**kw) if a.quick else DemoSettings(**kw)
+        run_alltoken_demo(a.out, s, progress=not a.quiet)
+    else:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} sets the all-token demo: add --all-tokens (the default "
+                             f"demo runs the paper's format with its chain fixed)")
+        s = paper_demo_settings(a.seed, threads=a.threads, quick=a.quick, progress=not a.quiet,
+                                flagship="" if a.flagship == "none" else a.flagship)
+        run_demo(a.out, s, argv=["mini-m3", *a.argv])
     print(f"results written to {Path(a.out) / 'results.json'} and results.png")
     return 0
 
@@ -759,20 +769,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     fmt = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
 
-    d = sub.add_parser("demo", help="the main job: two-stage pretraining on the knowledge world, banks, QA table",
+    d = sub.add_parser("demo", help="the main job: Memory3 trained to read the paper's memory format (top-8 tokens, "
+                       "5 memories per chunk) on the BioWorld, its banks (raw, VQ) and QA on every held-out axis",
                        **fmt)
     _add_common(d)
     d.add_argument("--quick", action="store_true", help="a short run of the same pipeline (CI)")
     d.add_argument("--out", default="runs/demo", help="output folder: results.json, results.png, models and banks")
-    d.add_argument("--preset", default=None, help="model shape (None: the demo's, tiny)")
+    d.add_argument("--flagship", default="shipped",
+                   help="a reading run's model directory to evaluate beside the demo's own (a flagship's OUT/model); "
+                        "'shipped': notebooks/assets/memory3_demo when this is a checkout of the repository; 'none'")
+    d.add_argument("--all-tokens", action="store_true",
+                   help="the earlier demo instead: the first knowledge world, all tokens of 1 memory per chunk, and a "
+                        "no-memory control (experiments/results/demo.json); the options below set it")
+    d.add_argument("--preset", default=None, help="all-token demo: model shape (None: tiny)")
     d.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="steps of the warmup stage, no memory (None: the demo's, 300; 30 with --quick)")
+                   help="all-token demo: steps of the warmup stage, no memory (None: 300; 30 with --quick)")
     d.add_argument("--continual-steps", type=non_negative_int, default=None,
-                   help="steps of the continual stage, with memory (None: the demo's, 3300; 40 with --quick)")
+                   help="all-token demo: steps of the continual stage, with memory (None: 3300; 40 with --quick)")
     d.add_argument("--selector", default=None, choices=MEMORY_SELECTORS,
-                   help="memory format: how each memory picks the reference tokens it keeps (None: the demo's, all)")
+                   help="all-token demo: how each memory picks the reference tokens it keeps (None: all)")
     d.add_argument("--tokens-per-head", type=positive_int, default=None,
-                   help="memory format: reference tokens each memory keeps per head (None: the preset's)")
+                   help="all-token demo: reference tokens each memory keeps per head (None: the preset's)")
     d.set_defaults(fn=cmd_demo)
 
     fl = sub.add_parser("flagship", help="issue 15's flagship: train a model to read the paper's memory format "

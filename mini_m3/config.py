@@ -336,7 +336,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=512, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, d_model=64,
                  mlp_width=128, max_seq_len=256),
     # tiny with the paper's head dim (80), so the paper's own codec "OPQ20_80,Residual2x14,PQ8x10" (14 B per
-    # vector) runs on a trained model's memories (`mini-m3 demo --preset tiny-d80`)
+    # vector) runs on a trained model's memories (`mini-m3 demo --all-tokens --preset tiny-d80`)
     "tiny-d80": dict(vocab_size=512, n_layers=4, n_heads=2, n_kv_heads=2, head_dim=80, d_model=64,
                      mlp_width=128, max_seq_len=256),
     # the demo: ~1.7M parameters (1.5M non-embedding), trains on 2 CPU cores in minutes

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_pretrained, save_pretrained
+from .checkpoint import COMPANION_FILES, load_pretrained, save_pretrained
 from .config import MEMORY_FORMAT_FIELDS, Memory3Config
 from .data.bios import ATTRIBUTES, BioWorld
 from .data.world import QAItem, qa_prompt
@@ -177,7 +177,7 @@ def texts_sha256(texts) -> str:
     return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()
 
 
-RUN_FILE, RUN_FORMAT, RUN_VERSION = "reading_run.json", "mini_m3.reading_run", 1
+RUN_FILE, RUN_FORMAT, RUN_VERSION = COMPANION_FILES[0], "mini_m3.reading_run", 1
 
 
 @dataclass
@@ -196,10 +196,11 @@ class ReadingRun:
         """The evaluation items of every axis, as the run evaluated them (n: its eval_questions)."""
         return reading_questions(self.world, self.others, n or self.settings.eval_questions, self.settings.seed)
 
-    def build_bank(self, directory, *, quantizer=None, progress: bool = False) -> MemoryBank:
-        """Every person's memory in the model's own format (held-out and other-style people included)."""
+    def build_bank(self, directory, *, quantizer=None, progress: bool = False, **kw) -> MemoryBank:
+        """Every person's memory in the model's own format (held-out and other-style people included); `kw`: more
+        `MemoryBank.build` options (e.g. vq_train_references)."""
         return MemoryBank.build(directory, self.model, self.tokenizer, self.references, retriever=Retriever(),
-                                overwrite=True, progress=progress, seed=self.settings.seed, quantizer=quantizer)
+                                overwrite=True, progress=progress, seed=self.settings.seed, quantizer=quantizer, **kw)
 
 
 def write_reading_run(model_dir, settings: ReadingSettings, references_sha256: str, **extra) -> Path:
@@ -297,7 +298,49 @@ def run_reading(out_dir: str | os.PathLike, s: ReadingSettings | None = None, *,
         return _run(Path(out_dir), s, argv)
 
 
+@dataclass
+class TrainedReading:
+    """What `train_reading` returns: the trained model with its run's world, bank texts and evaluation items."""
+    model: Memory3
+    tokenizer: Tokenizer
+    world: BioWorld
+    others: list
+    references: list[str]
+    items: dict  # {axis: QA items}, `reading_questions`
+    stages: dict  # {stage name: `train`'s summary}
+    training_retrieval_top1: float
+    train_seconds: float
+    provenance: dict
+
+
 def _run(out: Path, s: ReadingSettings, argv) -> dict:
+    t0 = time.perf_counter()
+    t = train_reading(out, s)
+    model, tokenizer, cfg = t.model, t.tokenizer, t.model.cfg
+    save_pretrained(model, out / "model", tokenizer)
+    bank = MemoryBank.build(out / "bank", model, tokenizer, t.references, retriever=Retriever(),
+                            overwrite=True, progress=s.progress, seed=s.seed)
+    axes = evaluate_axes(model, tokenizer, bank, t.items)
+    results = {
+        "axes": axes, "training_retrieval_top1": t.training_retrieval_top1,
+        "memory_settings": cfg.memory_format,
+        "final_loss": {k: v["final_loss"] for k, v in t.stages.items()},
+        "step_time": {k: v["step_time"] for k, v in t.stages.items()},
+        "train_seconds": t.train_seconds, "wall_seconds": time.perf_counter() - t0,
+        "parameters": {"non_embedding": model.num_parameters(), "total": model.num_parameters(False)},
+        "config": cfg.to_dict(), "settings": asdict(s), "world": t.world.summary(),
+        "references_sha256": texts_sha256(t.references), "seed": s.seed,
+        "argv": list(argv) if argv is not None else None, "provenance": t.provenance,
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    (print if s.progress else (lambda *a: None))(format_axes(results))
+    return results
+
+
+def train_reading(out: Path, s: ReadingSettings) -> TrainedReading:
+    """The training half of a reading run (stage logs under `out`): world, tokenizer, data, the model trained
+    through warmup, curriculum, continual and the later stages; and the evaluation items of every axis. Call it
+    inside `fixed_numerics(s.seed, s.threads)`, as `run_reading` and the demo do."""
     out.mkdir(parents=True, exist_ok=True)
     say = print if s.progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -382,25 +425,8 @@ def _run(out: Path, s: ReadingSettings, argv) -> dict:
                                 seed=s.seed, quiet=not s.progress, threads=s.threads, memory_grad=s.memory_grad,
                                 memory_groups=cont_groups if view.cfg.memories_per_chunk > 1 else 1)[1]
         res[f"stage{k}"] = stage(f"stage{k}", one, data, view)
-    t_train = time.perf_counter() - t0
-    save_pretrained(model, out / "model", tokenizer)
-    bank = MemoryBank.build(out / "bank", model, tokenizer, references, retriever=Retriever(),
-                            overwrite=True, progress=s.progress, seed=s.seed)
-    axes = evaluate_axes(model, tokenizer, bank, items)
-    results = {
-        "axes": axes, "training_retrieval_top1": train_top1,
-        "memory_settings": cfg.memory_format,
-        "final_loss": {k: v["final_loss"] for k, v in res.items()},
-        "step_time": {k: v["step_time"] for k, v in res.items()},
-        "train_seconds": t_train, "wall_seconds": time.perf_counter() - t0,
-        "parameters": {"non_embedding": model.num_parameters(), "total": model.num_parameters(False)},
-        "config": cfg.to_dict(), "settings": asdict(s), "world": world.summary(),
-        "references_sha256": texts_sha256(references), "seed": s.seed,
-        "argv": list(argv) if argv is not None else None, "provenance": prov,
-    }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    say(format_axes(results))
-    return results
+    return TrainedReading(model, tokenizer, world, others, references, items, res, train_top1,
+                          time.perf_counter() - t0, prov)
 
 
 def format_axes(r: dict) -> str:
@@ -414,6 +440,6 @@ def format_axes(r: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingRun", "ReadingSettings", "bank_texts", "build_reading_data",
-           "evaluate_axes", "flagship_settings", "format_axes", "load_reading_run", "reading_questions", "reading_world",
-           "run_reading", "texts_sha256", "write_reading_run"]
+__all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingRun", "ReadingSettings", "TrainedReading", "bank_texts",
+           "build_reading_data", "evaluate_axes", "flagship_settings", "format_axes", "load_reading_run",
+           "reading_questions", "reading_world", "run_reading", "texts_sha256", "train_reading", "write_reading_run"]

@@ -93,7 +93,7 @@ def alignment():
 
 @pytest.fixture
 def demo(tmp_path, tok, refs):
-    """A demo directory as `mini-m3 demo` writes it: a model trained in "all", one memory per chunk, and its bank."""
+    """A demo directory as `mini-m3 demo --all-tokens` writes it: a model trained in "all", one memory per chunk, and its bank."""
     model = tiny_model(0, memory_selector="all", memories_per_chunk=1)
     save_pretrained(model, tmp_path / "demo" / "memory3_model", tok)
     MemoryBank.build(tmp_path / "demo" / "bank_raw", model, tok, refs, progress=False)

@@ -15,7 +15,7 @@ from mini_m3.train import TrainConfig, reference_rows, two_stage_configs, wsd_lr
 
 # ---- the configs each call site wrote out itself before `two_stage_configs` (commit d0438c1)
 def old_demo(s: DemoSettings, quiet: bool, threads: int) -> tuple[TrainConfig, TrainConfig, TrainConfig]:
-    """demo._run_demo's stage() for Memory³'s two stages, and demo.control_train_config."""
+    """demo._run_alltoken_demo's stage() for Memory³'s two stages, and demo.control_train_config."""
     total = s.warmup_steps + s.continual_steps
     kw = dict(batch_size=s.batch_size, lr=s.lr, seed=s.seed, selector=s.selector, tokens_per_head=s.tokens_per_head,
               quiet=quiet, threads=threads)
