@@ -127,7 +127,7 @@ class PaperDemoSettings(ReadingSettings):
     vq_factory: str = "default"
     throughput_batch: int = 4
     throughput_new_tokens: int = 64
-    throughput_rounds: int = 5  # interleaved rounds of memory / none decoding (+1 warm-up), medians reported
+    throughput_rounds: int = 9  # interleaved rounds of memory / none decoding (+1 warm-up), medians reported
     vq_train_references: int = 4096  # references whose memories train the VQ codec (MemoryBank.build)
     # a trained reading run evaluated beside this one (`load_reading_run`): "shipped" = the flagship in
     # notebooks/assets/memory3_demo when the repository is there, "" = none, else a model directory
@@ -170,7 +170,7 @@ def paper_demo_settings(seed: int = 0, *, threads: int = 2, quick: bool = False,
         base.update(n_people=600, n_docs=3000, warmup_steps=40, curriculum_steps=160, continual_steps=40,
                     batch_size=16, eval_questions=40)
         over = {"throughput_batch": 1, "throughput_new_tokens": 16, "throughput_rounds": 3,
-                "vq_train_references": 512, **over}
+                "vq_train_references": 1280, **over}  # 8 kept tokens each: faiss's 9,984 points for 256 centroids
     return PaperDemoSettings(**{**base, **over})
 
 
@@ -224,7 +224,8 @@ def _run_demo(out: Path, s: PaperDemoSettings, argv) -> dict:
         fb = run.build_bank(out / "flagship_bank_raw", progress=s.progress)
         fvq = run.build_bank(out / "flagship_bank_vq", quantizer=s.vq_factory, progress=s.progress,
                              vq_train_references=s.vq_train_references)
-        flagship = {"model": str(where), "seed": run.settings.seed, "steps": _steps(asdict(run.settings)),
+        shown = "notebooks/assets/memory3_demo (shipped)" if where == SHIPPED_FLAGSHIP else str(where)
+        flagship = {"model": shown, "seed": run.settings.seed, "steps": _steps(asdict(run.settings)),
                     "axes": evaluate_all_modes(run.model, run.tokenizer, fb, fvq, run.questions(s.eval_questions))}
         bpm["vq"] = fvq.bytes_per_memory()["stored"]
         seconds["flagship"] = time.perf_counter() - t0
