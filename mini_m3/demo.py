@@ -158,7 +158,7 @@ def flagship_dir(s: PaperDemoSettings) -> Path | None:
 # the demo's chain: the flagship's first stages, shortened to fit ten minutes on 2 cores with the evaluation (a
 # warmup without memory; top-8 reading only the chunk's own memory; the paper's format), no lever stages. Short
 # chains do not read the paper's format yet (experiments/README.md point 47: 0.000 after 3,000 steps)
-DEMO_STEPS = {"warmup_steps": 300, "curriculum_steps": 1200, "continual_steps": 300}
+DEMO_STEPS = {"warmup_steps": 300, "curriculum_steps": 1000, "continual_steps": 300}
 
 
 def paper_demo_settings(seed: int = 0, *, threads: int = 2, quick: bool = False, **over) -> PaperDemoSettings:
@@ -304,8 +304,8 @@ def format_demo(r: dict) -> str:
         lines.append(f"the flagship ({f['model']}) reads them at {fh['memory']:.3f} ({fh['memory_off']:.3f} off).")
     else:
         lines.append("no flagship evaluated (--flagship DIR, or run the demo in a checkout of the repository)")
-    lines.append("`mini-m3 flagship --seed S` trains the same recipe longer, with named lever stages (about an hour on "
-                 "2 cores; experiments/README.md points 44-46; notebook 08)")
+    lines.append("`mini-m3 flagship --seed S` trains the same recipe longer, with named lever stages")
+    lines.append("  (about an hour on 2 cores; experiments/README.md points 44-47; notebook 08)")
     lines.append(f"wall time {r['wall_seconds']:.0f}s: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s"
                                                                     for k, v in r["seconds"].items()))
     if "provenance" in r:
