@@ -13,10 +13,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from mini_m3.provenance import provenance, seed_everything
+from mini_m3.provenance import git_commit, provenance, seed_everything
 from mini_m3.utils import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# (commit, dirty) of the mini_m3 checkout when the script started: the code it imported. A result records this, not
+# the checkout when it writes (a commit landing during a long run would otherwise be named as the code that ran)
+STARTED_AT = git_commit()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -61,9 +64,9 @@ def timeit(fn: Callable[[], object]) -> float:
 
 
 def write_json(out: str | os.PathLike, obj: dict, *, seed: int) -> Path:
-    """Write `obj` with its provenance (versions, argv, commit, seed, threads, CPU kernels; added to `obj` itself,
-    so what the script returns is what it wrote)."""
-    obj["provenance"] = provenance(seed)
+    """Write `obj` with its provenance (versions, argv, commit and dirty flag at start, seed, threads, CPU kernels;
+    added to `obj` itself, so what the script returns is what it wrote)."""
+    obj["provenance"] = {**provenance(seed), "commit": STARTED_AT[0], "dirty": STARTED_AT[1]}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(obj, indent=1, default=float))

@@ -126,6 +126,19 @@ def test_experiment_results_record_provenance(tmp_path):
     assert not (tmp_path / "r2.json").exists()
 
 
+def test_experiment_results_name_the_commit_the_script_started_from(tmp_path, monkeypatch):
+    """A commit landing during a long run is not recorded as the code that ran: the commit and dirty flag are the
+    checkout's when `_common` was imported (the script's start), not when it writes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setattr(_common, "STARTED_AT", ("0" * 40, False))
+    saved = json.loads(_common.write_json(tmp_path / "r.json", {}, seed=0).read_text())
+    assert (saved["provenance"]["commit"], saved["provenance"]["dirty"]) == ("0" * 40, False)
+
+
 def test_demo_table_says_what_the_numbers_depend_on():
     qa = {k: 0.5 for k in demo.NAMES}
     r = {"qa": {"trained": qa, "heldout": qa}, "qa_heldout_paraphrase": {"phrasing": "heldout", "memory": 0.1,
