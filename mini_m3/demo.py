@@ -167,7 +167,7 @@ DEMO_STEPS = {"warmup_steps": 300, "curriculum_steps": 1000, "continual_steps": 
 def paper_demo_settings(seed: int = 0, *, threads: int = 2, quick: bool = False, **over) -> PaperDemoSettings:
     """The demo's recipe: `flagship_settings` (same world, model and paper's memory format) with DEMO_STEPS and no
     later stages. quick=True: a small world and a few hundred steps (the test suite runs it end to end)."""
-    base = {f.name: getattr(flagship_settings(seed, threads=threads), f.name) for f in fields(ReadingSettings)}
+    base = asdict(flagship_settings(seed, threads=threads))
     base.update(DEMO_STEPS, stages=[])
     if quick:
         base.update(n_people=600, n_docs=3000, warmup_steps=40, curriculum_steps=160, continual_steps=40,
@@ -215,7 +215,8 @@ def _run_demo(out: Path, s: PaperDemoSettings, argv) -> dict:
                                       rounds=s.throughput_rounds, batch_size=s.throughput_batch, prompt_tokens=128,
                                       new_tokens=s.throughput_new_tokens)
     seconds["throughput"] = time.perf_counter() - t0
-    bpm = {"raw": bank.bytes_per_memory()["stored"], "raw_bf16": bank.bytes_per_memory()["raw_bf16"]}
+    raw_bytes = bank.bytes_per_memory()
+    bpm = {"raw": raw_bytes["stored"], "raw_bf16": raw_bytes["raw_bf16"]}
 
     # a reading run trained longer (the shipped flagship), evaluated here on its own world and questions, with its
     # bank raw and vector-quantized, and in RAG mode: what reading in the paper's format looks like when it works
@@ -312,10 +313,7 @@ def format_demo(r: dict) -> str:
     lines.append(f"wall time {r['wall_seconds']:.0f}s: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}s"
                                                                     for k, v in r["seconds"].items()))
     if "provenance" in r:
-        p, v = r["provenance"], r["provenance"]["versions"]
-        lines.append(f"torch {v['torch']} ({p['cpu_capability']} kernels, {r['settings']['threads']} thread(s)), "
-                     f"numpy {v['numpy']}, faiss {v['faiss']}, tokenizers {v['tokenizers']}, commit {p['commit'][:7]}"
-                     f"{'+changes' if p['dirty'] else ''}")
+        lines.append(_provenance_line(r, f"{r['settings']['threads']} thread(s)"))
     return "\n".join(lines)
 
 
@@ -334,13 +332,7 @@ def plot_demo(r: dict, path: str | os.PathLike) -> None:
     ax.axhline(r["goal"]["heldout"], color="k", lw=0.8, ls="--", label="goal (held-out)")
     ax.set_xticks(x, [AXIS_NAMES[a].strip() for a in AXES], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("QA exact match"); ax.set_ylim(0, 1); ax.legend(fontsize=7, ncol=3); ax.grid(axis="y", alpha=.3)
-    t, sp = r["tokens_per_s"], r["tokens_per_s_spread"]
-    modes = list(t)
-    err = [[t[m] - sp[m]["min"] for m in modes], [sp[m]["max"] - t[m] for m in modes]]
-    ax2.bar(modes, [t[m] for m in modes], yerr=err, capsize=4, color=["C0", "C7", "C3"][:len(modes)])
-    ax2.set_ylabel("decode tokens/s")
-    ax2.set_title(f"median of {r['decode_rounds']} interleaved rounds\n(bars: min-max)", fontsize=8)
-    ax2.set_xlabel(f"{_ratio_text(r)}\n(median of per-round ratios)", fontsize=7)
+    _plot_speed(ax2, r)
     m = r["memory_settings"]
     fig.suptitle(f"mini_m3 demo: {m['selector']} top-{m['tokens_per_head']}, {m['memories_per_chunk']} memories per "
                  f"chunk (seed {r['seed']})", fontsize=10)
@@ -559,11 +551,28 @@ def format_table(r: dict) -> str:
                  f"({st['continual'] / st['warmup']:.2f}x)")
     lines.append(f"wall time {r['wall_seconds']:.0f}s, seed {r['seed']}")
     if "provenance" in r:  # what the numbers depend on besides the settings
-        p, v = r["provenance"], r["provenance"]["versions"]
-        lines.append(f"torch {v['torch']} ({p['cpu_capability']} kernels, {r['threads']['train']} training thread(s)), "
-                     f"numpy {v['numpy']}, faiss {v['faiss']}, tokenizers {v['tokenizers']}, commit {p['commit'][:7]}"
-                     f"{'+changes' if p['dirty'] else ''}")
+        lines.append(_provenance_line(r, f"{r['threads']['train']} training thread(s)"))
     return "\n".join(lines)
+
+
+def _provenance_line(r: dict, threads: str) -> str:
+    """What a demo's numbers depend on besides its settings: versions, CPU kernels, threads, commit."""
+    p, v = r["provenance"], r["provenance"]["versions"]
+    return (f"torch {v['torch']} ({p['cpu_capability']} kernels, {threads}), numpy {v['numpy']}, faiss {v['faiss']}, "
+            f"tokenizers {v['tokenizers']}, commit {p['commit'][:7]}{'+changes' if p['dirty'] else ''}")
+
+
+def _plot_speed(ax, r: dict) -> None:
+    """Decoding tokens/s per mode: medians with min-max bars over the interleaved rounds (one bar each for a
+    results.json from before them), the per-round ratios below."""
+    t, sp = r["tokens_per_s"], r.get("tokens_per_s_spread")
+    modes = list(t)
+    err = [[t[m] - sp[m]["min"] for m in modes], [sp[m]["max"] - t[m] for m in modes]] if sp else None
+    ax.bar(modes, [t[m] for m in modes], yerr=err, capsize=4, color=["C0", "C7", "C3"][:len(modes)])
+    ax.set_ylabel("decode tokens/s")
+    if sp:
+        ax.set_title(f"median of {r['decode_rounds']} interleaved rounds\n(bars: min-max)", fontsize=8)
+        ax.set_xlabel(f"{_ratio_text(r)}\n(median of per-round ratios)", fontsize=7)
 
 
 def _decode_lines(r: dict) -> list[str]:
@@ -590,13 +599,7 @@ def plot_results(r: dict, path: str | os.PathLike) -> None:
     ax.bar(x + 0.2, [r["qa"]["heldout"][k] for k in keys], 0.4, label="held-out people (bank only)")
     ax.set_xticks(x, [NAMES[k] for k in keys], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("QA exact match"); ax.set_ylim(0, 1); ax.legend(fontsize=8); ax.grid(axis="y", alpha=.3)
-    t, sp = r["tokens_per_s"], r.get("tokens_per_s_spread")
-    err = [[t[m] - sp[m]["min"] for m in SPEED_MODES], [sp[m]["max"] - t[m] for m in SPEED_MODES]] if sp else None
-    ax2.bar(list(SPEED_MODES), [t[m] for m in SPEED_MODES], yerr=err, capsize=4, color=["C0", "C7", "C3"])
-    ax2.set_ylabel("decode tokens/s")
-    if sp:
-        ax2.set_title(f"median of {r['decode_rounds']} interleaved rounds\n(bars: min-max)", fontsize=8)
-        ax2.set_xlabel(f"{_ratio_text(r)}\n(median of per-round ratios)", fontsize=7)
+    _plot_speed(ax2, r)
     fig.suptitle(f"mini_m3 demo ({r['config']['name']}, seed {r['seed']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
