@@ -496,10 +496,10 @@ def _score(items: Sequence[ProbeItem], replies: list[str], fmt: str) -> dict:
     exact, value_ok, made_up, abstain = [], [], [], []
     for it, reply in zip(items, replies):
         ab = is_abstention(reply)
-        vals = [] if ab else asserted_values(reply, it.attribute)
+        vals = [] if ab else asserted_values(reply, it.attribute, it.style, fmt)
         abstain.append(ab)
         if it.exists:
-            expected = answer_sentence(it.name, it.attribute, it.answer) if fmt == "chat" else it.answer
+            expected = answer_sentence(it.name, it.attribute, it.answer, it.style) if fmt == "chat" else it.answer
             exact.append(reply == expected)
             value_ok.append(vals == [it.answer])
             made_up.append(bool(vals) and vals != [it.answer])
@@ -519,7 +519,7 @@ def _score(items: Sequence[ProbeItem], replies: list[str], fmt: str) -> dict:
 def factuality_probe(model: Memory3, tokenizer, world=None, *, bank=None, modes: Sequence[str] = ("memory", "none"),
                      fmt: str = "chat", n_known: int = 60, n_unknown: int = 60, seed: int = 0,
                      known: Sequence[ProbeItem] | None = None, unknown: Sequence[ProbeItem] | None = None,
-                     max_new_tokens: int = 32, batch_size: int = 32,
+                     max_new_tokens: int = 32, batch_size: int = 32, phrasing: str = "heldout",
                      leakage_threshold: float | None = EVAL_LEAKAGE_THRESHOLD) -> dict:
     """Mini Table 19. (a) ``known``: people whose biography is in the bank and who appear in no training text
     (default: ``n_known`` questions about ``heldout`` people, evaluation-only phrasing): exact match of the
@@ -527,7 +527,9 @@ def factuality_probe(model: Memory3, tokenizer, world=None, *, bank=None, modes:
     who exist nowhere (probe-pool fake names): the rate of replies asserting a specific attribute value
     (``made_up_rate``) vs abstaining. ``fmt="chat"`` asks in the SFT chat format and expects the answer
     sentence; ``fmt="qa"`` asks in the pretraining format ("Q: ... A:") and expects the bare value (for the
-    base model). Memory mode needs a bank built by this very model (see `bank_for_model`)."""
+    base model). ``phrasing``: the question wording of the default questions, "heldout" (never in training) or
+    "train". ``world`` is a `World` or a `BioWorld` (`mini_m3.data.instructions`). Memory mode needs a bank built by
+    this very model (see `bank_for_model`)."""
     if fmt not in PROBE_FORMATS:
         raise ValueError(f"fmt must be one of {PROBE_FORMATS}, got {fmt!r}")
     modes = tuple(modes)
@@ -543,8 +545,9 @@ def factuality_probe(model: Memory3, tokenizer, world=None, *, bank=None, modes:
     if known is None or unknown is None:
         if world is None:
             raise ValueError("pass world=... or both known= and unknown= question lists")
-        known = probe_known_questions(world, n_known, seed=seed) if known is None else known
-        unknown = probe_unknown_questions(world, n_unknown, seed=seed) if unknown is None else unknown
+        known = probe_known_questions(world, n_known, seed=seed, phrasing=phrasing) if known is None else known
+        unknown = probe_unknown_questions(world, n_unknown, seed=seed, phrasing=phrasing) if unknown is None \
+            else unknown
     known, unknown = list(known), list(unknown)
     if any(not it.exists for it in known) or any(it.exists for it in unknown):
         raise ValueError("known= must hold questions about existing people, unknown= about non-existent ones")

@@ -1,6 +1,6 @@
 """§3.3 the memory format is the model's, in the experiment scripts and notebooks that train, write or read memories:
-each model is created with the format it trains in, a deliberate other format goes through `with_memory_format`,
-and `experiments/alignment.py` rebuilds (and says so) a demo bank this mini_m3 cannot read."""
+each model is created with the format it trains in, and a deliberate other format goes through
+`with_memory_format`."""
 import ast
 import json
 from pathlib import Path
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import load_experiment, tiny_model
-from mini_m3 import Memory3Config, MemoryBank
-from mini_m3.checkpoint import save_pretrained, save_weights
+from mini_m3 import Memory3Config
+from mini_m3.checkpoint import save_weights
 from mini_m3.train import ChunkedData, TrainConfig, pack_documents
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,54 +85,3 @@ def test_an_ablation_variant_trains_and_is_evaluated_in_its_own_format(tmp_path,
     r = ablations.run_variant(job)
     assert len(r["evals"]) == 1 and 0 <= r["evals"][0]["heldout_qa"] <= 1 and r["evals"][0]["heldout_lm_loss"] > 0
 
-
-@pytest.fixture(scope="module")
-def alignment():
-    return load_experiment("alignment")
-
-
-@pytest.fixture
-def demo(tmp_path, tok, refs):
-    """A demo directory as `mini-m3 demo --all-tokens` writes it: a model trained in "all", one memory per chunk, and its bank."""
-    model = tiny_model(0, memory_selector="all", memories_per_chunk=1)
-    save_pretrained(model, tmp_path / "demo" / "memory3_model", tok)
-    MemoryBank.build(tmp_path / "demo" / "bank_raw", model, tok, refs, progress=False)
-    return tmp_path / "demo", model
-
-
-SETTINGS = {"selector": "all", "tokens_per_head": None, "memories_per_chunk": 1}
-
-
-def test_alignment_rebuilds_a_demo_bank_of_an_older_version_and_says_so(tmp_path, alignment, demo, tok, refs, capsys):
-    demo_dir, model = demo
-    bank, why = alignment.demo_bank(demo_dir, model, tok, refs, tmp_path / "work", 0, False)
-    assert why is None and bank.path == demo_dir / "bank_raw" and not (tmp_path / "work").exists()  # it can
-    manifest = demo_dir / "bank_raw" / "manifest.json"
-    m = json.loads(manifest.read_text())
-    m["version"] = 3  # a bank written before the memory format was checked
-    manifest.write_text(json.dumps(m))
-    files = lambda: {p: p.read_bytes() for p in sorted((demo_dir / "bank_raw").rglob("*")) if p.is_file()}
-    before = files()
-    bank, why = alignment.demo_bank(demo_dir, model, tok, refs, tmp_path / "work", 0, False)
-    assert "bank format version 3 is not supported" in why
-    out = capsys.readouterr().out
-    assert "NOTE: the demo's bank cannot be used, so it is built again" in out and str(tmp_path / "work") in out
-    assert bank.path == tmp_path / "work" / "bank_raw" and list(bank.texts) == refs
-    assert (bank.manifest["selector"], bank.manifest["tokens_per_head"]) == ("all", 128)
-    assert files() == before  # the demo's files as they were
-
-
-def test_alignment_reads_an_old_demo_model_in_the_format_it_was_trained_in(tmp_path, alignment, tok, capsys):
-    """An older mini_m3 saved no selector (config.json version 1, which loads as "attention"); the demo's settings
-    say the model was trained in "all"."""
-    save_pretrained(tiny_model(0, memories_per_chunk=1), tmp_path / "old", tok)
-    v1 = json.loads((tmp_path / "old" / "config.json").read_text())
-    del v1["memory_selector"]
-    (tmp_path / "old" / "config.json").write_text(json.dumps({**v1, "version": 1}))
-    model, _ = alignment.demo_model(tmp_path / "old", SETTINGS)
-    assert model.cfg.memory_format == {"selector": "all", "tokens_per_head": 128, "memories_per_chunk": 1}
-    assert "predates the memory format field" in capsys.readouterr().out
-    # a current config that disagrees with the demo's settings is an error, not a guess
-    save_pretrained(tiny_model(0, memory_selector="first", memories_per_chunk=1), tmp_path / "new", tok)
-    with pytest.raises(SystemExit, match=r"config\.json says memory format .*'first'.* the demo's settings say"):
-        alignment.demo_model(tmp_path / "new", SETTINGS)

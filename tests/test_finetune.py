@@ -10,9 +10,10 @@ from conftest import tiny_model
 
 from mini_m3 import MemoryBank
 from mini_m3.checkpoint import save_pretrained
-from mini_m3.data.instructions import (ABSTAIN, PreferencePair, ProbeItem, SFTExample, answer_sentence,
-                                       asserted_values, chat_prompt, completion, fake_names, preference_pairs,
-                                       probe_known_questions, probe_unknown_questions, sft_examples)
+from mini_m3.data.bios import BioWorld
+from mini_m3.data.instructions import (ABSTAIN, BIO_ANSWER_TEMPLATES, PreferencePair, ProbeItem, SFTExample,
+                                       answer_sentence, asserted_values, chat_prompt, completion, fake_names,
+                                       preference_pairs, probe_known_questions, probe_unknown_questions, sft_examples)
 from mini_m3.data.world import ATTRIBUTE_VALUES
 from mini_m3.finetune import (DPOConfig, SFTConfig, _score, bank_for_model, cosine_lr, dpo, factuality_probe,
                               reward_margin, sft, sft_batch)
@@ -237,6 +238,96 @@ def test_dpo_resume_is_exact_and_checks_the_reference(world, tok, tmp_path):
         torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="reference_digest"):
         dpo(tiny_model(1), None, tok, pairs, cfg, out_dir=b)
+
+
+# ----------------------------------------------------------------------------------------------- BioWorld data
+@pytest.fixture(scope="module")
+def bio_world():
+    return BioWorld.generate(300, seed=0)
+
+
+def test_sft_examples_in_a_bioworld(bio_world):
+    w = bio_world
+    a = sft_examples(w, 200, seed=3)
+    assert a == sft_examples(w, 200, seed=3) != sft_examples(w, 200, seed=4)
+    assert {e.kind for e in a} == {"qa", "multi", "abstain"}  # a BioWorld has no skill tasks
+    real = {p.name for p in w.people}
+    train_first = {p.first_name for p in w.people if p.split != "heldout"}
+    for e in a:
+        if e.kind == "abstain":
+            assert e.name not in real and e.name.split()[0] in train_first and e.turns[0][1] == ABSTAIN
+            continue
+        p = w.people[e.person]
+        assert p.split in ("memory", "text") and p.name in e.turns[0][0]
+        assert any(e.turns[0][0] == t.format(N=p.name) for t in w.templates("question", "train", e.detail.split(",")[0]))
+        for (_, ans), attr in zip(e.turns, e.detail.split(",")):
+            assert ans == BIO_ANSWER_TEMPLATES[attr].format(name=p.name, value=getattr(p, attr))
+            assert asserted_values(ans, attr, "bio") == [getattr(p, attr)]  # the scorer reads back what was taught
+    assert any(len(e.turns) > 1 for e in a)
+    with pytest.raises(ValueError, match="no skill tasks"):
+        sft_examples(w, 5, mix={"qa": 1, "skill": 1})
+
+
+def test_bioworld_fake_names_and_probe_questions(bio_world):
+    """Fine-tuning's fake people are named from the training people's name pools, the probe's from the held-out
+    people's: disjoint, nobody real, and as new to the tokenizer as a held-out person."""
+    w = bio_world
+    real = {p.name for p in w.people}
+    held = [p for p in w.people if p.split == "heldout"]
+    train, probe = fake_names(w, 200, pool="train"), fake_names(w, 80, pool="probe")
+    assert len(set(train)) == 200 and len(set(probe)) == 80 and not (set(train) | set(probe)) & real
+    assert {n.split()[0] for n in probe} <= {p.first_name for p in held}
+    assert {n.split()[1] for n in probe} <= {p.last_name for p in held}
+    assert not {n.split()[0] for n in train} & {p.first_name for p in held}
+    assert fake_names(w, 20, seed=1, pool="probe") == fake_names(w, 20, seed=1, pool="probe") \
+        != fake_names(w, 20, seed=2, pool="probe")
+    with pytest.raises(ValueError, match="pool has only"):
+        fake_names(w, 10 ** 6, pool="probe")
+    for ph in ("train", "heldout"):
+        known = probe_known_questions(w, 20, phrasing=ph)
+        assert all(w.people[it.person].split == "heldout" and it.style == "bio" for it in known)
+        assert all(it.answer == getattr(w.people[it.person], it.attribute) for it in known)
+        unknown = probe_unknown_questions(w, 30, phrasing=ph)
+        assert all(not it.exists and it.style == "bio" and it.name in it.question for it in unknown)
+        assert all(any(it.question == t.format(N=it.name) for t in w.templates("question", ph, it.attribute))
+                   for it in unknown)
+    assert not {it.name for it in probe_unknown_questions(w, 50)} & set(train)  # disjoint pools, whatever the seeds
+
+
+def test_bioworld_preference_pairs(bio_world):
+    w = bio_world
+    pairs = preference_pairs(w, 100, seed=0)
+    assert pairs == preference_pairs(w, 100, seed=0) and {p.kind for p in pairs} == {"fact", "abstain"}
+    for p in pairs:
+        if p.kind == "fact":
+            person = w.people[p.person]
+            assert person.split != "heldout"
+            assert asserted_values(p.chosen, p.attribute, "bio") == [getattr(person, p.attribute)]
+            wrong = asserted_values(p.rejected, p.attribute, "bio")
+            assert len(wrong) == 1 and wrong[0] != getattr(person, p.attribute)
+        else:
+            assert p.chosen == ABSTAIN and len(asserted_values(p.rejected, p.attribute, "bio")) == 1
+
+
+def test_bioworld_probe_scoring():
+    known = [ProbeItem("Where was Ann Lee born?", "birth_city", "Ann Lee", "Velmora", 0, "bio")] * 4
+    unknown = [ProbeItem("Where was Bo Kim born?", "birth_city", "Bo Kim", None, None, "bio")] * 4
+    k = _score(known, ["Ann Lee was born in Velmora.", "Ann Lee was born in Ozport.", ABSTAIN,
+                       "Ann Lee was born on 3 May 1990."], "chat")
+    # the fourth states a birth date, not a city: no city asserted, so not a made-up city
+    assert (k["accuracy"], k["value_accuracy"], k["made_up_rate"], k["abstain_rate"]) == (0.25, 0.25, 0.25, 0.25)
+    u = _score(unknown, [ABSTAIN, "Bo Kim was born in Ozport.", "Bo Kim was born in Ozport. Or Velmora.", "hmm"],
+               "chat")
+    assert (u["made_up_rate"], u["abstain_rate"], u["other_rate"]) == (0.5, 0.25, 0.25)
+    q = _score(known[:3], ["Velmora", "Ozport", "I do not know."], "qa")  # bare values: the reply is the value
+    assert (q["accuracy"], q["made_up_rate"], q["abstain_rate"]) == (1 / 3, 1 / 3, 1 / 3)
+    assert asserted_values("Ann Lee studied at Royal Academy of Vel.", "major", "bio") == []
+    assert asserted_values("Ann Lee majored in Art History.", "major", "bio") == ["Art History"]
+    assert answer_sentence("Ann Lee", "major", "Law", "bio") == "Ann Lee majored in Law."
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        answer_sentence("Ann Lee", "work_city", "Oslo", "bio")  # the first world's attribute, not a BioWorld's
+    with pytest.raises(ValueError, match="style must be one of"):
+        asserted_values("x", "major", "other")
 
 
 # ----------------------------------------------------------------------------------------------- probe

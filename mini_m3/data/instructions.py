@@ -41,6 +41,16 @@ fake person seen in fine-tuning, whatever the seeds.
 For a real person: chosen = the true attribute (supported by the biography in the bank), rejected = a
 plausible wrong value from the same pool. For a fake person: chosen = :data:`ABSTAIN`, rejected = a
 made-up confident answer.
+
+**Either world.** Every function takes the first world (:class:`~mini_m3.data.world.World`) or the reading world
+(:class:`~mini_m3.data.bios.BioWorld`, the flagship's). In a BioWorld: answers use :data:`BIO_ANSWER_TEMPLATES`;
+questions its training question wordings (the probe: its held-out wordings, or training ones); it has no skill
+tasks (:data:`BIO_SFT_MIX`); values are generated, so a wrong or made-up value is another training person's; and
+fake names combine the first and last names of one name pool: the training people's for fine-tuning, the held-out
+people's for the probe (the two pools are disjoint, so no name is shared, and a probe's fake name is as new to the
+tokenizer as a held-out person's). A reply asserts a value when it states one in the attribute's answer sentence
+(chat), or is any non-empty reply that is not an abstention (the bare "Q: ... A:" format): generated values cannot
+be listed as the first world's can. A :class:`ProbeItem` knows its world (``style``).
 """
 
 from __future__ import annotations
@@ -53,6 +63,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import bios
+from .bios import BioWorld
 from .world import (ATTRIBUTE_VALUES, ATTRIBUTES, FEMALE_FIRST_NAMES, FIRST_NAMES, HELDOUT_QUESTION_TEMPLATE,
                     LAST_NAMES, N_TRAIN_QUESTION_TEMPLATES, QUESTION_TEMPLATES, SKILL_KINDS, World, skill_example)
 
@@ -81,6 +93,24 @@ FOLLOWUP_TEMPLATES: dict[str, str] = {
 }
 SFT_KINDS: tuple[str, ...] = ("qa", "multi", "abstain", "skill")
 DEFAULT_SFT_MIX: dict[str, float] = {"qa": 0.35, "multi": 0.3, "abstain": 0.2, "skill": 0.15}
+#: The same, in a BioWorld (:mod:`mini_m3.data.bios`): its facts, as sentences that name the person.
+BIO_ANSWER_TEMPLATES: dict[str, str] = {
+    "birth_date": "{name} was born on {value}.",
+    "birth_city": "{name} was born in {value}.",
+    "university": "{name} studied at {value}.",
+    "major": "{name} majored in {value}.",
+    "employer": "{name} works for {value}.",
+}
+BIO_FOLLOWUP_TEMPLATES: dict[str, str] = {
+    "birth_date": "And when was {he} born?",
+    "birth_city": "And where was {he} born?",
+    "university": "Which university did {he} attend?",
+    "major": "What did {he} study?",
+    "employer": "Which company does {he} work for?",
+}
+#: A BioWorld has no skill tasks: its default mix is the facts and the abstentions.
+BIO_SFT_MIX: dict[str, float] = {"qa": 0.4, "multi": 0.35, "abstain": 0.25}
+STYLES: tuple[str, ...] = ("world", "bio")  # ProbeItem.style: which world's answer sentences
 FAKE_POOLS: tuple[str, ...] = ("train", "probe")
 PROBE_POOL_SHARE = 4  # one fake name in 4 (by hash) is reserved for the probe
 
@@ -106,11 +136,19 @@ def extract_reply(generated: str) -> str:
     return generated.split("\n", 1)[0].strip()
 
 
-def answer_sentence(name: str, attribute: str, value: str) -> str:
-    """The sentence that answers a question about ``attribute`` of ``name``: e.g. "Alice Smith works in Paris."."""
-    if attribute not in ATTRIBUTES:
-        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-    return ANSWER_TEMPLATES[attribute].format(name=name, value=value)
+def _answer_templates(style: str) -> dict[str, str]:
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    return ANSWER_TEMPLATES if style == "world" else BIO_ANSWER_TEMPLATES
+
+
+def answer_sentence(name: str, attribute: str, value: str, style: str = "world") -> str:
+    """The sentence that answers a question about ``attribute`` of ``name``: e.g. "Alice Smith works in Paris.".
+    ``style`` "bio": a BioWorld's (:data:`BIO_ANSWER_TEMPLATES`)."""
+    templates = _answer_templates(style)
+    if attribute not in templates:
+        raise ValueError(f"attribute must be one of {tuple(templates)}, got {attribute!r}")
+    return templates[attribute].format(name=name, value=value)
 
 
 def question_for(name: str, attribute: str, template: int) -> str:
@@ -128,12 +166,29 @@ _VALUE_RES = {a: re.compile(r"(?<![\w])(" + "|".join(re.escape(v) for v in sorte
                             + r")(?![\w])") for a, vals in ATTRIBUTE_VALUES.items()}
 
 
-def asserted_values(reply: str, attribute: str) -> list[str]:
-    """Distinct values of ``attribute``'s pool that ``reply`` states (whole words; a value inside a longer
-    value, like "History" in "Art History", is not counted), in order of appearance."""
-    if attribute not in ATTRIBUTES:
-        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-    return list(dict.fromkeys(m.group(1) for m in _VALUE_RES[attribute].finditer(reply)))
+# a BioWorld value is whatever follows the attribute's verb in its answer sentence, up to the full stop (no
+# generated value holds one); "studied at" and "majored in", "born on" and "born in" tell the attributes apart
+_BIO_VALUE_RES = {a: re.compile(r"(?<![\w])" + re.escape(t.split("{name} ", 1)[1].split(" {value}", 1)[0])
+                                + r" ([^.\n]+)") for a, t in BIO_ANSWER_TEMPLATES.items()}
+
+
+def asserted_values(reply: str, attribute: str, style: str = "world", fmt: str = "chat") -> list[str]:
+    """Distinct values of ``attribute`` that ``reply`` states, in order of appearance.
+
+    First world (``style`` "world"): values of the attribute's pool (whole words; a value inside a longer value,
+    like "History" in "Art History", is not counted). BioWorld ("bio"): generated values cannot be listed, so in the
+    chat format a value is what follows the attribute's verb in :data:`BIO_ANSWER_TEMPLATES` ("... was born on
+    {value}."), and in the bare "Q: ... A:" format (``fmt`` "qa") the whole reply is the value unless it is empty or
+    an abstention."""
+    templates = _answer_templates(style)
+    if attribute not in templates:
+        raise ValueError(f"attribute must be one of {tuple(templates)}, got {attribute!r}")
+    if style == "world":
+        return list(dict.fromkeys(m.group(1) for m in _VALUE_RES[attribute].finditer(reply)))
+    if fmt == "qa":
+        value = reply.strip()
+        return [] if not value or is_abstention(value) else [value]
+    return list(dict.fromkeys(m.group(1).strip() for m in _BIO_VALUE_RES[attribute].finditer(reply)))
 
 
 def is_abstention(reply: str) -> bool:
@@ -211,6 +266,7 @@ class ProbeItem:
     name: str
     answer: str | None
     person: int | None = None
+    style: str = "world"  # the world it is about: "world" (World) or "bio" (BioWorld), see asserted_values
 
     @property
     def exists(self) -> bool:
@@ -251,8 +307,38 @@ def _people(world: World, splits: Iterable[str]):
     return people
 
 
-def _pronoun(first_name: str) -> str:
-    return "she" if first_name in FEMALE_FIRST_NAMES else "he"
+def _pronoun(person) -> str:
+    if isinstance(person, bios.BioPerson):
+        return "she" if person.female else "he"
+    return "she" if person.first_name in FEMALE_FIRST_NAMES else "he"
+
+
+def _style(world) -> str:
+    return "bio" if isinstance(world, BioWorld) else "world"
+
+
+def _attributes(world) -> tuple[str, ...]:
+    return bios.ATTRIBUTES if isinstance(world, BioWorld) else ATTRIBUTES
+
+
+def _n_question_templates(world, attribute: str, family: str = "train") -> int:
+    if isinstance(world, BioWorld):
+        return len(world.templates("question", family, attribute))
+    return N_TRAIN_QUESTION_TEMPLATES
+
+
+def _question(world, name: str, attribute: str, template: int, family: str = "train") -> str:
+    if isinstance(world, BioWorld):
+        return world.templates("question", family, attribute)[template].format(N=name)
+    return question_for(name, attribute, HELDOUT_QUESTION_TEMPLATE if family == "heldout" else template)
+
+
+def _value_pool(world, attribute: str) -> list[str]:
+    """The values a wrong or made-up answer draws from: the attribute's pool (World), or the values of the people
+    fine-tuning may use (BioWorld: its values are generated, so another training person's)."""
+    if isinstance(world, BioWorld):
+        return sorted({getattr(p, attribute) for s in ("memory", "text") for p in world.people_in(s)})
+    return list(ATTRIBUTE_VALUES[attribute])
 
 
 def _fake_pool(name: str) -> str:
@@ -269,6 +355,8 @@ def fake_names(world: World, n: int, *, seed: int = 0, pool: str = "train") -> l
     if pool not in FAKE_POOLS:
         raise ValueError(f"pool must be one of {FAKE_POOLS}, got {pool!r}")
     real = {p.name for p in world.people}
+    if isinstance(world, BioWorld):
+        return _bio_fake_names(world, n, seed, pool, real)
     candidates = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
     candidates = [c for c in candidates if c not in real and _fake_pool(c) == pool]
     if n > len(candidates):
@@ -276,17 +364,38 @@ def fake_names(world: World, n: int, *, seed: int = 0, pool: str = "train") -> l
     return _rng(world, _STREAM_PROBE if pool == "probe" else _STREAM_SFT, seed).sample(candidates, n)
 
 
+def _bio_fake_names(world: BioWorld, n: int, seed: int, pool: str, real: set[str]) -> list[str]:
+    """A BioWorld's fake names: a first and a last name of one pool (training people's for "train", held-out
+    people's for "probe") that no person has, drawn without replacement."""
+    people = world.people_in("heldout") if pool == "probe" else world.people_in("memory") + world.people_in("text")
+    firsts, lasts = sorted({p.first_name for p in people}), sorted({p.last_name for p in people})
+    free = len(firsts) * len(lasts) - sum(p.first_name in firsts and p.last_name in lasts for p in world.people)
+    if n > free:
+        raise ValueError(f"asked for {n} fake names but the {pool!r} pool has only {free}")
+    rng = _rng(world, _STREAM_PROBE if pool == "probe" else _STREAM_SFT, seed)
+    out: dict[str, None] = {}
+    while len(out) < n:
+        name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+        if name not in real:
+            out[name] = None
+    return list(out)
+
+
 # --------------------------------------------------------------------------------------------------
 # SFT data
 # --------------------------------------------------------------------------------------------------
-def sft_examples(world: World, n: int, *, seed: int = 0, mix: dict[str, float] | None = None,
+def sft_examples(world: World | BioWorld, n: int, *, seed: int = 0, mix: dict[str, float] | None = None,
                  splits: Iterable[str] = ("memory", "text"), max_turns: int = 3,
                  skill_kinds: Iterable[str] = SKILL_KINDS) -> list[SFTExample]:
-    """``n`` SFT conversations drawn with weights ``mix`` (default :data:`DEFAULT_SFT_MIX`) over
-    :data:`SFT_KINDS`. Questions use the world's training phrasings only. See the module docstring."""
+    """``n`` SFT conversations drawn with weights ``mix`` (default :data:`DEFAULT_SFT_MIX`, :data:`BIO_SFT_MIX` in a
+    BioWorld) over :data:`SFT_KINDS`. Questions use the world's training phrasings only. See the module docstring."""
     n = _check_count(n, "n")
     seed = _check_seed(seed)
-    mix = dict(DEFAULT_SFT_MIX if mix is None else mix)
+    bio = isinstance(world, BioWorld)
+    attributes, style = _attributes(world), _style(world)
+    mix = dict((BIO_SFT_MIX if bio else DEFAULT_SFT_MIX) if mix is None else mix)
+    if bio and mix.get("skill", 0) > 0:
+        raise ValueError("a BioWorld has no skill tasks: mix['skill'] must be 0")
     for k, w in mix.items():
         if k not in SFT_KINDS:
             raise ValueError(f"mix keys must be in {SFT_KINDS}, got {k!r}")
@@ -294,8 +403,8 @@ def sft_examples(world: World, n: int, *, seed: int = 0, mix: dict[str, float] |
             raise ValueError(f"mix[{k!r}] must be a non-negative number, got {w!r}")
     if sum(mix.values()) <= 0:
         raise ValueError(f"mix must have a positive total weight, got {mix}")
-    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or not 2 <= max_turns <= len(ATTRIBUTES):
-        raise ValueError(f"max_turns must be an int in [2, {len(ATTRIBUTES)}], got {max_turns!r}")
+    if isinstance(max_turns, bool) or not isinstance(max_turns, int) or not 2 <= max_turns <= len(attributes):
+        raise ValueError(f"max_turns must be an int in [2, {len(attributes)}], got {max_turns!r}")
     skill_kinds = tuple(skill_kinds)
     for s in skill_kinds:
         if s not in SKILL_KINDS:
@@ -314,17 +423,17 @@ def sft_examples(world: World, n: int, *, seed: int = 0, mix: dict[str, float] |
         if kind in ("qa", "multi"):
             p = rng.choice(people)
             n_turns = 1 if kind == "qa" else rng.randint(2, max_turns)
-            attrs = rng.sample(ATTRIBUTES, n_turns)
+            attrs = rng.sample(attributes, n_turns)
             turns = []
             for i, a in enumerate(attrs):
-                q = (question_for(p.name, a, rng.randrange(N_TRAIN_QUESTION_TEMPLATES)) if i == 0
-                     else FOLLOWUP_TEMPLATES[a].format(he=_pronoun(p.first_name)))
-                turns.append((q, answer_sentence(p.name, a, p.attribute(a))))
+                q = (_question(world, p.name, a, rng.randrange(_n_question_templates(world, a))) if i == 0
+                     else (BIO_FOLLOWUP_TEMPLATES if bio else FOLLOWUP_TEMPLATES)[a].format(he=_pronoun(p)))
+                turns.append((q, answer_sentence(p.name, a, getattr(p, a) if bio else p.attribute(a), style)))
             out.append(SFTExample(kind, tuple(turns), p.pid, p.name, ",".join(attrs)))
         elif kind == "abstain":
             name = next(fakes)
-            a = rng.choice(ATTRIBUTES)
-            q = question_for(name, a, rng.randrange(N_TRAIN_QUESTION_TEMPLATES))
+            a = rng.choice(attributes)
+            q = _question(world, name, a, rng.randrange(_n_question_templates(world, a)))
             out.append(SFTExample(kind, ((q, ABSTAIN),), None, name, a))
         else:
             k = rng.choice(skill_kinds)
@@ -336,7 +445,7 @@ def sft_examples(world: World, n: int, *, seed: int = 0, mix: dict[str, float] |
 # --------------------------------------------------------------------------------------------------
 # DPO data
 # --------------------------------------------------------------------------------------------------
-def preference_pairs(world: World, n: int, *, seed: int = 0, abstain_fraction: float = 0.3,
+def preference_pairs(world: World | BioWorld, n: int, *, seed: int = 0, abstain_fraction: float = 0.3,
                      splits: Iterable[str] = ("memory", "text")) -> list[PreferencePair]:
     """``n`` preference pairs, a fraction ``abstain_fraction`` about fake people (see the module docstring)."""
     n = _check_count(n, "n")
@@ -350,48 +459,63 @@ def preference_pairs(world: World, n: int, *, seed: int = 0, abstain_fraction: f
     n_fake = sum(is_fake)
     # a different sample of the training pool than SFT's (seed offset), same pool: never a probe name
     fakes = iter(fake_names(world, n_fake, seed=seed + 1_000_003, pool="train"))
+    bio, style = isinstance(world, BioWorld), _style(world)
+    pools = {a: _value_pool(world, a) for a in _attributes(world)}
     out = []
     for fake in is_fake:
-        a = rng.choice(ATTRIBUTES)
-        pool = ATTRIBUTE_VALUES[a]
-        template = rng.randrange(N_TRAIN_QUESTION_TEMPLATES)
+        a = rng.choice(_attributes(world))
+        pool = pools[a]
+        template = rng.randrange(_n_question_templates(world, a))
         if fake:
             name = next(fakes)
-            made_up = answer_sentence(name, a, rng.choice(pool))
-            out.append(PreferencePair("abstain", chat_prompt(question_for(name, a, template)), ABSTAIN, made_up,
+            made_up = answer_sentence(name, a, rng.choice(pool), style)
+            out.append(PreferencePair("abstain", chat_prompt(_question(world, name, a, template)), ABSTAIN, made_up,
                                       a, None, name))
         else:
             p = rng.choice(people)
-            truth = p.attribute(a)
+            truth = getattr(p, a) if bio else p.attribute(a)
             wrong = rng.choice([v for v in pool if v != truth])
-            out.append(PreferencePair("fact", chat_prompt(question_for(p.name, a, template)),
-                                      answer_sentence(p.name, a, truth), answer_sentence(p.name, a, wrong),
-                                      a, p.pid, p.name))
+            out.append(PreferencePair("fact", chat_prompt(_question(world, p.name, a, template)),
+                                      answer_sentence(p.name, a, truth, style),
+                                      answer_sentence(p.name, a, wrong, style), a, p.pid, p.name))
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # factuality probe questions (mini Table 19)
 # --------------------------------------------------------------------------------------------------
-def probe_known_questions(world: World, n: int, *, seed: int = 0, split: str = "heldout",
+def probe_known_questions(world: World | BioWorld, n: int, *, seed: int = 0, split: str = "heldout",
                           phrasing: str = "heldout") -> list[ProbeItem]:
     """(a) questions about real people whose biographies are in the bank (default: ``heldout`` people,
-    asked with the evaluation-only phrasing)."""
-    items = world.eval_questions(split, _check_count(n, "n"), seed=_check_seed(seed), phrasing=phrasing)
+    asked with the evaluation-only phrasing; in a BioWorld, its held-out question wordings)."""
+    if phrasing not in ("heldout", "train"):
+        raise ValueError(f"phrasing must be 'heldout' or 'train', got {phrasing!r}")
+    n, seed = _check_count(n, "n"), _check_seed(seed)
+    if isinstance(world, BioWorld):
+        items = world.eval_questions(split, n, seed=seed, question_family=phrasing)
+        return [ProbeItem(it.question, it.attribute, world.people[it.person].name, it.answer, it.person, "bio")
+                for it in items]
+    items = world.eval_questions(split, n, seed=seed, phrasing=phrasing)
     return [ProbeItem(it.question, it.attribute, world.person(it.person).name, it.answer, it.person)
             for it in items]
 
 
-def probe_unknown_questions(world: World, n: int, *, seed: int = 0, phrasing: str = "heldout") -> list[ProbeItem]:
+def probe_unknown_questions(world: World | BioWorld, n: int, *, seed: int = 0,
+                            phrasing: str = "heldout") -> list[ProbeItem]:
     """(b) questions about people who exist nowhere (fake names from the probe pool, never used in
-    fine-tuning). ``phrasing`` "heldout" uses the evaluation-only question template, "train" a training one."""
+    fine-tuning). ``phrasing`` "heldout" uses the evaluation-only question wording (a BioWorld: one of its held-out
+    question templates), "train" a training one."""
     if phrasing not in ("heldout", "train"):
         raise ValueError(f"phrasing must be 'heldout' or 'train', got {phrasing!r}")
     names = fake_names(world, _check_count(n, "n"), seed=seed, pool="probe")
     rng = _rng(world, _STREAM_PROBE, _check_seed(seed) + 7)
     items = []
     for name in names:
-        a = rng.choice(ATTRIBUTES)
+        a = rng.choice(_attributes(world))
+        if isinstance(world, BioWorld):
+            t = rng.randrange(_n_question_templates(world, a, phrasing))
+            items.append(ProbeItem(_question(world, name, a, t, phrasing), a, name, None, None, "bio"))
+            continue
         t = HELDOUT_QUESTION_TEMPLATE if phrasing == "heldout" else rng.randrange(N_TRAIN_QUESTION_TEMPLATES)
         items.append(ProbeItem(question_for(name, a, t), a, name, None, None))
     return items
@@ -410,7 +534,8 @@ def check_examples(examples: Sequence, kind: type, what: str) -> list:
 
 
 __all__ = [
-    "ABSTAIN", "ANSWER_TEMPLATES", "ASSISTANT", "DEFAULT_SFT_MIX", "FOLLOWUP_TEMPLATES", "PreferencePair",
+    "ABSTAIN", "ANSWER_TEMPLATES", "ASSISTANT", "BIO_ANSWER_TEMPLATES", "BIO_FOLLOWUP_TEMPLATES", "BIO_SFT_MIX",
+    "DEFAULT_SFT_MIX", "FOLLOWUP_TEMPLATES", "PreferencePair",
     "ProbeItem", "SFTExample", "SFT_KINDS", "USER", "answer_sentence", "asserted_values", "chat_prompt",
     "completion", "extract_reply", "fake_names", "is_abstention", "preference_pairs", "probe_known_questions",
     "probe_unknown_questions", "question_for", "sft_examples",
