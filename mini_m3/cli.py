@@ -690,36 +690,66 @@ def _evaluate_heldout(a, model, tok, bank) -> int:
     return 0
 
 
+def _is_reading_results(path: Path) -> bool:
+    """Whether `path` is a reading run's results.json (`run_reading` writes it beside OUT/model)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "references_sha256" in meta and "settings" in meta
+
+
 def _finetune_inputs(a):
-    """Model, tokenizer, world and bank for `sft` / `dpo` (the bank must hold this world's biographies)."""
+    """Model, tokenizer, world, bank and reading run (None) for `sft` / `dpo` (the bank must hold this world's
+    biographies). A reading run's model (a `reading_run.json` or a run's results.json beside it: the flagship) brings
+    its own world; without --bank its bank is built in OUT/bank_in. Otherwise the first world, from --n-people
+    --seed."""
     from .checkpoint import load_pretrained
     from .data.world import World
     from .memory.bank import MemoryBank
+    from .reading import RUN_FILE, load_reading_run
     torch.set_num_threads(a.threads)
-    model, tok = load_pretrained(a.model)
-    if tok is None:
-        raise ValueError(f"{a.model} has no tokenizer.json")
-    world = World.generate(a.n_people, seed=a.seed)
+    model_dir = Path(a.model)
+    run = None
+    if (model_dir / RUN_FILE).exists() or _is_reading_results(model_dir.parent / "results.json"):
+        run = load_reading_run(model_dir)  # the world regenerated from the run's settings and checked
+        model, tok, world, texts = run.model, run.tokenizer, run.world, run.references
+        how = f"the reading run at {a.model}"
+    else:
+        model, tok = load_pretrained(a.model)
+        if tok is None:
+            raise ValueError(f"{a.model} has no tokenizer.json")
+        world = World.generate(a.n_people, seed=a.seed)
+        texts = world.references()
+        how = f"the world generated with --n-people {a.n_people} --seed {a.seed}; pass the values the demo used"
     bank = None
     if a.bank:
         bank = MemoryBank.open(a.bank, model, tok)  # refuses a bank written by other weights (Remark 9)
-        if list(bank.texts) != world.references():
-            raise ValueError(f"the bank at {a.bank} does not hold the biographies of the world generated with "
-                             f"--n-people {a.n_people} --seed {a.seed}; pass the values the demo used")
+        if list(bank.texts) != texts:
+            raise ValueError(f"the bank at {a.bank} does not hold the biographies of {how}")
     elif not a.no_memory:
-        raise ValueError("fine-tuning with memory needs --bank DIR (a bank built by --model); or pass --no-memory")
-    return model, tok, world, bank
+        if run is None:
+            raise ValueError("fine-tuning with memory needs --bank DIR (a bank built by --model); or pass "
+                             "--no-memory")
+        print(f"building the bank of {a.model} (every person of its world) in {Path(a.out) / 'bank_in'}")
+        bank = run.build_bank(Path(a.out) / "bank_in", progress=not a.quiet)
+    return model, tok, world, bank, run
 
 
-def _finetune_outputs(a, kind: str, model, tok, world, bank, result: dict, cfg) -> int:
-    """Save OUT/model, a cold-start OUT/bank for the tuned weights, the probe and OUT/summary.json."""
+def _finetune_outputs(a, kind: str, model, tok, world, bank, result: dict, cfg, run=None) -> int:
+    """Save OUT/model (with the reading run's settings file, if it came from one, so that it loads with its
+    world), a cold-start OUT/bank for the tuned weights, the probe and OUT/summary.json."""
     import dataclasses
 
     from .checkpoint import save_pretrained
     from .config import atomic_write_text
     from .finetune import bank_for_model, factuality_probe
+    from .reading import texts_sha256, write_reading_run
     out = Path(a.out)
     save_pretrained(model, out / "model", tok)
+    if run is not None:
+        write_reading_run(out / "model", run.settings, texts_sha256(run.references), tuned_from=str(a.model),
+                          tuning=kind)
     new_bank = bank_for_model(model, tok, bank, out / "bank") if bank is not None else None
     summary = {"kind": kind, "config": dataclasses.asdict(cfg), "seed": a.seed, "data_seed": a.data_seed,
                "n_people": a.n_people, "model_in": str(a.model), "bank_in": a.bank,
@@ -742,26 +772,26 @@ def _finetune_outputs(a, kind: str, model, tok, world, bank, result: dict, cfg) 
 def cmd_sft(a) -> int:
     from .data.instructions import sft_examples
     from .finetune import SFTConfig, sft
-    model, tok, world, bank = _finetune_inputs(a)
+    model, tok, world, bank, run = _finetune_inputs(a)
     kw = {k: v for k, v in dict(lr=a.lr).items() if v is not None}
     cfg = SFTConfig(steps=a.steps, batch_size=a.batch_size, seed=a.data_seed, with_memory=not a.no_memory,
                     checkpoint_every=a.checkpoint_every, quiet=a.quiet, threads=a.threads, **kw)
     examples = sft_examples(world, a.n_examples, seed=a.data_seed)
     r = sft(model, tok, examples, cfg, bank=bank, out_dir=a.out, resume=not a.no_resume)
-    return _finetune_outputs(a, "sft", model, tok, world, bank, r, cfg)
+    return _finetune_outputs(a, "sft", model, tok, world, bank, r, cfg, run)
 
 
 def cmd_dpo(a) -> int:
     from .data.instructions import preference_pairs
     from .finetune import DPOConfig, dpo
-    model, tok, world, bank = _finetune_inputs(a)
+    model, tok, world, bank, run = _finetune_inputs(a)
     kw = {k: v for k, v in dict(lr=a.lr).items() if v is not None}
     cfg = DPOConfig(steps=a.steps, batch_size=a.batch_size, beta=a.beta, seed=a.data_seed,
                     with_memory=not a.no_memory, checkpoint_every=a.checkpoint_every, quiet=a.quiet,
                     threads=a.threads, **kw)
     pairs = preference_pairs(world, a.n_pairs, seed=a.data_seed)
     r = dpo(model, None, tok, pairs, cfg, bank=bank, out_dir=a.out, resume=not a.no_resume)  # reference = --model
-    return _finetune_outputs(a, "dpo", model, tok, world, bank, r, cfg)
+    return _finetune_outputs(a, "dpo", model, tok, world, bank, r, cfg, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -928,11 +958,15 @@ def build_parser() -> argparse.ArgumentParser:
                            ("dpo", "DPO alignment against a frozen copy of --model (§6.2)")):
         f = sub.add_parser(name, help=helptext, **fmt)
         _add_common(f)
-        f.add_argument("--model", required=True, help="model directory (e.g. runs/demo/memory3_model, or an "
-                                                      "sft OUT/model)")
-        f.add_argument("--bank", help="memory bank built by --model (runs/demo/bank_raw, or an sft OUT/bank)")
+        f.add_argument("--model", required=True,
+                       help="model directory: a reading run's (notebooks/assets/memory3_demo, the flagship: its world "
+                            "comes with it), the all-token demo's (runs/demo_alltoken/memory3_model), or an sft "
+                            "OUT/model")
+        f.add_argument("--bank", help="memory bank built by --model (an sft OUT/bank, runs/demo_alltoken/bank_raw); "
+                                      "a reading run's is built in OUT/bank_in if not given")
         f.add_argument("--n-people", type=positive_int, default=2000,
-                       help="world size used by the demo (--seed is the world's seed, as in the demo)")
+                       help="the all-token demo's world size (--seed is the world's seed, as in the demo); a reading "
+                            "run's world comes from its settings")
         f.add_argument("--data-seed", type=int, default=0, help="seed of the generated data and batch order")
         f.add_argument("--steps", type=positive_int, default=300 if name == "sft" else 100, help="optimizer steps")
         f.add_argument("--batch-size", type=positive_int, default=16,

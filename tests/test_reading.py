@@ -230,3 +230,28 @@ def test_the_shipped_flagship_is_the_commands_model_and_reads_held_out_people(tm
         off = qa_eval(run.model, run.tokenizer, items, mode="none")["accuracy"]
     assert abs(mem - recorded["axes"]["heldout"]["memory"]) <= 0.01
     assert off <= 0.05 and mem >= off + 0.2
+
+
+def test_cli_sft_then_dpo_on_a_reading_run(quick, tmp_path, capsys):
+    """`mini-m3 sft --model` on a reading run (the flagship's kind): its world comes with it, its bank is built when
+    --bank is not given, and the tuned model saves the run's settings file, so `dpo` loads it with its world."""
+    from mini_m3.cli import main
+    out, s, r = quick
+    common = ["--batch-size", "4", "--quiet", "--threads", "1", "--probe-questions", "2"]
+    assert main(["sft", "--model", str(out / "model"), "--steps", "2", "--n-examples", "8",
+                 "--out", str(tmp_path / "sft"), *common]) == 0
+    assert "building the bank" in capsys.readouterr().out
+    tuned = load_reading_run(tmp_path / "sft" / "model")  # the same world, checked by its fingerprint
+    assert texts_sha256(tuned.references) == r["references_sha256"]
+    assert json.loads((tmp_path / "sft" / "model" / "reading_run.json").read_text())["tuning"] == "sft"
+    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
+    assert summary["probe"]["memory"]["known"]["n"] == 2  # held-out people of the run's world, in its answer style
+    assert main(["dpo", "--model", str(tmp_path / "sft" / "model"), "--bank", str(tmp_path / "sft" / "bank"),
+                 "--steps", "2", "--n-pairs", "8", "--out", str(tmp_path / "dpo"), *common]) == 0
+    assert (tmp_path / "dpo" / "model" / "reading_run.json").exists()
+    capsys.readouterr()
+    other = MemoryBank.build(tmp_path / "other", tuned.model, tuned.tokenizer, tuned.references[:5], progress=False)
+    assert main(["dpo", "--model", str(tmp_path / "sft" / "model"), "--bank", str(other.path), "--steps", "1",
+                 "--out", str(tmp_path / "x"), *common]) == 2  # a bank of other texts is refused before any work
+    assert "does not hold the biographies of the reading run" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
