@@ -7,10 +7,11 @@ import torch
 
 from mini_m3.memory.encode import encode_reference_tokens
 from mini_m3.model import zero_attention_edge, zero_mlp_neuron
-from mini_m3.theory.circuits import (associated_inputs, associated_outputs, computation_graph, edge_specs,
-                                     find_homomorphism, find_induction_heads, find_subgraphs_homomorphic_to,
-                                     induction_pattern, induction_position_constraint, is_homomorphic, node,
-                                     prune, repeated_random_tokens)
+from mini_m3.theory.circuits import (ablated_logliks, associated_inputs, associated_outputs, computation_graph,
+                                     edge_specs, find_homomorphism, find_induction_heads,
+                                     find_subgraphs_homomorphic_to, induction_pattern, induction_position_constraint,
+                                     is_homomorphic, memory_kwargs, memory_read_graph, node, prune,
+                                     repeated_random_tokens)
 
 
 IDS = repeated_random_tokens(4, 512, seed=1)  # <s> a b c d a b c d: 8 inputs, 8 targets
@@ -222,6 +223,78 @@ def test_memory_slots_are_skipped_on_the_key_axis(tiny):
     assert d["activation"] == pytest.approx(float(cache["blocks.0.attn.hook_pattern"][0, 3, 5, tiny.key_index(0, 2, slots)]))
     d0 = G0.edges[node(0, 2), node(1, 5), ("attn", 0, 3)]
     assert d["activation"] != pytest.approx(d0["activation"], abs=1e-6)  # memory took some attention
+
+
+def test_memory_read_edges_are_ablations_of_memory_slots(tiny):
+    cfg = tiny.cfg
+    refs = [[40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [60, 61, 62, 63, 64, 65]]
+    mem = encode_reference_tokens(tiny, refs, tokens_per_head=4)
+    k, T, p0 = mem.tokens_per_head, len(IDS) - 1, cfg.prefix_length
+    kw = memory_kwargs(mem, T)
+
+    def target_loglik(hooks=(), at=7):  # log P(t_{at+1} | t_<=at) reading the memory
+        inp, tgt = torch.tensor([IDS[:-1]]), torch.tensor([IDS[1:]])
+        with torch.no_grad(), tiny.hooks(list(hooks)):
+            logits = tiny(inp, impl="plain", **kw).logits.double()
+        return float(torch.log_softmax(logits, -1)[0, at, tgt[0, at]])
+
+    G = memory_read_graph(tiny, IDS, mem, query_positions=[5, 7], loss_positions=[7], reference_tokens=refs)
+    n_slots = int(mem.mask.sum())  # valid (memory, memory layer, KV head, token) slots
+    assert G.number_of_edges() == n_slots * cfg.n_query_groups * 2  # every query head of a memory KV head, 2 j's
+    assert G.graph["objective"] == pytest.approx(target_loglik(), abs=1e-5)
+    _, cache = tiny.run_with_cache(torch.tensor([IDS[:-1]]), names=lambda n: n.endswith("hook_pattern"),
+                                   impl="plain", **kw)
+    for u, v, key, d in list(G.edges(keys=True, data=True))[::5]:
+        l, h, s, j = d["layer"], d["head"], d["slot"], v[2]
+        assert l in cfg.memory_layers and u[1] == 2 * l and v == node(2 * l + 1, j) and j in (5, 7)
+        b, t = divmod(s, k)  # slot s = memory b, kept token t
+        li, hi = cfg.memory_layers.index(l), cfg.memory_heads.index(h // cfg.n_query_groups)
+        assert (d["memory"], d["ref_position"]) == (b, int(mem.positions[b, li, hi, t]) - p0) == (u[2], u[3])
+        assert G.nodes[u]["token"] == refs[b][d["ref_position"]] and G.nodes[u]["position"] < 0
+        assert d["activation"] == pytest.approx(float(cache[f"blocks.{l}.attn.hook_pattern"][0, h, j, p0 + s]))
+        hook = zero_attention_edge(l, h, j, p0 + s)
+        assert d["weight"] == pytest.approx(target_loglik() - target_loglik([hook]), abs=2e-5)
+    # slot None ablates the head's whole memory read at j: the same as zeroing all its memory slots
+    l, h = cfg.memory_layers[-1], 1
+    b0, abl = ablated_logliks(tiny, IDS, [("mem", l, h, None, 7)], memory=mem)
+
+    def zero_all(p, hook):
+        p = p.clone()
+        p[:, h, 7, p0:p0 + len(mem) * k] = 0
+        return p
+    want = target_loglik() - target_loglik([(f"blocks.{l}.attn.hook_pattern", zero_all)])
+    assert float(b0[7] - abl[0, 7]) == pytest.approx(want, abs=2e-5) and abs(want) > 1e-6
+    with pytest.raises(ValueError):
+        ablated_logliks(tiny, IDS, [("mem", l, h, len(mem) * k, 7)], memory=mem)  # no such slot
+    # j = None: the head reads no memory anywhere; earlier targets change too, and the last one as above
+    _, abl_all = ablated_logliks(tiny, IDS, [("mem", l, h, None, None), ("mem", l, h, None, 7)], memory=mem)
+
+    def zero_everywhere(p, hook):
+        p = p.clone()
+        p[:, h, :, p0:p0 + len(mem) * k] = 0
+        return p
+    with torch.no_grad(), tiny.hooks([(f"blocks.{l}.attn.hook_pattern", zero_everywhere)]):
+        logits = tiny(torch.tensor([IDS[:-1]]), impl="plain", **kw).logits.double()
+    ll = torch.log_softmax(logits, -1)[0].gather(-1, torch.tensor(IDS[1:])[:, None])[:, 0]
+    assert torch.allclose(abl_all[0], ll, atol=2e-5)
+    assert not torch.allclose(abl_all[0, :7], abl_all[1, :7], atol=1e-6)  # only j = None moved targets 0..6
+    # per_head: one edge per (layer, head, query), weighted by the whole read's ablation
+    Gh = memory_read_graph(tiny, IDS, mem, query_positions=[7], loss_positions=[7], per_head=True)
+    assert Gh.number_of_edges() == len(cfg.memory_layers) * cfg.n_heads
+    (d,) = [d for *_, d in Gh.edges(data=True) if (d["layer"], d["head"]) == (l, h)]
+    assert d["slot"] is None and d["weight"] == pytest.approx(want, abs=2e-5)
+    pat = cache[f"blocks.{l}.attn.hook_pattern"][0, h, 7, p0:p0 + len(mem) * k]
+    assert d["activation"] == pytest.approx(float(pat.sum()), abs=1e-6) and d["top_slot"] == int(pat.argmax())
+    # Def 2 on memory reads: a pruned part maps into the graph; a read relabelled to another head does not
+    S = prune(G, top_k=3)
+    assert is_homomorphic(S, G)
+    (u, v, key, d), = list(S.edges(keys=True, data=True))[:1]
+    other = nx.MultiDiGraph()
+    other.add_node(u, **S.nodes[u])
+    other.add_node(v, **S.nodes[v])
+    other.add_edge(u, v, key=("mem", d["layer"], 99), **{**d, "head": 99})
+    assert not is_homomorphic(other, G)
+    assert all(e[0] == "mem" and len(e) == 5 for e in edge_specs(S))
 
 
 # ----------------------------------------------------------------------------------------------- a planted circuit

@@ -30,6 +30,13 @@ sit in front of the context on the key axis but are not context positions, so th
 edges (their attention still takes part in the computation). Residual connections are not edges in Def 1,
 and neither are they here.
 
+**Memory reads.** :func:`memory_read_graph` adds what :func:`computation_graph` leaves out for explicit memory:
+one node ``("m", 2l, b, r)`` per kept token (memory b, reference position r) at depth 2l of memory layer l,
+and one *memory-read edge* per (query head h, memory slot, query position j) into ``x_j^{2l+1}``, labelled
+``("mem", l, h)`` and weighted by ablation. Its nodes have negative ``position`` attributes, so the Def 2
+search treats each kept reference token as one more position; ``nx.compose`` with a context graph joins the
+two on the shared query nodes.
+
 **Def 2 (homomorphism).** :func:`find_homomorphism` / :func:`is_homomorphic` search for a node map f that
 keeps depths, sends all nodes of one position to one position (f(x_i^d) = x_{π(i)}^d for a position map π,
 not necessarily injective) and sends every edge to an edge with the same label (kind, layer, head or neuron).
@@ -56,6 +63,8 @@ WEIGHTS = ("gradient", "gradient_x_activation", "ablation")
 
 # An edge of Def 1 as a plain tuple (used for candidate lists and ablations):
 #   ("attn", layer, head, key_pos i, query_pos j)   or   ("mlp", layer, neuron, pos i)
+# and a memory read: ("mem", layer, head, slot s, query_pos j), s along the call's C·M memory slots
+#   (s = None: every slot, the head's whole memory read at j; j = None: at every query position)
 EdgeSpec = tuple
 
 
@@ -140,8 +149,10 @@ def ablated_logliks(model: Memory3, ids, edges: Sequence[EdgeSpec], *, memory=No
     """Per-target log-likelihoods with each edge zeroed in turn (Def 1's causal intervention).
 
     Returns (base (T,), ablated (E, T)) in float64, where T = len(ids) - 1 and row e of ``ablated`` is the
-    run with ``edges[e]`` zeroed. Edges are batched ``batch_size`` at a time; every batch also carries one
-    un-ablated row, so ``base`` and ``ablated`` come from identical arithmetic.
+    run with ``edges[e]`` zeroed. A memory-read edge ("mem", l, h, s, j) zeroes head h's attention from query
+    j to memory slot s in memory layer l (s = None: to every slot; j = None: from every query position).
+    Edges are batched ``batch_size`` at a time; every batch also carries one un-ablated row, so ``base`` and
+    ``ablated`` come from identical arithmetic.
     """
     ids = _as_ids(ids)
     device = model.tok_emb.weight.device
@@ -164,8 +175,18 @@ def ablated_logliks(model: Memory3, ids, edges: Sequence[EdgeSpec], *, memory=No
             elif e[0] == "mlp":
                 _, l, m, i = e
                 mlp[l].append((b, i, m))
+            elif e[0] == "mem":
+                _, l, h, s_, j = e
+                if l not in model.cfg.memory_layers or slots == 0:
+                    raise ValueError(f"memory edge {e} needs a memory layer and a memory to read")
+                for k in (range(slots) if s_ is None else [s_]):
+                    if not 0 <= k < slots:
+                        raise ValueError(f"memory edge {e}: slot must be in [0, {slots})")
+                    for q in (range(T) if j is None else [j]):
+                        attn[l].append((b, h, q, model.cfg.prefix_length + k))
             else:
-                raise ValueError(f"unknown edge {e!r}; expected ('attn', l, h, i, j) or ('mlp', l, m, i)")
+                raise ValueError(f"unknown edge {e!r}; expected ('attn', l, h, i, j), ('mlp', l, m, i) "
+                                 f"or ('mem', l, h, s, j)")
         hooks = list(fwd_hooks)
         hooks += [(f"blocks.{l}.attn.hook_pattern", _zero_entries(torch.tensor(r).T)) for l, r in attn.items()]
         hooks += [(f"blocks.{l}.mlp.hook_post", _zero_entries(torch.tensor(r).T)) for l, r in mlp.items()]
@@ -301,6 +322,101 @@ def computation_graph(model: Memory3, ids, *, weight: str = "gradient", attentio
     return G
 
 
+def memory_read_graph(model: Memory3, ids, memory: ExplicitMemory, *, query_positions: Iterable[int] | None = None,
+                      loss_positions: Iterable[int] | None = None, reduction: str = "sum",
+                      min_attention: float = 0.0, reference_tokens: Sequence[Sequence[int]] | None = None,
+                      per_head: bool = False, fwd_hooks=(), ablation_batch_size: int = 256) -> nx.MultiDiGraph:
+    """The memory reads of one text as a Def 1-style graph, each edge weighted by ablation.
+
+    ``memory`` (an :class:`ExplicitMemory` of n memories) is read by every token, as in
+    :func:`memory_kwargs`: one chunk of n·k slots, slot s = memory b·k + kept token t. For every memory layer
+    l, query head h whose KV head is a memory head, query position j in ``query_positions`` (default: all) and
+    valid slot s whose attention a ≥ ``min_attention``, the graph has an edge
+
+        ("m", 2l, b, r)  →  x_j^{2l+1}   key ("mem", l, h, s), kind "mem", Def 2 label ("mem", l, h),
+
+    from the kept token (memory b, position r in its reference) to the query's node of Def 1. Edge data:
+    ``layer``, ``head``, ``slot`` s, ``memory`` b, ``ref_position`` r, ``activation`` a, ``weight`` =
+    ℒ − ℒ|_{a=0} (ℒ as in :func:`computation_graph`, over ``loss_positions``). Memory nodes carry ``depth``
+    2l, ``position`` −1 − (b·R + r) (R = one more than the largest reference position, so distinct tokens are
+    distinct positions for Def 2), ``memory``, ``ref_position`` and ``token`` (the id from
+    ``reference_tokens[b][r]`` when given, else None). The graph records ``ids``, ``weight`` ("ablation"),
+    ``objective``, ``reduction``, ``loss_positions``, ``n_layers``.
+
+    ``per_head=True`` merges the slots of one head: one edge per (l, h, j), ``slot`` None, ``activation`` the
+    head's total attention to memory at j, ``weight`` the ablation of that whole read (every slot zeroed at
+    once, so redundant slots count together), drawn from the node of the slot it attends most (``top_slot``).
+    """
+    if not isinstance(memory, ExplicitMemory):
+        raise TypeError(f"memory must be an ExplicitMemory, got {type(memory).__name__}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    cfg = model.cfg
+    ids = _as_ids(ids)
+    device = model.tok_emb.weight.device
+    T = len(ids) - 1
+    qpos = sorted(set(range(T) if query_positions is None else (int(p) for p in query_positions)))
+    lpos = sorted(set(range(T) if loss_positions is None else (int(p) for p in loss_positions)))
+    for name, ps in (("query_positions", qpos), ("loss_positions", lpos)):
+        if not ps or ps[0] < 0 or ps[-1] >= T:
+            raise ValueError(f"{name} must be a non-empty subset of 0..{T - 1}, got {ps}")
+    kw = memory_kwargs(memory, T, 1, device)
+    names = [f"blocks.{l}.attn.hook_pattern" for l in cfg.memory_layers]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids[:-1][None].to(device), names=names, impl="plain",
+                                        fwd_hooks=list(fwd_hooks), **kw)
+    k, p0 = memory.tokens_per_head, cfg.prefix_length
+    R = int(memory.positions.max()) - p0 + 1
+    g = cfg.n_query_groups
+    specs, meta = [], []
+    for li, l in enumerate(cfg.memory_layers):
+        pat = cache[f"blocks.{l}.attn.hook_pattern"][0].double().cpu()  # (H, T, keys)
+        for h in range(cfg.n_heads):
+            if h // g not in cfg.memory_heads:
+                continue
+            hi = cfg.memory_heads.index(h // g)
+            if per_head:
+                valid = memory.mask[:, li, hi].reshape(-1).cpu()  # slot s = b·k + t
+                for j in qpos:
+                    a_s = pat[h, j, p0:p0 + valid.numel()] * valid
+                    if float(a_s.sum()) >= min_attention:
+                        top = int(a_s.argmax())
+                        specs.append(("mem", l, h, None, j))
+                        meta.append((li, hi, top // k, top % k, float(a_s.sum())))
+                continue
+            for b in range(len(memory)):
+                for t in range(k):
+                    if not bool(memory.mask[b, li, hi, t]):
+                        continue
+                    s = b * k + t
+                    for j in qpos:
+                        a = float(pat[h, j, p0 + s])
+                        if a >= min_attention:
+                            specs.append(("mem", l, h, s, j))
+                            meta.append((li, hi, b, t, a))
+    loss_mask = torch.zeros(T, dtype=torch.float64)
+    loss_mask[lpos] = 1.0
+    base, abl = ablated_logliks(model, ids, specs, memory=memory, fwd_hooks=fwd_hooks,
+                                batch_size=ablation_batch_size)
+    objective = float(_reduce(base, loss_mask, reduction))
+    delta = (objective - _reduce(abl, loss_mask, reduction)).tolist() if specs else []
+    G = nx.MultiDiGraph(ids=ids.tolist(), weight="ablation", objective=objective, reduction=reduction,
+                        loss_positions=lpos, n_layers=cfg.n_layers)
+    tokens = ids[:-1].tolist()
+    for (_, l, h, s, j), (li, hi, b, t, a), w in zip(specs, meta, delta):
+        r = int(memory.positions[b, li, hi, t]) - p0
+        u = ("m", 2 * l, b, r)
+        if u not in G:
+            G.add_node(u, depth=2 * l, position=-1 - (b * R + r), memory=b, ref_position=r,
+                       token=None if reference_tokens is None else int(reference_tokens[b][r]))
+        v = node(2 * l + 1, j)
+        if v not in G:
+            G.add_node(v, depth=2 * l + 1, position=j, token=tokens[j])
+        G.add_edge(u, v, key=("mem", l, h, s), kind="mem", layer=l, head=h, slot=s, memory=b, ref_position=r,
+                   activation=a, weight=w, top_slot=b * k + t)
+    return G
+
+
 def prune(graph: nx.MultiDiGraph, threshold: float | None = None, top_k: int | None = None, *,
           drop_isolated: bool = True) -> nx.MultiDiGraph:
     """Keep the edges with |weight| ≥ ``threshold`` and then (if given) only the ``top_k`` largest |weight|.
@@ -328,10 +444,14 @@ def prune(graph: nx.MultiDiGraph, threshold: float | None = None, top_k: int | N
 
 
 def edge_specs(subgraph: nx.Graph) -> list[EdgeSpec]:
-    """The edges of a (sub)graph of Def 1 as tuples ("attn", l, h, i, j) / ("mlp", l, m, i)."""
+    """The edges of a (sub)graph of Def 1 as tuples ("attn", l, h, i, j) / ("mlp", l, m, i), and memory reads
+    of :func:`memory_read_graph` as ("mem", l, h, slot, j)."""
     out = []
     for u, v, k, d in _edges(subgraph):
         lab = edge_label(k, d)
+        if lab[0] == "mem":
+            out.append(("mem", lab[1], lab[2], d["slot"], _depth_pos(subgraph, v)[1]))
+            continue
         iu, iv = _depth_pos(subgraph, u)[1], _depth_pos(subgraph, v)[1]
         out.append((lab[0], lab[1], lab[2], iu, iv) if lab[0] == "attn" else (lab[0], lab[1], lab[2], iu))
     return out
@@ -343,6 +463,11 @@ def _edge_activations(model: Memory3, cache: dict, specs: Sequence[EdgeSpec], sl
         if e[0] == "attn":
             _, l, h, i, j = e
             acts.append(cache[f"blocks.{l}.attn.hook_pattern"][0, h, j, model.key_index(l, i, slots)])
+        elif e[0] == "mem":
+            _, l, h, k, j = e
+            pat = cache[f"blocks.{l}.attn.hook_pattern"][0, h, j]
+            p0 = model.cfg.prefix_length
+            acts.append(pat[p0:p0 + slots].sum() if k is None else pat[p0 + k])
         else:
             _, l, m, i = e
             acts.append(cache[f"blocks.{l}.mlp.hook_post"][0, i, m])
@@ -422,12 +547,14 @@ def _depth_pos(G: nx.Graph, n: Hashable) -> tuple[int, int]:
 
 
 def edge_label(key, data: dict) -> tuple:
-    """The label Def 2 must preserve: ("attn", layer, head) or ("mlp", layer, neuron)."""
+    """The label Def 2 must preserve: ("attn", layer, head), ("mlp", layer, neuron) or ("mem", layer, head)."""
     kind = data.get("kind")
     if kind == "attn":
         return ("attn", data["layer"], data["head"])
     if kind == "mlp":
         return ("mlp", data["layer"], data["neuron"])
+    if kind == "mem":
+        return ("mem", data["layer"], data["head"])
     if isinstance(key, tuple) and len(key) == 3:
         return key
     raise ValueError(f"edge with key {key!r} and data {data!r} has no (kind, layer, head/neuron) label")
