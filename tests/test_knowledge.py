@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from mini_m3.memory.encode import encode_reference_tokens
+from mini_m3.memory.encode import ExplicitMemory, encode_reference_tokens
 from mini_m3.model import ModelOutput
 from mini_m3 import Memory3, Memory3Config, Tokenizer
 from mini_m3.theory.knowledge import (FOLLOW_THRESHOLD, HAS_THRESHOLD, LACKS_THRESHOLD, STAY_THRESHOLD, imitability,
@@ -302,3 +302,82 @@ def test_def4_calls_a_bigram_table_specific_and_a_copy_skill_abstract(bigram_mod
     assert r["verdict"] == "abstract" and r["follow"] > 0.9, r
     r = knowledge_kind(bigram_model, None, copy)
     assert r["verdict"] == "neither" and r["original"] < 0.1 and r["counts"]["neither"] == len(copy), r
+
+
+# ----------------------------------------------------------------------------------------------- Def 4 via memory
+class MemoryCopyModel(torch.nn.Module):
+    """An ideal memory reader: after token x it predicts, with probability ~1, the token that followed x in the
+    memory it reads (the memory's keys carry the realization's ids, see `ids_as_memory`); with no x there it is
+    uniform. ``blind=True``: it ignores the memory and answers from a fixed table (a specific knowledge)."""
+    cfg = SimpleNamespace(memory_layers=(0,), vocab_size=64)
+
+    def __init__(self, table=None):
+        super().__init__()
+        self.table = table  # {input id: output id}, or None to read the memory
+
+    def forward(self, idx, memory=None, query_chunks=None, **kw):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.cfg.vocab_size)
+        mem = [] if memory is None else memory.keys[0, 0, 0, 0, :, 0].long().tolist()
+        for b in range(B):
+            for t, x in enumerate(idx[b].tolist()):
+                if self.table is not None:
+                    if x in self.table:
+                        logits[b, t, self.table[x]] = 20.0
+                elif x in mem[:-1]:
+                    logits[b, t, mem[mem.index(x) + 1]] = 20.0
+        return ModelOutput(logits=logits)
+
+
+def ids_as_memory(model, ref_ids, selector=None):
+    """A stand-in for the realization's explicit memory: one memory whose keys are its token ids."""
+    n = len(ref_ids)
+    ids = torch.tensor(ref_ids, dtype=torch.float32).view(1, 1, 1, n, 1)
+    return ExplicitMemory(ids, ids.clone(), torch.arange(n).view(1, 1, 1, n), torch.ones(1, 1, 1, n, dtype=torch.bool),
+                          torch.tensor([-1]))
+
+
+def test_def4_via_memory_tells_a_memory_reader_from_a_fixed_table(monkeypatch):
+    import mini_m3.theory.knowledge as knowledge
+    monkeypatch.setattr(knowledge, "_realization_memory", ids_as_memory)
+    wt = WordTokenizer()
+    probes = [("the capital of france is paris", "the capital of france is", "paris"),
+              ("the capital of italy is rome", "the capital of italy is", "rome")]
+    subs = ["oslo", "lima", "rome", "paris"]
+    reader = knowledge_kind(MemoryCopyModel(), wt, probes, substitutes=subs, n_substitutes=2, via="memory")
+    assert reader["via"] == "memory" and reader["verdict"] == "abstract" and reader["counts"]["abstract"] == 2
+    assert reader["original"] > 0.99 and reader["follow"] > 0.99 and reader["stay"] < 0.01
+    # the same realizations put in the context instead: the reader does not copy from context, so it lacks them
+    ctx = knowledge_kind(MemoryCopyModel(), wt, [(f"{r} . {i}", o) for r, i, o in probes], substitutes=subs)
+    assert ctx["via"] == "context" and ctx["original"] < 0.1 and ctx["verdict"] == "neither"
+    # a model that answers "is" -> "paris" from its weights keeps "paris" whatever the memory says
+    fixed = MemoryCopyModel({wt.encode("is")[0]: wt.encode("paris")[0]})
+    r = knowledge_kind(fixed, wt, probes[:1], substitutes=subs, via="memory")
+    assert r["verdict"] == "specific" and r["stay"] > 0.99 and r["follow"] < 0.01
+    # ids work too (tokenizer None): the realization's ids are the memory, the input is used as given
+    real, inp, out = [wt.encode(x) for x in probes[0]]
+    r = knowledge_kind(MemoryCopyModel(), None, [(real, [1] + inp, out)], substitutes=[wt.encode("oslo")], via="memory")
+    assert r["verdict"] == "abstract" and r["follow"] > 0.99
+    with pytest.raises(ValueError, match="the output does not occur in the realization"):
+        knowledge_kind(MemoryCopyModel(), wt, [("the capital is rome", "the capital is", "paris")], substitutes=subs,
+                       via="memory")
+    with pytest.raises(ValueError, match=r"probe 0: via='memory' takes \(realization, input, output\)"):
+        knowledge_kind(MemoryCopyModel(), wt, [(r, o) for r, _, o in probes], via="memory")
+    with pytest.raises(ValueError, match="pass memory=None"):
+        knowledge_kind(MemoryCopyModel(), wt, probes, via="memory", memory=ids_as_memory(None, [1, 2]))
+    with pytest.raises(ValueError, match="via must be"):
+        knowledge_kind(MemoryCopyModel(), wt, probes, via="prefix")
+    with pytest.raises(ValueError, match="no memory layers"):
+        knowledge_kind(CopyModel(), wt, probes, via="memory")
+
+
+def test_def4_via_memory_encodes_the_swapped_realization_on_tiny(tiny, tok):
+    real, inp, out, sub = "The capital of France is Paris.", "The capital of France is", " Paris", " Rome"
+    r = knowledge_kind(tiny, tok, [(real, inp, out)], substitutes=[sub], via="memory")
+    ids_in = [tok.bos_id] + tok.encode(inp)
+    mem = encode_reference_tokens(tiny, [tok.encode_reference(real)])
+    swapped = encode_reference_tokens(tiny, [tok.encode_reference(real.replace(out, sub))])
+    assert r["original"] == pytest.approx(output_probabilities(tiny, [], ids_in, tok.encode(out), memory=mem).min())
+    assert r["stay"] == pytest.approx(output_probabilities(tiny, [], ids_in, tok.encode(out), memory=swapped).min())
+    assert r["follow"] == pytest.approx(output_probabilities(tiny, [], ids_in, tok.encode(sub), memory=swapped).min())
+    assert r["stay"] != pytest.approx(output_probabilities(tiny, [], ids_in, tok.encode(out), memory=mem).min())

@@ -24,8 +24,10 @@ an input whose context already holds the output at least once, ending at the cue
 the context for another answer [b′] and asks where the prediction goes: it *follows the context*
 (P(b′) ≥ ``FOLLOW_THRESHOLD``: abstract) or *stays with the input* (P(b) ≥ ``STAY_THRESHOLD``: specific).
 A behaviour the model does not have in the first place (P(b) ≤ 1/2 on the unswapped probe, Def 6 (i)) is
-'neither'. This is a behavioural proxy for Def 4's white-box circuit classes: it reads what decides the
-output, not which heads compute it.
+'neither'. With ``via="memory"`` the context that holds the output is a realization read as *explicit memory*,
+and the swap is made there: an output that follows the swapped memory is read from memory (abstract), one that
+stays is fixed by the input. This is a behavioural proxy for Def 4's white-box circuit classes: it reads what
+decides the output, not which heads compute it.
 """
 
 from __future__ import annotations
@@ -232,67 +234,100 @@ def _replace_subsequence(seq: list[int], old: list[int], new: list[int]) -> list
     return out
 
 
-def _swap_probe(tokenizer, inp, out, sub) -> tuple[list[int], list[int], list[int], list[int]]:
+def _swap_probe(tokenizer, inp, out, sub, *, reference: bool = False) -> tuple[list, list, list, list]:
     """(input ids, output ids, swapped-input ids, substitute ids) of one probe and one substitute answer.
 
     Text (with a tokenizer): the output text is replaced in the input text (every occurrence, also inside
     longer words), then both are tokenized, with
     ``<s>`` in front. Ids (tokenizer None): the output id run is replaced in the input ids, used as given.
+    ``reference=True``: the "input" is a realization to be read as explicit memory, tokenized as the bank
+    tokenizes references (no ``<s>``).
     """
     if tokenizer is None:
         inp, out, sub = [list(map(int, x)) for x in (inp, out, sub)]
         return inp, out, _replace_subsequence(inp, out, sub), sub
     swapped = inp.replace(out, sub)
+    if reference:
+        return _encode_reference(tokenizer, inp), _encode(tokenizer, out), _encode_reference(tokenizer, swapped), \
+            _encode(tokenizer, sub)
     bos = [tokenizer.bos_id]
     return bos + _encode(tokenizer, inp), _encode(tokenizer, out), bos + _encode(tokenizer, swapped), \
         _encode(tokenizer, sub)
 
 
 def knowledge_kind(model, tokenizer, probes: Sequence[tuple], *, substitutes: Sequence | None = None,
-                   n_substitutes: int = 3, seed: int = 0, memory: ExplicitMemory | MemoryKV | None = None) -> dict:
+                   n_substitutes: int = 3, seed: int = 0, memory: ExplicitMemory | MemoryKV | None = None,
+                   via: str = "context", memory_selector: str | None = None) -> dict:
     """Def 4 by intervention: is the behaviour input → output specific (fixed by the input) or abstract (taken
     from the context)?
 
-    probes: (input, output) pairs, each input of the form "…[a][b]…[a]" whose context already holds the
-    output [b] before the cue [a]: strings with a ``tokenizer`` (``encode``, ``bos_id``; ``<s>`` is put in
+    probes (``via="context"``): (input, output) pairs, each input of the form "…[a][b]…[a]" whose context already
+    holds the output [b] before the cue [a]: strings with a ``tokenizer`` (``encode``, ``bos_id``; ``<s>`` is put in
     front), or id sequences with ``tokenizer=None`` (used as given). substitutes: the answers [b′] swapped in
     (same type as the outputs); default: the other probes' outputs. For each probe, up to ``n_substitutes``
     of them that differ from its output are drawn (``seed``). ``memory`` is read by every token (as in
     :func:`output_probabilities`).
 
+    probes (``via="memory"``): (realization, input, output) triples; the realization holds the output and is
+    read as explicit memory by every token of the input (in the model's memory format unless ``memory_selector``
+    names another, as in :func:`knowledge_report`), and the swap [b] → [b′] is made in the realization before it
+    is encoded. The input is read as text (``<s>`` in front with a tokenizer). ``memory`` must then be None.
+
     Returns {"per_probe": [{"original", "stay", "follow", "verdict"}], "original", "stay", "follow" (means over
     probes; each probe's "stay"/"follow" are means over its substitutes of the min over output tokens),
-    "verdict" (:func:`kind_verdict` of the means), "counts" (per-probe verdicts), "thresholds"}.
+    "verdict" (:func:`kind_verdict` of the means), "counts" (per-probe verdicts), "thresholds", "via"}.
     """
-    probes = list(probes)
+    if via not in ("context", "memory"):
+        raise ValueError(f"via must be 'context' or 'memory', got {via!r}")
+    if via == "memory":
+        if memory is not None:
+            raise ValueError("via='memory' encodes each probe's own realization: pass memory=None")
+        _use_memory(model, True)
+    width = 3 if via == "memory" else 2
+    probes = [tuple(p) for p in probes]
     if not probes:
         raise ValueError("probes is empty: nothing to classify")
-    pool = list(substitutes) if substitutes is not None else [o for _, o in probes]
+    for k, p in enumerate(probes):
+        if len(p) != width:
+            raise ValueError(f"probe {k}: via={via!r} takes " + ("(realization, input, output) triples"
+                                                                  if width == 3 else "(input, output) pairs"))
+    pool = list(substitutes) if substitutes is not None else [p[-1] for p in probes]
     rng = np.random.default_rng(seed)
     rows = []
-    for k, (inp, out) in enumerate(probes):
-        if tokenizer is not None and not (isinstance(inp, str) and isinstance(out, str)):
+    for k, probe in enumerate(probes):
+        real, inp, out = probe if width == 3 else (None, *probe)
+        where = real if via == "memory" else inp  # the context whose copy of the output is swapped
+        if tokenizer is not None and not all(isinstance(x, str) for x in probe):
             raise ValueError(f"probe {k}: with a tokenizer, input and output must be strings (tokenizer=None for ids)")
-        in_context = (out in inp) if tokenizer is not None else \
-            _replace_subsequence(list(inp), list(out), [-1]) != list(inp)
+        in_context = (out in where) if tokenizer is not None else \
+            _replace_subsequence(list(where), list(out), [-1]) != list(where)
         if not len(out) or not in_context:
-            raise ValueError(f"probe {k}: the output does not occur in the input's context; Def 4's test swaps it "
-                             f"there, so write the probe as '…[a][b]…[a]' → '[b]'")
+            place = "realization" if via == "memory" else "input's context"
+            raise ValueError(f"probe {k}: the output does not occur in the {place}; Def 4's test swaps it there, "
+                             f"so write the probe as '…[a][b]…[a]' → '[b]'")
         others = [s for s in pool if list(s) != list(out)]
         if not others:
             raise ValueError(f"probe {k}: no substitute answer differs from its output (pass substitutes=)")
         picks = rng.choice(len(others), size=min(n_substitutes, len(others)), replace=False)
         stay, follow, original = [], [], None
         for j in picks:
-            ids_in, ids_out, ids_swapped, ids_sub = _swap_probe(tokenizer, inp, out, others[j])
+            if via == "context":
+                ids_in, ids_out, ids_swapped, ids_sub = _swap_probe(tokenizer, inp, out, others[j])
+                mem, mem_swapped = memory, memory
+            else:
+                ref, ids_out, ref_swapped, ids_sub = _swap_probe(tokenizer, real, out, others[j], reference=True)
+                ids_in = ids_swapped = [tokenizer.bos_id] + _encode(tokenizer, inp) if tokenizer is not None \
+                    else list(map(int, inp))
+                mem = _realization_memory(model, ref, memory_selector) if original is None else None
+                mem_swapped = _realization_memory(model, ref_swapped, memory_selector)
             if original is None:
-                original = output_probabilities(model, [], ids_in, ids_out, memory=memory).min()
-            stay.append(output_probabilities(model, [], ids_swapped, ids_out, memory=memory).min())
-            follow.append(output_probabilities(model, [], ids_swapped, ids_sub, memory=memory).min())
+                original = output_probabilities(model, [], ids_in, ids_out, memory=mem).min()
+            stay.append(output_probabilities(model, [], ids_swapped, ids_out, memory=mem_swapped).min())
+            follow.append(output_probabilities(model, [], ids_swapped, ids_sub, memory=mem_swapped).min())
         row = {"original": float(original), "stay": float(np.mean(stay)), "follow": float(np.mean(follow))}
         row["verdict"] = kind_verdict(row["original"], row["stay"], row["follow"])
         rows.append(row)
     means = {key: float(np.mean([r[key] for r in rows])) for key in ("original", "stay", "follow")}
     return {"per_probe": rows, **means, "verdict": kind_verdict(means["original"], means["stay"], means["follow"]),
             "counts": {kind: sum(r["verdict"] == kind for r in rows) for kind in KINDS},
-            "thresholds": {"lacks": LACKS_THRESHOLD, "follow": FOLLOW_THRESHOLD, "stay": STAY_THRESHOLD}}
+            "thresholds": {"lacks": LACKS_THRESHOLD, "follow": FOLLOW_THRESHOLD, "stay": STAY_THRESHOLD}, "via": via}
