@@ -118,7 +118,7 @@ def cmd_demo(a) -> int:
 
 def cmd_flagship(a) -> int:
     from .reading import flagship_settings, run_reading
-    s = flagship_settings(a.seed, threads=a.threads, quick=a.quick, progress=not a.quiet)
+    s = flagship_settings(a.seed, threads=a.threads, quick=a.quick, progress=not a.quiet, wordings=a.wordings)
     run_reading(a.out, s, argv=["mini-m3", *a.argv])
     print(f"results written to {Path(a.out) / 'results.json'}; the model in {Path(a.out) / 'model'}")
     return 0
@@ -826,6 +826,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(top-8 tokens, 5 memories per chunk) and report every held-out axis", **fmt)
     _add_common(fl)
     fl.add_argument("--quick", action="store_true", help="the same chain on a small world, a few steps a stage (CI)")
+    from .data.bios import WORDINGS
+    fl.add_argument("--wordings", choices=WORDINGS, default="base",
+                    help="the training text's wordings: 'wide' and 'compositional' add training templates (a lever; "
+                         "the held-out wordings are the same in every world)")
     fl.add_argument("--out", default="runs/flagship", help="output folder: results.json, model/, bank/, stage logs")
     fl.set_defaults(fn=cmd_flagship)
 

@@ -208,6 +208,9 @@ def test_the_flagship_command_runs_its_chain_and_saves_the_papers_format(tmp_pat
     assert set(r["final_loss"]) == {"warmup", "curriculum", "continual"} | {f"stage{k}" for k in
                                                                           range(1, len(full.stages) + 1)}
     assert r["argv"][:2] == ["mini-m3", "flagship"] and r["settings"]["shared_memories"]
+    assert r["settings"]["wordings"] == "base"  # the default; --wordings names the lever
+    from mini_m3.cli import build_parser
+    assert build_parser().parse_args(["flagship", "--wordings", "compositional"]).wordings == "compositional"
     assert [{k: v for k, v in st.items() if k != "steps"} for st in r["settings"]["stages"]] == \
         [{k: v for k, v in st.items() if k != "steps"} for st in full.stages]  # the quick chain is the full one's
     assert load_pretrained(tmp_path / "f" / "model")[0].cfg.memory_format == r["memory_settings"]
