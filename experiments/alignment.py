@@ -9,6 +9,9 @@ checked. Its bank (every person, held-out people included) is built in the work 
   sft            SFT with explicit memory attached (our choice), chat format
   sft_no_memory  SFT without memory (the other reading of the paper)
   dpo            DPO (beta 0.01) starting from `sft`, reference = `sft`, memory attached
+  dpo_overcautious  the same DPO on pairs of which a third of the real-person ones reject "I do not know." (chosen:
+                 the true answer) instead of a wrong value (`preference_pairs(overcautious_fraction=1/3)`, a lever:
+                 plain DPO learns to abstain about everyone)
 
 SFT data: questions about the world's training people (``memory`` and ``text``) in its training question wordings,
 answered in a sentence that names the person, one to three turns; a quarter about people who exist nowhere (fake
@@ -43,9 +46,10 @@ from mini_m3.reading import load_reading_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGSHIP = ROOT / "notebooks" / "assets" / "memory3_demo"
-ARMS = ("base", "sft", "sft_no_memory", "dpo")
+ARMS = ("base", "sft", "sft_no_memory", "dpo", "dpo_overcautious")
 LABELS = {"base": "base (Q/A format)", "sft": "SFT + memory", "sft_no_memory": "SFT, no memory",
-          "dpo": "SFT + memory -> DPO"}
+          "dpo": "SFT + memory -> DPO", "dpo_overcautious": "-> DPO, overcautious pairs"}
+OVERCAUTIOUS = 1 / 3  # dpo_overcautious: the share of real-person pairs that reject the abstention
 PHRASINGS = ("train", "heldout")  # the probe's question wordings: training ones, and ones training never used
 FULL = dict(n_sft=3000, sft_epochs=3, n_pairs=2000, dpo_steps=250, probe=150, batch=16)
 QUICK = dict(n_sft=400, sft_steps=40, n_pairs=160, dpo_steps=20, probe=30, batch=16)
@@ -85,7 +89,6 @@ def main(argv=None) -> int:
     bank = run.build_bank(work / "bank_raw", progress=progress)
 
     examples = sft_examples(world, P["n_sft"], seed=a.seed)
-    pairs = preference_pairs(world, P["n_pairs"], seed=a.seed)
     sft_steps = P.get("sft_steps") or math.ceil(P["sft_epochs"] * P["n_sft"] / P["batch"])
     sft_cfg = SFTConfig(steps=sft_steps, batch_size=P["batch"], seed=a.seed, quiet=a.quiet, threads=a.threads)
     dpo_cfg = DPOConfig(steps=P["dpo_steps"], batch_size=P["batch"], seed=a.seed, quiet=a.quiet, threads=a.threads)
@@ -112,20 +115,23 @@ def main(argv=None) -> int:
                                                                        a.seed)}
         models[name] = model
 
-    say("train: dpo")
-    policy = copy.deepcopy(models["sft"])
-    t0 = time.perf_counter()
-    r = dpo(policy, models["sft"], tok, pairs, dpo_cfg, bank=bank, out_dir=work / "dpo", resume=False)
     held = preference_pairs(world, P["probe"], seed=a.seed + 1)  # pairs not trained on (new draw)
-    own = bank_for_model(policy, tok, bank, work / "banks" / "dpo")
-    say("probe: dpo")
-    arms["dpo"] = {"fmt": "chat",
-                   "train": {"final_loss": r["final_loss"], "first_loss": r["losses"][0],
-                             "final_reward_margin": r["reward_margins"][-1], "steps": r["steps_run"],
-                             "step_time": r["step_time"], "seconds": time.perf_counter() - t0,
-                             "reward_margin_new_pairs": reward_margin(policy, models["sft"], tok, held,
-                                                                      beta=dpo_cfg.beta, bank=bank)},
-                   "probe": probes(policy, tok, own, world, "chat", P["probe"], a.seed)}
+    for name, frac in (("dpo", 0.0), ("dpo_overcautious", OVERCAUTIOUS)):
+        say(f"train: {name}")
+        policy = copy.deepcopy(models["sft"])
+        pairs = preference_pairs(world, P["n_pairs"], seed=a.seed, overcautious_fraction=frac)
+        t0 = time.perf_counter()
+        r = dpo(policy, models["sft"], tok, pairs, dpo_cfg, bank=bank, out_dir=work / name, resume=False)
+        own = bank_for_model(policy, tok, bank, work / "banks" / name)
+        say(f"probe: {name}")
+        arms[name] = {"fmt": "chat", "overcautious_fraction": frac,
+                      "pair_kinds": {k: sum(p.kind == k for p in pairs) for k in sorted({p.kind for p in pairs})},
+                      "train": {"final_loss": r["final_loss"], "first_loss": r["losses"][0],
+                                "final_reward_margin": r["reward_margins"][-1], "steps": r["steps_run"],
+                                "step_time": r["step_time"], "seconds": time.perf_counter() - t0,
+                                "reward_margin_new_pairs": reward_margin(policy, models["sft"], tok, held,
+                                                                         beta=dpo_cfg.beta, bank=bank)},
+                      "probe": probes(policy, tok, own, world, "chat", P["probe"], a.seed)}
 
     table = []
     for ph in PHRASINGS:
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
         "experiment": "alignment (§6, Table 19 at mini scale) from the flagship", "quick": quick, "seed": a.seed,
         "model": str(a.model), "reading_settings": dataclasses.asdict(run.settings),
         "bank": {"path": str(bank.path), "memory_format": base.cfg.memory_format, "n": len(bank)},
-        "world": world.summary(), "n_sft_examples": len(examples), "n_pairs": len(pairs),
+        "world": world.summary(), "n_sft_examples": len(examples), "n_pairs": P["n_pairs"],
         "sft_kinds": {k: sum(e.kind == k for e in examples) for k in sorted({e.kind for e in examples})},
         "probe": {"n_known": P["probe"], "n_unknown": P["probe"], "known_split": "heldout", "phrasings": PHRASINGS},
         "sft_config": dataclasses.asdict(sft_cfg), "dpo_config": dataclasses.asdict(dpo_cfg),
@@ -164,11 +170,11 @@ def format_table(r: dict) -> str:
     for ph in PHRASINGS:
         lines.append(f"questions in {'training' if ph == 'train' else 'held-out'} wordings: (a) held-out people, "
                      f"(b) people who exist nowhere")
-        lines.append(f"{'arm':22s}" + "".join(f"{'(a) ' + c if k.startswith('heldout') else '(b) ' + c:>17s}"
+        lines.append(f"{'arm':28s}" + "".join(f"{'(a) ' + c if k.startswith('heldout') else '(b) ' + c:>17s}"
                                             for c, k in cols))
         for row in r["table"]:
             if row["phrasing"] == ph:
-                lines.append(f"{LABELS[row['arm']]:22s}" + "".join(f"{row[k]:17.3f}" for _, k in cols))
+                lines.append(f"{LABELS[row['arm']]:28s}" + "".join(f"{row[k]:17.3f}" for _, k in cols))
     return "\n".join(lines)
 
 

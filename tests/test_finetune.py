@@ -309,6 +309,22 @@ def test_bioworld_preference_pairs(bio_world):
             assert p.chosen == ABSTAIN and len(asserted_values(p.rejected, p.attribute, "bio")) == 1
 
 
+def test_overcautious_pairs_reject_the_abstention_about_real_people(bio_world, world):
+    for w in (bio_world, world):
+        plain = preference_pairs(w, 200, seed=0)
+        assert plain == preference_pairs(w, 200, seed=0, overcautious_fraction=0.0)  # the lever off: as before
+        pairs = preference_pairs(w, 200, seed=0, overcautious_fraction=0.5)
+        over = [p for p in pairs if p.kind == "overcautious"]
+        facts = [p for p in pairs if p.kind == "fact"]
+        assert 0.3 < len(over) / (len(over) + len(facts)) < 0.7
+        for p in over:
+            assert p.rejected == ABSTAIN and p.person is not None and p.chosen != ABSTAIN and p.name in p.chosen
+        assert all(p.kind == "overcautious" for p in preference_pairs(w, 50, overcautious_fraction=1.0)
+                   if p.person is not None)
+    with pytest.raises(ValueError, match="overcautious_fraction"):
+        preference_pairs(world, 5, overcautious_fraction=1.5)
+
+
 def test_bioworld_probe_scoring():
     known = [ProbeItem("Where was Ann Lee born?", "birth_city", "Ann Lee", "Velmora", 0, "bio")] * 4
     unknown = [ProbeItem("Where was Bo Kim born?", "birth_city", "Bo Kim", None, None, "bio")] * 4

@@ -40,7 +40,8 @@ fake person seen in fine-tuning, whatever the seeds.
 **Preference pairs** (:func:`preference_pairs`): same prompt, a *chosen* and a *rejected* completion.
 For a real person: chosen = the true attribute (supported by the biography in the bank), rejected = a
 plausible wrong value from the same pool. For a fake person: chosen = :data:`ABSTAIN`, rejected = a
-made-up confident answer.
+made-up confident answer. With ``overcautious_fraction`` > 0 (a lever), some real-person pairs reject
+"I do not know." instead of a wrong value.
 
 **Either world.** Every function takes the first world (:class:`~mini_m3.data.world.World`) or the reading world
 (:class:`~mini_m3.data.bios.BioWorld`, the flagship's). In a BioWorld: answers use :data:`BIO_ANSWER_TEMPLATES`;
@@ -242,7 +243,7 @@ class SFTExample:
 @dataclass(frozen=True)
 class PreferencePair:
     """A DPO pair: ``prompt`` (a :func:`chat_prompt`) and two answers; the completions are
-    :func:`completion` of ``chosen`` / ``rejected``. ``kind`` is ``"fact"`` or ``"abstain"``."""
+    :func:`completion` of ``chosen`` / ``rejected``. ``kind`` is ``"fact"``, ``"abstain"`` or ``"overcautious"``."""
 
     kind: str
     prompt: str
@@ -446,13 +447,18 @@ def sft_examples(world: World | BioWorld, n: int, *, seed: int = 0, mix: dict[st
 # DPO data
 # --------------------------------------------------------------------------------------------------
 def preference_pairs(world: World | BioWorld, n: int, *, seed: int = 0, abstain_fraction: float = 0.3,
-                     splits: Iterable[str] = ("memory", "text")) -> list[PreferencePair]:
-    """``n`` preference pairs, a fraction ``abstain_fraction`` about fake people (see the module docstring)."""
+                     splits: Iterable[str] = ("memory", "text"),
+                     overcautious_fraction: float = 0.0) -> list[PreferencePair]:
+    """``n`` preference pairs, a fraction ``abstain_fraction`` about fake people (see the module docstring).
+
+    ``overcautious_fraction`` (a lever, 0 by default): that share of the real-person pairs rejects the abstention
+    instead of a wrong value (chosen: the true answer, rejected: "I do not know."), so that abstaining about a
+    person the bank holds is dispreferred too (kind ``"overcautious"``). At 0 the pairs are those of before."""
     n = _check_count(n, "n")
     seed = _check_seed(seed)
-    if isinstance(abstain_fraction, bool) or not isinstance(abstain_fraction, (int, float)) \
-            or not 0 <= abstain_fraction <= 1:
-        raise ValueError(f"abstain_fraction must be a number in [0, 1], got {abstain_fraction!r}")
+    for name, v in (("abstain_fraction", abstain_fraction), ("overcautious_fraction", overcautious_fraction)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
     rng = _rng(world, _STREAM_DPO, seed)
     is_fake = [rng.random() < abstain_fraction for _ in range(n)]
     people = _people(world, splits) if not all(is_fake) else ()
@@ -475,9 +481,12 @@ def preference_pairs(world: World | BioWorld, n: int, *, seed: int = 0, abstain_
             p = rng.choice(people)
             truth = getattr(p, a) if bio else p.attribute(a)
             wrong = rng.choice([v for v in pool if v != truth])
-            out.append(PreferencePair("fact", chat_prompt(_question(world, p.name, a, template)),
-                                      answer_sentence(p.name, a, truth, style),
-                                      answer_sentence(p.name, a, wrong, style), a, p.pid, p.name))
+            prompt, chosen = chat_prompt(_question(world, p.name, a, template)), answer_sentence(p.name, a, truth, style)
+            if overcautious_fraction and rng.random() < overcautious_fraction:  # no draw at 0: the pairs of before
+                out.append(PreferencePair("overcautious", prompt, chosen, ABSTAIN, a, p.pid, p.name))
+            else:
+                out.append(PreferencePair("fact", prompt, chosen, answer_sentence(p.name, a, wrong, style), a, p.pid,
+                                          p.name))
     return out
 
 
