@@ -690,15 +690,6 @@ def _evaluate_heldout(a, model, tok, bank) -> int:
     return 0
 
 
-def _is_reading_results(path: Path) -> bool:
-    """Whether `path` is a reading run's results.json (`run_reading` writes it beside OUT/model)."""
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "references_sha256" in meta and "settings" in meta
-
-
 def _finetune_inputs(a):
     """Model, tokenizer, world, bank and reading run (None) for `sft` / `dpo` (the bank must hold this world's
     biographies). A reading run's model (a `reading_run.json` or a run's results.json beside it: the flagship) brings
@@ -707,11 +698,11 @@ def _finetune_inputs(a):
     from .checkpoint import load_pretrained
     from .data.world import World
     from .memory.bank import MemoryBank
-    from .reading import RUN_FILE, load_reading_run
+    from .reading import is_reading_run, load_reading_run
     torch.set_num_threads(a.threads)
     model_dir = Path(a.model)
     run = None
-    if (model_dir / RUN_FILE).exists() or _is_reading_results(model_dir.parent / "results.json"):
+    if is_reading_run(model_dir):
         run = load_reading_run(model_dir)  # the world regenerated from the run's settings and checked
         model, tok, world, texts = run.model, run.tokenizer, run.world, run.references
         how = f"the reading run at {a.model}"

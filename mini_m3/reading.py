@@ -212,6 +212,19 @@ def write_reading_run(model_dir, settings: ReadingSettings, references_sha256: s
     return path
 
 
+def is_reading_run(model_dir: str | os.PathLike) -> bool:
+    """Whether `load_reading_run` can load `model_dir`: it holds a `reading_run.json`, or a reading run's results.json
+    (with its settings and bank fingerprint) lies beside it."""
+    model_dir = Path(model_dir)
+    if (model_dir / RUN_FILE).exists():
+        return True
+    try:
+        meta = json.loads((model_dir.parent / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "references_sha256" in meta and "settings" in meta
+
+
 def load_reading_run(model_dir: str | os.PathLike) -> ReadingRun:
     """A model directory of a reading run: `OUT/model` of `run_reading` (settings from `OUT/results.json`), or one
     with a `reading_run.json` (`write_reading_run`; the shipped flagship). The world is regenerated from the settings
@@ -441,5 +454,5 @@ def format_axes(r: dict) -> str:
 
 
 __all__ = ["AXES", "FLAGSHIP_MODEL", "STAGE_KEYS", "ReadingRun", "ReadingSettings", "TrainedReading", "bank_texts",
-           "build_reading_data", "evaluate_axes", "flagship_settings", "format_axes", "load_reading_run",
-           "reading_questions", "reading_world", "run_reading", "texts_sha256", "train_reading", "write_reading_run"]
+           "build_reading_data", "evaluate_axes", "flagship_settings", "format_axes", "is_reading_run",
+           "load_reading_run", "reading_questions", "reading_world", "run_reading", "texts_sha256", "train_reading", "write_reading_run"]

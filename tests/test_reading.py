@@ -240,6 +240,8 @@ def test_cli_sft_then_dpo_on_a_reading_run(quick, tmp_path, capsys):
     --bank is not given, and the tuned model saves the run's settings file, so `dpo` loads it with its world."""
     from mini_m3.cli import main
     out, s, r = quick
+    from mini_m3.reading import is_reading_run
+    assert is_reading_run(out / "model") and not is_reading_run(tmp_path)  # results.json beside, or nothing
     common = ["--batch-size", "4", "--quiet", "--threads", "1", "--probe-questions", "2"]
     assert main(["sft", "--model", str(out / "model"), "--steps", "2", "--n-examples", "8",
                  "--out", str(tmp_path / "sft"), *common]) == 0

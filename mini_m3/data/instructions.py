@@ -64,8 +64,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import bios
-from .bios import BioWorld
+from .bios import ATTRIBUTES as BIO_ATTRIBUTES
+from .bios import BioPerson, BioWorld
 from .world import (ATTRIBUTE_VALUES, ATTRIBUTES, FEMALE_FIRST_NAMES, FIRST_NAMES, HELDOUT_QUESTION_TEMPLATE,
                     LAST_NAMES, N_TRAIN_QUESTION_TEMPLATES, QUESTION_TEMPLATES, SKILL_KINDS, World, skill_example)
 
@@ -309,7 +309,7 @@ def _people(world: World, splits: Iterable[str]):
 
 
 def _pronoun(person) -> str:
-    if isinstance(person, bios.BioPerson):
+    if isinstance(person, BioPerson):
         return "she" if person.female else "he"
     return "she" if person.first_name in FEMALE_FIRST_NAMES else "he"
 
@@ -319,7 +319,12 @@ def _style(world) -> str:
 
 
 def _attributes(world) -> tuple[str, ...]:
-    return bios.ATTRIBUTES if isinstance(world, BioWorld) else ATTRIBUTES
+    return BIO_ATTRIBUTES if isinstance(world, BioWorld) else ATTRIBUTES
+
+
+def _fact(person, attribute: str) -> str:
+    """A person's value of one attribute, in either world."""
+    return getattr(person, attribute) if isinstance(person, BioPerson) else person.attribute(attribute)
 
 
 def _n_question_templates(world, attribute: str, family: str = "train") -> int:
@@ -429,7 +434,7 @@ def sft_examples(world: World | BioWorld, n: int, *, seed: int = 0, mix: dict[st
             for i, a in enumerate(attrs):
                 q = (_question(world, p.name, a, rng.randrange(_n_question_templates(world, a))) if i == 0
                      else (BIO_FOLLOWUP_TEMPLATES if bio else FOLLOWUP_TEMPLATES)[a].format(he=_pronoun(p)))
-                turns.append((q, answer_sentence(p.name, a, getattr(p, a) if bio else p.attribute(a), style)))
+                turns.append((q, answer_sentence(p.name, a, _fact(p, a), style)))
             out.append(SFTExample(kind, tuple(turns), p.pid, p.name, ",".join(attrs)))
         elif kind == "abstain":
             name = next(fakes)
@@ -465,7 +470,7 @@ def preference_pairs(world: World | BioWorld, n: int, *, seed: int = 0, abstain_
     n_fake = sum(is_fake)
     # a different sample of the training pool than SFT's (seed offset), same pool: never a probe name
     fakes = iter(fake_names(world, n_fake, seed=seed + 1_000_003, pool="train"))
-    bio, style = isinstance(world, BioWorld), _style(world)
+    style = _style(world)
     pools = {a: _value_pool(world, a) for a in _attributes(world)}
     out = []
     for fake in is_fake:
@@ -479,9 +484,10 @@ def preference_pairs(world: World | BioWorld, n: int, *, seed: int = 0, abstain_
                                       a, None, name))
         else:
             p = rng.choice(people)
-            truth = getattr(p, a) if bio else p.attribute(a)
+            truth = _fact(p, a)
             wrong = rng.choice([v for v in pool if v != truth])
-            prompt, chosen = chat_prompt(_question(world, p.name, a, template)), answer_sentence(p.name, a, truth, style)
+            prompt = chat_prompt(_question(world, p.name, a, template))
+            chosen = answer_sentence(p.name, a, truth, style)
             if overcautious_fraction and rng.random() < overcautious_fraction:  # no draw at 0: the pairs of before
                 out.append(PreferencePair("overcautious", prompt, chosen, ABSTAIN, a, p.pid, p.name))
             else:
