@@ -36,7 +36,8 @@ SETTING_HELP = {
     "name_share": "people per first / last name (look-alikes; BioWorld.generate)",
     "value_share": "people per generated city / company",
     "wordings": "BioWorld wordings: 'base', 'wide' for more training biography and question templates, or "
-                "'compositional' for hundreds more per attribute (levers; the held-out families are unchanged)",
+                "'compositional' for hundreds more per attribute, or 'neutral': those, and 30 % of training "
+                "biography sentences name no attribute, only its value (levers; the held-out families are unchanged)",
     "vocab_size": "tokenizer vocabulary (trained on training text only)",
     "bio_fraction": "share of training documents that are biographies (the rest: QA)",
     "max_qa": "at most this many questions (about one person) per QA document",

@@ -819,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--quick", action="store_true", help="the same chain on a small world, a few steps a stage (CI)")
     from .data.bios import WORDINGS
     fl.add_argument("--wordings", choices=WORDINGS, default="base",
-                    help="the training text's wordings: 'wide' and 'compositional' add training templates (a lever; "
+                    help="the training text's wordings: 'wide' and 'compositional' add training templates, 'neutral' "
+                         "also tells some facts only by their value (levers; "
                          "the held-out wordings are the same in every world)")
     fl.add_argument("--out", default="runs/flagship", help="output folder: results.json, model/, bank/, stage logs")
     fl.set_defaults(fn=cmd_flagship)

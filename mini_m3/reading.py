@@ -60,7 +60,7 @@ class ReadingSettings:
     n_docs: int = 60000
     name_share: int = 2  # people per first / last name (look-alikes), BioWorld.generate
     value_share: int = 2  # people per generated city / company
-    wordings: str = "base"  # BioWorld wordings: "wide", "compositional" add training templates (levers; held-out not)
+    wordings: str = "base"  # BioWorld wordings: "wide", "compositional", "neutral" add training templates (levers)
     vocab_size: int = 1024
     bio_fraction: float = 0.1
     max_qa: int = 3

@@ -188,3 +188,27 @@ def test_compositional_world_tells_biographies_in_new_wordings_and_keeps_heldout
         "heldout", 50, question_family="heldout", bio_family="heldout")
     told_heldout = [q for q in comp.people_in("heldout") if q.bio_family == "heldout"]  # the new-bio-wording axis
     assert told_heldout and comp.references(people=told_heldout) == base.references(people=told_heldout)
+
+
+def test_neutral_wordings_tell_a_share_of_facts_only_by_the_value_and_keep_heldout_unseen():
+    from mini_m3.data.bios import NEUTRAL_SENTENCE_TEMPLATES, NEUTRAL_SHARE
+    held_only = _words(_family("base", "heldout")) - _words(_family("base", "train"))
+    assert _words(NEUTRAL_SENTENCE_TEMPLATES) & held_only == set()
+    assert set(_family("neutral", "train")) == set(_family("compositional", "train")) | set(NEUTRAL_SENTENCE_TEMPLATES)
+    assert _family("neutral", "heldout") == _family("base", "heldout")
+    comp, neutral = (BioWorld.generate(400, seed=5, wordings=w) for w in ("compositional", "neutral"))
+    assert neutral.people == comp.people and BioWorld.from_json(neutral.to_json()).wordings == "neutral"
+    neutral_re = [_pattern(t) for t in NEUTRAL_SENTENCE_TEMPLATES]
+    n_sent = n_neutral = 0
+    for p in neutral.people_in("memory")[:150]:
+        bio = neutral.biography(p)
+        assert all(v in bio for v in p.facts().values()) and "{" not in bio
+        sentences = re.split(r"(?<=\.) (?=[A-Z0-9])", bio)[1:]  # after the introduction
+        n_sent += len(sentences)
+        n_neutral += sum(any(r.fullmatch(x) for r in neutral_re) for x in sentences)
+        assert not any(r.search(comp.biography(p)) for r in neutral_re)  # the compositional world has none
+    assert abs(n_neutral / n_sent - NEUTRAL_SHARE) < 0.08, (n_neutral, n_sent)
+    told_heldout = [q for q in neutral.people_in("heldout") if q.bio_family == "heldout"]  # new-bio-wording axis
+    assert told_heldout and neutral.references(people=told_heldout) == comp.references(people=told_heldout)
+    corpus = "\n".join(neutral.tokenizer_corpus(neutral.training_documents(2000, seed=5)))
+    assert [t for t in _family("base", "heldout") if _pattern(t).search(corpus)] == []

@@ -17,7 +17,8 @@ when it is told in diverse text):
 * **wordings come in families**: each attribute has training sentence and question templates and a held-out
   family of each that no training text uses. A biography is an introduction plus one sentence per fact, in a
   random order, each from a random template, naming the person by full name, first name or pronoun.
-  ``wordings="wide"`` (a lever) gives the training family 2-3x more templates (:func:`wording_templates`).
+  ``wordings="wide"`` (a lever) gives the training family 2-3x more templates, ``"compositional"`` hundreds, and
+  ``"neutral"`` tells some training facts in sentences that name no attribute (:func:`wording_templates`).
 
 Populations (:data:`SPLITS`): ``"text"`` people have biographies and QA in the training text; ``"memory"``
 people have their biography only in the bank and QA in training (the model must read to answer); ``"heldout"``
@@ -142,7 +143,7 @@ QUESTION_TEMPLATES: dict[str, dict[str, tuple[str, ...]]] = {
 # only, so the held-out family stays what no training text uses. Written after the held-out family existed, they
 # share none of its own words ("hails", "salary", "diploma", ...: checked in tests/test_bios.py) and none starts a
 # question with the name, the held-out questions' frame.
-WORDINGS: tuple[str, ...] = ("base", "wide", "compositional")
+WORDINGS: tuple[str, ...] = ("base", "wide", "compositional", "neutral")
 WIDE_INTRO_TEMPLATES: tuple[str, ...] = (
     "This note describes {N}.", "A brief account of {N}.", "Profile: {N}.", "Entry for {N}.",
     "We present {N} here.", "The person described below is {N}.")
@@ -247,6 +248,19 @@ COMPOSITIONAL_INTRO_TEMPLATES: tuple[str, ...] = (
     "Here is an entry on {N}.")
 
 
+# Neutral training sentences (``wordings="neutral"``, a lever of issue 15: the compositional wordings, and each
+# biography sentence of the training family is, with probability NEUTRAL_SHARE, one of these templates, the same for
+# every attribute). Such a sentence says which attribute it tells only through its value's own shape (a date, a
+# "University of ...", a field, a company): a reader that must find the birth date in it cannot key on the verb,
+# the shortcut that fails on the held-out family's verbs ("hails from", "draws a salary from"). They share no word
+# of the held-out family either (tests/test_bios.py).
+NEUTRAL_SHARE = 0.3
+NEUTRAL_SENTENCE_TEMPLATES: tuple[str, ...] = (
+    "{S} is linked to {v}.", "The file on {N} mentions {v}.", "{v} appears in the file of {N}.",
+    "Another detail of {N} is {v}.", "{P} entry also names {v}.", "{S} is associated with {v}.",
+    "{v} is connected with {N}.", "One more item in {p} profile: {v}.")
+
+
 def _sentence_case(text: str) -> str:
     """A core clause at the start of a sentence: {s} becomes {S} (the capitalised subject), a word gets a capital."""
     return "{S}" + text[3:] if text.startswith("{s}") else text[:1].upper() + text[1:]
@@ -275,8 +289,10 @@ def _unique(*groups: tuple[str, ...]) -> tuple[str, ...]:
 
 def wording_templates(wordings: str, kind: str, family: str, attribute: str | None = None) -> tuple[str, ...]:
     """The templates of one wording ``family`` under ``wordings`` ("base"; "wide": the "train" family gets the WIDE_*
-    templates too; "compositional": the WIDE_* and the COMPOSITIONAL_* ones too). kind: "intro", "sentence" or
-    "question" (the last two per ``attribute``). The held-out family is the same under every ``wordings``."""
+    templates too; "compositional": the WIDE_* and the COMPOSITIONAL_* ones too; "neutral": the compositional ones
+    and the NEUTRAL_* sentences, which a biography draws with probability NEUTRAL_SHARE, see
+    :meth:`BioWorld.biography`). kind: "intro", "sentence" or "question" (the last two per ``attribute``). The
+    held-out family is the same under every ``wordings``."""
     if wordings not in WORDINGS:
         raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
     if family not in FAMILIES:
@@ -296,7 +312,8 @@ def wording_templates(wordings: str, kind: str, family: str, attribute: str | No
         return base + wide
     more = (COMPOSITIONAL_INTRO_TEMPLATES if kind == "intro" else
             (_compositional_sentences if kind == "sentence" else _compositional_questions)(attribute))
-    return _unique(base, wide, more)
+    neutral = NEUTRAL_SENTENCE_TEMPLATES if wordings == "neutral" and kind == "sentence" else ()
+    return _unique(base, wide, more, neutral)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,8 +444,8 @@ class BioWorld:
         the held-out biography wording), ``text_fraction`` with biographies in the training text, the rest
         ``memory`` people (biography only in the bank). ``name_share`` / ``value_share``: people per first or
         last name / per generated place or company (see ``_make_pools``). ``wordings``: "base", "wide" for the
-        WIDE_* training templates as well, or "compositional" for those and the COMPOSITIONAL_* ones
-        (:func:`wording_templates`); people and facts do not depend on it."""
+        WIDE_* training templates as well, "compositional" for those and the COMPOSITIONAL_* ones, or "neutral"
+        for those and the NEUTRAL_* sentences (:func:`wording_templates`); people and facts do not depend on it."""
         if wordings not in WORDINGS:
             raise ValueError(f"wordings must be one of {WORDINGS}, got {wordings!r}")
         for f, v in (("name_share", name_share), ("value_share", value_share)):
@@ -494,10 +511,20 @@ class BioWorld:
         for a in attrs:
             subject = rng.choice((p.name, p.first_name, pron, pron, pron))
             P = poss if subject == pron else f"{subject}'s"
-            parts.append(rng.choice(self.templates("sentence", family, a)).format(
+            parts.append(rng.choice(self._sentence_templates(family, a, rng)).format(
                 N=p.name, S=subject, s=pron.lower() if subject == pron else subject, P=P, p=poss.lower(),
                 v=getattr(p, a)))
         return " ".join(parts)
+
+    def _sentence_templates(self, family: str, attribute: str, rng) -> tuple[str, ...]:
+        """The templates one biography sentence is drawn from. A "neutral" world's training family draws a
+        NEUTRAL_* template with probability NEUTRAL_SHARE, else a compositional one (an extra draw that other
+        worlds do not make: their biographies are unchanged)."""
+        if self.wordings != "neutral" or family != "train":
+            return self.templates("sentence", family, attribute)
+        if rng.random() < NEUTRAL_SHARE:
+            return NEUTRAL_SENTENCE_TEMPLATES
+        return wording_templates("compositional", "sentence", family, attribute)
 
     def bank_biography(self, person: int | BioPerson, fits=None, tries: int = 64) -> str:
         """The person's biography in the bank: the first wording draw (seed 0, 1, ...) that ``fits`` (e.g. a
