@@ -383,17 +383,26 @@ def layers(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
 
 def kept(run_dirs: list[str], out: str, n_bios: int = 100) -> dict:
     """The share of held-out answer tokens each run's top-8 selection keeps (`answer_tokens_kept`), over the first
-    `n_bios` held-out bank biographies. All runs must share the world settings of the first."""
+    `n_bios` held-out bank biographies, and over the first `n_bios` told in each wording family ("by_bio_family":
+    does the selection keep the answers of biographies in wordings training never used?). All runs must share the
+    world settings of the first."""
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_json
 
+    from mini_m3.data.bios import FAMILIES
+
     s, (world, others, tok, cfg, refs, data, docs) = run_world(run_dirs[0])
-    heldout = [p for p in world.people if p.split == "heldout"][:n_bios]
+    heldout = [p for p in world.people if p.split == "heldout"]
     result = {"n_biographies": n_bios, "k": 8, "runs": {}}
     for run in run_dirs:
         model = run_model(run, tok, run_dirs[0])
-        result["runs"][run] = answer_tokens_kept(model, tok, refs, heldout)
+        result["runs"][run] = answer_tokens_kept(model, tok, refs, heldout[:n_bios])
+        result["runs"][run]["by_bio_family"] = {
+            f: answer_tokens_kept(model, tok, refs, [p for p in heldout if p.bio_family == f][:n_bios])
+            for f in FAMILIES}
         r = result["runs"][run]
+        print("  by biography wording family:", {f: round(v["pooled_any_layer"], 3)
+                                                  for f, v in r["by_bio_family"].items()}, flush=True)
         print(run, f"{r['pooled_any_layer']:.3f} whole: {r['whole_answer_one_layer']:.3f} (layer) "
                    f"{r['whole_answer_one_head']:.3f} (head); distinct per slot {r['distinct_tokens_per_slot']:.3f}; "
                    f"name {r['whole_name_one_layer']:.3f}, name and answer {r['whole_answer_and_name_one_layer']:.3f}",
