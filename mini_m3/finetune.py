@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import weights_fingerprint
+from .data.bios import BioWorld
 from .data.instructions import (PreferencePair, ProbeItem, SFTExample, answer_sentence, asserted_values,
                                 chat_prompt, check_examples, completion, extract_reply, is_abstention,
                                 probe_known_questions, probe_unknown_questions)
@@ -515,6 +516,20 @@ def _score(items: Sequence[ProbeItem], replies: list[str], fmt: str) -> dict:
     return out
 
 
+def _by_bio_family(world, items: Sequence[ProbeItem], replies: list[str], fmt: str) -> dict:
+    """`_score` per wording family of each person's bank biography (a `BioWorld`'s held-out people are told in the
+    training family or in the held-out one: two generalisation axes that one mean would mix)."""
+    groups: dict[str, list[int]] = {}
+    for k, it in enumerate(items):
+        if it.person is not None and 0 <= it.person < len(world.people):
+            groups.setdefault(world.people[it.person].bio_family, []).append(k)
+    out = {}
+    for fam, ks in sorted(groups.items()):
+        sc = _score([items[k] for k in ks], [replies[k] for k in ks], fmt)
+        out[fam] = {key: sc[key] for key in ("n", "accuracy", "value_accuracy", "made_up_rate", "abstain_rate")}
+    return out
+
+
 @torch.inference_mode()
 def factuality_probe(model: Memory3, tokenizer, world=None, *, bank=None, modes: Sequence[str] = ("memory", "none"),
                      fmt: str = "chat", n_known: int = 60, n_unknown: int = 60, seed: int = 0,
@@ -523,7 +538,8 @@ def factuality_probe(model: Memory3, tokenizer, world=None, *, bank=None, modes:
                      leakage_threshold: float | None = EVAL_LEAKAGE_THRESHOLD) -> dict:
     """Mini Table 19. (a) ``known``: people whose biography is in the bank and who appear in no training text
     (default: ``n_known`` questions about ``heldout`` people, evaluation-only phrasing): exact match of the
-    greedy reply, plus value accuracy, made-up (wrong value) and abstention rates. (b) ``unknown``: people
+    greedy reply, plus value accuracy, made-up (wrong value) and abstention rates; with a `BioWorld`, also per
+    wording family of the person's bank biography (``by_bio_family``). (b) ``unknown``: people
     who exist nowhere (probe-pool fake names): the rate of replies asserting a specific attribute value
     (``made_up_rate``) vs abstaining. ``fmt="chat"`` asks in the SFT chat format and expects the answer
     sentence; ``fmt="qa"`` asks in the pretraining format ("Q: ... A:") and expects the bare value (for the
@@ -564,6 +580,8 @@ def factuality_probe(model: Memory3, tokenizer, world=None, *, bank=None, modes:
                                       leakage_threshold=leakage_threshold)
                 replies.extend(extract_reply(g.text) for g in gens)
             res[name] = _score(items, replies, fmt)
+            if name == "known" and isinstance(world, BioWorld):  # the bank biography's wording family, apart
+                res[name]["by_bio_family"] = _by_bio_family(world, items, replies, fmt)
         result[mode] = res
     return result
 

@@ -346,6 +346,20 @@ def test_bioworld_probe_scoring():
         asserted_values("x", "major", "other")
 
 
+def test_probe_splits_known_people_by_bank_biography_wording(bio_world):
+    """Held-out people are told in the training wording family or in the held-out one: the probe reports each apart."""
+    from mini_m3.finetune import _by_bio_family
+    known = probe_known_questions(bio_world, 40, seed=1)
+    fam = [bio_world.people[it.person].bio_family for it in known]
+    assert set(fam) == {"train", "heldout"}
+    replies = [it.answer if f == "train" else "I do not know." for it, f in zip(known, fam)]  # right on one family
+    by = _by_bio_family(bio_world, known, replies, "qa")
+    assert by["train"]["n"] == fam.count("train") and by["heldout"]["n"] == fam.count("heldout")
+    assert (by["train"]["accuracy"], by["heldout"]["accuracy"], by["heldout"]["abstain_rate"]) == (1.0, 0.0, 1.0)
+    whole = _score(known, replies, "qa")["accuracy"]
+    assert whole == pytest.approx(fam.count("train") / len(fam))  # the mean that one number would report
+
+
 # ----------------------------------------------------------------------------------------------- probe
 def test_probe_scoring():
     known = [ProbeItem("Where was Ann Lee born?", "birth_city", "Ann Lee", "Paris", 0)] * 4
