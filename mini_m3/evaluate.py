@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .config import iter_jsonl
 from .data.world import qa_prompt
-from .inference import MODES, generate_batch, memory_for
+from .inference import MODES, check_memories_per_chunk, generate_batch, memory_for
 from .memory.overlap import EVAL_LEAKAGE_THRESHOLD, exceeds_overlap
 from .model import Memory3
 from .train import TrainConfig, evaluate_loss
@@ -234,10 +234,13 @@ def cut_prompts(tokenizer, texts: Sequence[str], n: int, prompt_tokens: int) -> 
 
 @torch.inference_mode()
 def decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[str], *, mode: str, bank=None,
-                      batch_size: int = 1, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 1) -> dict:
+                      batch_size: int = 1, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 1,
+                      memories_per_chunk: int | None = None) -> dict:
     """Table 21 protocol: `batch_size` prompts of `prompt_tokens` tokens, `new_tokens` generated tokens each,
     wall time including retrieval; returns generated tokens per second (and the raw timings). One mode alone:
-    to compare modes on a machine other jobs share, use `compare_decode_throughput`."""
+    to compare modes on a machine other jobs share, use `compare_decode_throughput`. memories_per_chunk: the
+    memories (or, with mode "rag", reference texts) read per retrieval; None: the model's own
+    (`cfg.memories_per_chunk`, 5 in the paper's format). The result records the number used."""
     if batch_size < 1 or repeats < 1:
         raise ValueError(f"batch_size and repeats must be >= 1, got batch_size={batch_size}, repeats={repeats}")
     prompts = cut_prompts(tokenizer, prompt_texts, batch_size, prompt_tokens)
@@ -247,12 +250,13 @@ def decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[str], *,
     for _ in range(repeats):
         t0 = time.perf_counter()
         res = generate_batch(model, tokenizer, prompts, bank=bank, mode=mode, max_new_tokens=new_tokens,
-                             stop_at_eos=False)
+                             stop_at_eos=False, memories_per_chunk=memories_per_chunk)
         times.append(time.perf_counter() - t0)
     n = sum(len(r.tokens) for r in res)
     best = min(times)
     return {"tokens_per_s": n / best, "seconds": best, "generated_tokens": n, "batch_size": batch_size,
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "mode": mode}
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "mode": mode,
+            "memories_per_chunk": memories_per_chunk or model.cfg.memories_per_chunk}
 
 
 def _decode_runs(modes, bank) -> dict:
@@ -286,7 +290,7 @@ def _spread(xs: Sequence[float]) -> dict:
 def compare_decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[str],
                               modes=("memory", "none", "rag"), bank=None, *, rounds: int = 9, batch_size: int = 1,
                               prompt_tokens: int = 128, new_tokens: int = 128, ratios=None,
-                              progress: bool = False) -> dict:
+                              memories_per_chunk: int | None = None, progress: bool = False) -> dict:
     """Table 21 protocol for several modes, fair on a machine other jobs share: the modes take turns, one
     `decode_throughput` call each per round, the order rotated every round (memory, none, rag; none, rag, memory;
     rag, memory, none; ...), after one warm-up round that is not counted (allocator, the bank's LRU cache). Load
@@ -296,6 +300,7 @@ def compare_decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[
 
     modes: mode names (each reads `bank`; "none" reads nothing), or a dict label -> (mode, bank) to compare several
     banks. ratios: (numerator, denominator) label pairs, keyed "{numerator}_over_{denominator}" in the result.
+    memories_per_chunk: as in `decode_throughput`, the same for every mode.
     """
     runs = _decode_runs(modes, bank)
     labels = list(runs)
@@ -308,13 +313,16 @@ def compare_decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1 (no tokens, no speed), got {new_tokens}")
-    kw = dict(batch_size=batch_size, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
-    tps, order = {m: [] for m in labels}, []
+    check_memories_per_chunk(memories_per_chunk)  # before anything is timed
+    kw = dict(batch_size=batch_size, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+              memories_per_chunk=memories_per_chunk)
+    tps, order, used = {m: [] for m in labels}, [], memories_per_chunk
     bar = tqdm(total=(rounds + 1) * len(labels), disable=not progress, desc="decode", unit="run")
     for r in range(-1, rounds):  # round -1 is the warm-up
         turn = labels[max(r, 0) % len(labels):] + labels[:max(r, 0) % len(labels)]
         for m in turn:
             res = decode_throughput(model, tokenizer, prompt_texts, mode=runs[m][0], bank=runs[m][1], **kw)
+            used = res.get("memories_per_chunk", used)
             if r >= 0:
                 tps[m].append(res["tokens_per_s"])
             bar.update(1)
@@ -325,7 +333,8 @@ def compare_decode_throughput(model: Memory3, tokenizer, prompt_texts: Sequence[
     return {"tokens_per_s": {m: _spread(v)["median"] for m, v in tps.items()},
             "spread": {m: _spread(v) for m, v in tps.items()}, "tokens_per_s_rounds": tps,
             "ratios": {k: {**_spread(v), "rounds": v} for k, v in per_round.items()},
-            "modes": {m: runs[m][0] for m in labels}, "order": order, "rounds": rounds, "warmup_rounds": 1, **kw,
+            "modes": {m: runs[m][0] for m in labels}, "order": order, "rounds": rounds, "warmup_rounds": 1,
+            **kw, "memories_per_chunk": used,  # the number the runs read (None given: the model's own)
             "method": f"median of {rounds} interleaved rounds (order rotated each round, after 1 warm-up round)"}
 
 

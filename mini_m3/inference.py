@@ -51,6 +51,12 @@ def _retrieve(bank, queries: list[str], k: int, leakage_threshold: float | None)
 
 
 @torch.inference_mode()
+def check_memories_per_chunk(n) -> None:
+    """A per-call override of the memories read per retrieval: an integer >= 1, or None for the model's own."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"memories_per_chunk must be an integer >= 1 or None (the model's), got {n!r}")
+
+
 def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=None, mode: str = "memory",
                    max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                    seed: int | None = None, stop_at: str | None = None, memories_per_chunk: int | None = None,
@@ -74,6 +80,7 @@ def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=No
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    check_memories_per_chunk(memories_per_chunk)
     cfg = model.cfg
     n_mem = memories_per_chunk or cfg.memories_per_chunk
     dev = model.tok_emb.weight.device

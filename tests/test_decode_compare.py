@@ -70,7 +70,8 @@ def test_rounds_interleave_with_the_order_rotated_and_the_warmup_not_counted(scr
     assert [m for m, _, _ in scripted] == ["memory", "none", "rag"] + sum(rotations + rotations[:1], [])
     assert r["order"] == rotations + rotations[:1]
     assert all(b is (None if m == "none" else bank) for m, b, _ in scripted)  # "none" reads no bank
-    assert all(kw == {"batch_size": 3, "prompt_tokens": 128, "new_tokens": 5} for _, _, kw in scripted)
+    assert all(kw == {"batch_size": 3, "prompt_tokens": 128, "new_tokens": 5, "memories_per_chunk": None}
+               for _, _, kw in scripted)
     assert r["tokens_per_s_rounds"]["memory"] == [100.0, 10.0, 300.0, 100.0]  # the warm-up's 1e9 is not there
     assert r["tokens_per_s"] == {"memory": 100.0, "none": 50.0, "rag": 50.0}
     assert r["spread"]["none"]["min"] == 40.0 and r["spread"]["none"]["max"] == 200.0
@@ -99,6 +100,8 @@ def test_labelled_modes_read_their_own_banks_and_name_their_ratios(scripted):
     ("memory", "bank", {}, "modes must be a list of mode names"),
     (("memory", "none"), "bank", {"ratios": [("memory", "rag")]}, "ratios must be"),
     (MODES, "bank", {"new_tokens": 0}, "new_tokens must be >= 1"),
+    (MODES, "bank", {"memories_per_chunk": 0}, "memories_per_chunk must be an integer >= 1"),
+    (MODES, "bank", {"memories_per_chunk": True}, "memories_per_chunk must be an integer >= 1"),
 ])
 def test_bad_input_is_a_clear_error_before_anything_runs(scripted, modes, bank, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -111,3 +114,17 @@ def test_decode_throughput_rejects_an_empty_batch(setup):
     for kw in ({"batch_size": 0}, {"repeats": 0}):  # batch 0 used to decode every prompt it was given
         with pytest.raises(ValueError, match="batch_size and repeats must be >= 1"):
             decode_throughput(model, tok, prompts, mode="none", prompt_tokens=24, new_tokens=2, **kw)
+
+
+def test_memories_per_chunk_reaches_every_mode_and_is_recorded(setup):
+    """The model reads 2 memories per chunk (its config); a call may read another number, and the result says which."""
+    model, tok, bank, prompts = setup
+    kw = dict(prompt_tokens=24, new_tokens=2)
+    assert decode_throughput(model, tok, prompts, mode="memory", bank=bank, **kw)["memories_per_chunk"] == 2
+    one = decode_throughput(model, tok, prompts, mode="memory", bank=bank, memories_per_chunk=1, **kw)
+    assert one["memories_per_chunk"] == 1 and one["generated_tokens"] == 2
+    r = compare_decode_throughput(model, tok, prompts, MODES, bank, rounds=1, memories_per_chunk=1, **kw)
+    assert r["memories_per_chunk"] == 1
+    assert compare_decode_throughput(model, tok, prompts, ("none",), rounds=1, **kw)["memories_per_chunk"] == 2
+    with pytest.raises(ValueError, match="memories_per_chunk must be an integer >= 1"):
+        decode_throughput(model, tok, prompts, mode="memory", bank=bank, memories_per_chunk=0, **kw)
