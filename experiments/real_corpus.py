@@ -101,8 +101,8 @@ def package_files(packages) -> tuple[dict[str, str], dict[str, str], list[str]]:
     for pkg in packages:
         r = dpkg("-W", "-f", "${Status}\t${Version}", pkg)
         if r is None:
-            raise ValueError(f"dpkg-query not found (not a Debian system?): pass --packages with no names to take "
-                             f"every page under --man-root")
+            raise ValueError("dpkg-query not found (not a Debian system?): pass --packages with no names to take "
+                             "every page under --man-root")
         status, _, version = r.stdout.partition("\t")
         if r.returncode or not status.endswith(" installed"):
             missing.append(pkg)

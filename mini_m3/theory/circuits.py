@@ -227,7 +227,7 @@ def computation_graph(model: Memory3, ids, *, weight: str = "gradient", attentio
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     cfg = model.cfg
-    L, H, W = cfg.n_layers, cfg.n_heads, cfg.mlp_width
+    L, W = cfg.n_layers, cfg.mlp_width
     ids = _as_ids(ids)
     device = model.tok_emb.weight.device
     inp, tgt = ids[:-1][None].to(device), ids[1:][None].to(device)
