@@ -7,6 +7,7 @@ failures included.
     python experiments/reading_levers.py --out runs/base --preset small --continual-steps 2000
     python experiments/reading_levers.py --out runs/deep --model n_layers=8 --curriculum-steps 300
     python experiments/reading_levers.py table runs/*/results.json     # the markdown table of runs
+    python experiments/reading_levers.py seeds runs/s0/results.json runs/s1/results.json  # mean [min, max] per axis
     python experiments/reading_levers.py formats OUT.json runs/a runs/b  # each model read in 4 memory formats
     python experiments/reading_levers.py diagnose OUT.json runs/a runs/b # kept answer tokens, top-16, distractors
     python experiments/reading_levers.py sink OUT.json runs/a runs/b     # where memory attention goes
@@ -127,6 +128,45 @@ def table(paths: list[str]) -> str:
             init += f" + {st['steps']} {fmt} at LR {st.get('lr', s.get('lr', 2e-3)):g}"
         rows.append(f"| `{path}` | {world} | {model} | {s['warmup_steps']} + {s['curriculum_steps']} + "
                     f"{s['continual_steps']}{init} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+AXIS_NAMES = {"heldout": "held-out people", "new_bio_wording": "new biography wordings",
+              "new_question_wording": "new question wordings", "all_new": "both new",
+              "other_style_names": "other-style names (added after training)", "trained": "trained people"}
+SEED_FREE = ("seed", "progress")  # settings that may differ between the seeds of one command
+
+
+def seeds(paths: list[str]) -> str:
+    """One command's seeds side by side: per axis each run's memory (memory off) exact match and the mean [min, max]
+    of memory over the runs, then the held-out people's exact match per attribute. Refuses results whose settings
+    (other than the seed) or model config differ, and repeated seeds: a spread over seeds only means something for
+    one command."""
+    from mini_m3.reading import AXES
+    rs = [json.loads(open(p).read()) for p in paths]
+    if len(rs) < 2:
+        raise ValueError(f"seeds needs the results of at least 2 seeds, got {len(rs)}")
+    strip = lambda st: {k: v for k, v in st.items() if k not in SEED_FREE}
+    for p, r in zip(paths[1:], rs[1:]):
+        diff = sorted(k for k in set(strip(r["settings"])) | set(strip(rs[0]["settings"]))
+                      if r["settings"].get(k) != rs[0]["settings"].get(k))
+        if diff or r["config"] != rs[0]["config"]:
+            raise ValueError(f"{p} is another command than {paths[0]}: settings {diff or 'equal'}, config "
+                             f"{'equal' if r['config'] == rs[0]['config'] else 'differs'}")
+    seed_list = [r["settings"]["seed"] for r in rs]
+    if len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"repeated seeds {seed_list}: each run must be another seed")
+    head = "| 200 questions per axis, memory (memory off) | " + " | ".join(f"seed {x}" for x in seed_list)
+    rows = [head + " | mean [min, max] |", "|---|" + "---|" * (len(rs) + 1)]
+    for a in AXES:
+        mem = [r["axes"][a]["memory"] for r in rs]
+        cells = [f"{r['axes'][a]['memory']:.3f} ({r['axes'][a]['memory_off']:.3f})" for r in rs]
+        rows.append(f"| {AXIS_NAMES[a]} | " + " | ".join(cells) +
+                    f" | {sum(mem) / len(mem):.3f} [{min(mem):.3f}, {max(mem):.3f}] |")
+    attrs = list(rs[0]["axes"]["heldout"]["by_attribute"]["memory"])
+    per = [" / ".join(f"{r['axes']['heldout']['by_attribute']['memory'][x]['exact_match']:.2f}" for x in attrs)
+           for r in rs]
+    rows.append(f"| held-out {' / '.join(x.replace('_', ' ') for x in attrs)} | " + " | ".join(per) + " | |")
     return "\n".join(rows)
 
 
@@ -1026,6 +1066,8 @@ def curve(paths: list[str], out: str) -> dict:
 
 
 SUBCOMMANDS = {"table": "table RESULTS.json ...: the markdown table of runs",
+               "seeds": "seeds RESULTS.json RESULTS.json ...: one command's seeds side by side, mean [min, max] per "
+                        "axis",
                "formats": "formats OUT.json RUN_DIR ... [--only SELECTOR]: held-out QA of each run read in other "
                           "memory formats (--only: those of one selector)",
                "diagnose": "diagnose OUT.json RUN_DIR ...: answer tokens kept by top-8, reading with distractors",
@@ -1081,6 +1123,12 @@ def main(argv=None) -> None:
         raise SystemExit(0 if {"-h", "--help"} & set(argv[1:]) else 2)
     if argv[:1] == ["table"]:
         print(table(argv[1:]))
+        return
+    if argv[:1] == ["seeds"]:
+        try:
+            print(seeds(argv[1:]))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
         return
     diagnostics = {"formats": formats, "diagnose": diagnose, "kept": kept, "layers": layers, "forced": forced,
                    "questions": questions, "sink": sink, "first": first, "attends": attends, "span": span,

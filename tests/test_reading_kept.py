@@ -107,6 +107,35 @@ def test_levers_table_names_the_head_shape_and_reads_the_numbers_from_the_json()
     assert ", format mixing 0.5 (all tokens, 1 memory) |" in mixed and "format mixing" not in plain
 
 
+def test_seeds_table_spreads_one_commands_seeds_and_refuses_other_commands(tmp_path, capsys):
+    """`seeds`: per axis each seed's memory (off) and the mean [min, max] read from the JSONs; results of another
+    command (other settings than the seed) or a repeated seed are refused."""
+    import json
+
+    from mini_m3.reading import AXES
+    levers = _levers()
+    paths = [ROOT / "experiments/results" / f"reading_flagship_s{n}.json" for n in range(3)]
+    rows = levers.seeds([str(p) for p in paths]).splitlines()
+    rs = [json.loads(p.read_text()) for p in paths]
+    assert rows[0].endswith("| seed 0 | seed 1 | seed 2 | mean [min, max] |") and len(rows) == 2 + len(AXES) + 1
+    for a, row in zip(AXES, rows[2:]):
+        mem = [r["axes"][a]["memory"] for r in rs]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1:4] == [f"{r['axes'][a]['memory']:.3f} ({r['axes'][a]['memory_off']:.3f})" for r in rs]
+        assert cells[4] == f"{sum(mem) / 3:.3f} [{min(mem):.3f}, {max(mem):.3f}]"
+    other = ROOT / "experiments/results/reading_flagship_neutral_s1.json"  # --wordings neutral: another command
+    with pytest.raises(ValueError, match=r"another command .* settings \['wordings'\]"):
+        levers.seeds([str(paths[0]), str(other)])
+    with pytest.raises(ValueError, match="repeated seeds"):
+        levers.seeds([str(paths[1]), str(paths[1])])
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        levers.seeds([str(paths[0])])
+    with pytest.raises(SystemExit, match="error: .* is another command"):  # the command line: a message, no traceback
+        levers.main(["seeds", str(paths[0]), str(other)])
+    levers.main(["seeds", *map(str, paths)])
+    assert capsys.readouterr().out.splitlines() == rows
+
+
 def test_chain_steps_adds_the_runs_a_continuation_started_from(tmp_path):
     """`chain_steps` follows `--init-model` back to the first run: 300 + 2,500, then 1,500, then 1,200."""
     import json
