@@ -50,13 +50,13 @@ def _retrieve(bank, queries: list[str], k: int, leakage_threshold: float | None)
     return torch.as_tensor(bank.search(queries, k, leakage_threshold=leakage_threshold), dtype=torch.long)
 
 
-@torch.inference_mode()
 def check_memories_per_chunk(n) -> None:
     """A per-call override of the memories read per retrieval: an integer >= 1, or None for the model's own."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"memories_per_chunk must be an integer >= 1 or None (the model's), got {n!r}")
 
 
+@torch.inference_mode()
 def generate_batch(model: Memory3, tokenizer, prompts: Sequence[str], *, bank=None, mode: str = "memory",
                    max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                    seed: int | None = None, stop_at: str | None = None, memories_per_chunk: int | None = None,

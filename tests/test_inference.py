@@ -208,3 +208,16 @@ def test_bad_arguments(model, tok, bank, refs):
         generate_batch(model, tok, "one string", bank=bank, mode="none")
     with pytest.raises(TypeError):
         generate(model, tok, ["a list"], bank=bank, mode="none")
+
+
+def test_generation_runs_in_inference_mode(model, tok, bank, refs):
+    """Every forward of a generation builds no autograd graph (the decorator sits on generate_batch itself)."""
+    seen = []
+    handle = model.register_forward_hook(lambda m, args, out: seen.append(torch.is_inference_mode_enabled()))
+    try:
+        generate_batch(model, tok, [refs[0][:40]], bank=bank, mode="memory", max_new_tokens=2)
+    finally:
+        handle.remove()
+    assert seen and all(seen)
+    with pytest.raises(ValueError, match="memories_per_chunk must be an integer >= 1"):
+        generate_batch(model, tok, [refs[0][:40]], bank=bank, mode="memory", max_new_tokens=2, memories_per_chunk=0)
