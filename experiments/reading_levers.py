@@ -131,9 +131,6 @@ def table(paths: list[str]) -> str:
     return "\n".join(rows)
 
 
-AXIS_NAMES = {"heldout": "held-out people", "new_bio_wording": "new biography wordings",
-              "new_question_wording": "new question wordings", "all_new": "both new",
-              "other_style_names": "other-style names (added after training)", "trained": "trained people"}
 SEED_FREE = ("seed", "progress")  # settings that may differ between the seeds of one command
 
 
@@ -142,6 +139,7 @@ def seeds(paths: list[str]) -> str:
     of memory over the runs, then the held-out people's exact match per attribute. Refuses results whose settings
     (other than the seed) or model config differ, and repeated seeds: a spread over seeds only means something for
     one command."""
+    from mini_m3.demo import AXIS_NAMES  # the demo's axis labels (indented there for its console table)
     from mini_m3.reading import AXES
     rs = [json.loads(open(p).read()) for p in paths]
     if len(rs) < 2:
@@ -161,7 +159,7 @@ def seeds(paths: list[str]) -> str:
     for a in AXES:
         mem = [r["axes"][a]["memory"] for r in rs]
         cells = [f"{r['axes'][a]['memory']:.3f} ({r['axes'][a]['memory_off']:.3f})" for r in rs]
-        rows.append(f"| {AXIS_NAMES[a]} | " + " | ".join(cells) +
+        rows.append(f"| {AXIS_NAMES[a].strip()} | " + " | ".join(cells) +
                     f" | {sum(mem) / len(mem):.3f} [{min(mem):.3f}, {max(mem):.3f}] |")
     attrs = list(rs[0]["axes"]["heldout"]["by_attribute"]["memory"])
     per = [" / ".join(f"{r['axes']['heldout']['by_attribute']['memory'][x]['exact_match']:.2f}" for x in attrs)
